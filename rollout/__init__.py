@@ -1,0 +1,1 @@
+"""The MoE rollout engine: generation with a paged KV cache and routed-expert capture."""
