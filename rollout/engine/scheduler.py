@@ -1,0 +1,377 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each ``schedule()`` builds one batch under ``max_num_batched_tokens`` tokens:
+
+1. running sequences that decode, oldest first, one token each;
+2. running sequences part-way through a (re)fill, oldest first, one chunk each;
+3. waiting sequences, first in first out, one chunk each (after their prefix-cache hits),
+   while fewer than ``max_num_seqs`` run and no sequence was preempted in this step; the
+   first one whose chunk does not fit the free blocks stops admission.
+
+When a running sequence needs a block and none is free, the most recently arrived running
+sequence not yet in the batch is preempted: ``on_preempt(seq)`` runs while its block table
+and ``num_computed_tokens`` are intact (capture saves its routing rows there), then its
+blocks are freed and it goes back to the front of the waiting queue with
+``num_computed_tokens = 0``. Its generated tokens stay: they are re-fed like a prompt and
+still count towards ``max_tokens``. A request that could never fit in the cache is refused
+by ``add``, so the oldest running sequence can always progress and ``schedule`` never stalls.
+
+``postprocess`` takes the tokens sampled for the entries whose chunk reached the sequence's
+last token (``ScheduledBatch.sample_indices``), appends them, applies the stop rules and
+frees finished sequences.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from rollout.config import EngineConfig, EngineState
+from rollout.engine.block_manager import BlockManager
+from rollout.engine.sequence import FinishReason, Sequence, SequenceStatus
+from rollout.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class ScheduledEntry(NamedTuple):
+    """One sequence's share of a step: it feeds tokens ``[start, start + num_new_tokens)``.
+
+    ``samples`` is True when that range ends at the sequence's last token, so the step
+    produces logits for that last token and samples the next one.
+    """
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+    samples: bool
+
+    @property
+    def end(self) -> int:
+        """One past the last position fed: the KV length after this step."""
+        return self.start + self.num_new_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledBatch:
+    """What the model runner needs for one step, flattened in entry order.
+
+    The runner must run every entry (also one aborted after scheduling) and write the KV of
+    all new tokens of a layer before that layer's attention reads the cache: an entry may
+    read blocks that an earlier entry of the same batch computes (a same-step prefix hit).
+
+    Attributes:
+        entries: the scheduled sequences and their token ranges.
+        input_ids: the tokens fed, ``num_tokens`` of them.
+        positions: the position of each fed token.
+        slot_mapping: the KV slot each fed token writes (also where capture stores its row).
+        query_start_loc: ``len(entries) + 1`` offsets of each entry's tokens in ``input_ids``.
+        seq_lens: per entry, the KV length its attention covers after this step
+            (``entry.end``: cached plus new tokens).
+        block_tables: per entry, a copy of the sequence's block table.
+        sample_indices: indices into ``entries`` of the entries that sample, in order.
+        logits_indices: per sampling entry, the index in ``input_ids`` of its last token
+            (the only rows whose logits are needed).
+        is_decode: every entry feeds exactly one token (``num_tokens == len(entries)``):
+            decode kernels and CUDA graphs apply. Usually all of them sample; a one-token
+            chunk in the middle of a prompt does not, so always sample by ``sample_indices``.
+    """
+
+    entries: tuple[ScheduledEntry, ...]
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    sample_indices: list[int]
+    logits_indices: list[int]
+    is_decode: bool
+
+    @classmethod
+    def build(cls, entries: Iterable[ScheduledEntry]) -> ScheduledBatch:
+        """Flatten ``entries`` into the runner's inputs."""
+        entries = tuple(entries)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        query_start_loc = [0]
+        for entry in entries:
+            input_ids.extend(entry.seq.token_ids[entry.start : entry.end])
+            positions.extend(range(entry.start, entry.end))
+            slot_mapping.extend(entry.seq.slots(entry.start, entry.end))
+            query_start_loc.append(query_start_loc[-1] + entry.num_new_tokens)
+        sample_indices = [i for i, entry in enumerate(entries) if entry.samples]
+        return cls(
+            entries=entries,
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_start_loc=query_start_loc,
+            seq_lens=[entry.end for entry in entries],
+            block_tables=[list(entry.seq.block_table) for entry in entries],
+            sample_indices=sample_indices,
+            logits_indices=[query_start_loc[i + 1] - 1 for i in sample_indices],
+            is_decode=all(entry.num_new_tokens == 1 for entry in entries),
+        )
+
+    @property
+    def is_prefill(self) -> bool:
+        """At least one entry feeds more than one token (``not is_decode``)."""
+        return not self.is_decode
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens fed in this step."""
+        return len(self.input_ids)
+
+
+class Scheduler:
+    """Admits requests, builds each step's batch and applies its sampled tokens.
+
+    Args:
+        config: static settings (``max_num_seqs``, ``max_num_batched_tokens``,
+            ``block_size``, ``enable_prefix_caching``).
+        state: run-time values, read once here (``num_kv_blocks``, ``max_model_len``,
+            ``eos_token_ids``).
+        on_preempt: called with a sequence about to be preempted, before its blocks are freed.
+
+    Attributes:
+        block_manager: the KV-block pool (prefix-cache counters, ``reset_prefix_cache``).
+        waiting: sequences without blocks, in admission order (preempted ones in front).
+        running: sequences holding blocks, in arrival order.
+        num_preemptions: preemptions so far.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        state: EngineState,
+        *,
+        on_preempt: Callable[[Sequence], None] | None = None,
+    ) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = state.max_model_len
+        self.eos_token_ids = frozenset(state.eos_token_ids)
+        self.block_size = config.block_size
+        self.block_manager = BlockManager(
+            state.num_kv_blocks,
+            config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.on_preempt = on_preempt
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._unfinished: dict[int, Sequence] = {}
+        self._next_id = itertools.count()
+        self._in_flight: ScheduledBatch | None = None
+
+    # ------------------------------------------------------------------ requests
+
+    def add(self, prompt_token_ids: Iterable[int], params: SamplingParams) -> Sequence:
+        """Queue a request and return its sequence.
+
+        Raises ValueError for an empty prompt, prompt + ``max_tokens`` beyond
+        ``max_model_len``, or a request needing more KV blocks than the cache has.
+        """
+        seq = Sequence(next(self._next_id), prompt_token_ids, params, block_size=self.block_size)
+        total = len(seq) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: expected prompt length {len(seq)} + max_tokens "
+                f"{params.max_tokens} <= max_model_len {self.max_model_len}, got {total}"
+            )
+        # Every token but the last generated one is fed forward and needs a KV slot.
+        blocks = self.block_manager.num_blocks_for(total - 1)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt_token_ids: expected a request that fits the KV cache of "
+                f"{self.block_manager.num_blocks} blocks of {self.block_size} tokens, got prompt "
+                f"length {len(seq)} + max_tokens {params.max_tokens} needing {blocks} blocks"
+            )
+        self.waiting.append(seq)
+        self._unfinished[seq.seq_id] = seq
+        return seq
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Finish an unfinished sequence with reason "abort" and free its blocks.
+
+        Returns the sequence, or None when ``seq_id`` is not unfinished (already finished or
+        unknown). A batch in flight may still hold it; ``postprocess`` then skips it.
+        """
+        seq = self._unfinished.get(seq_id)
+        if seq is None:
+            return None
+        self._finish(seq, "abort")
+        return seq
+
+    def has_unfinished(self) -> bool:
+        """Whether any sequence is waiting or running."""
+        return bool(self._unfinished)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Sequences waiting or running."""
+        return len(self._unfinished)
+
+    # ------------------------------------------------------------------ steps
+
+    def schedule(self) -> ScheduledBatch | None:
+        """Build the next batch; None only when no sequence is unfinished.
+
+        Raises RuntimeError if the previous batch was not given to ``postprocess``.
+        """
+        if self._in_flight is not None:
+            raise RuntimeError("schedule: the previous batch has not been postprocessed")
+        bm = self.block_manager
+        entries: list[ScheduledEntry] = []
+        scheduled: set[int] = set()
+        preemptions_before = self.num_preemptions
+
+        budget = self.max_num_batched_tokens
+
+        def take(seq: Sequence, num_new_tokens: int) -> None:
+            nonlocal budget
+            budget -= num_new_tokens
+            start = seq.num_computed_tokens
+            bm.cache_full_blocks(seq, start, start + num_new_tokens)
+            samples = start + num_new_tokens == len(seq)
+            entries.append(ScheduledEntry(seq, start, num_new_tokens, samples))
+            scheduled.add(seq.seq_id)
+
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding:
+                continue
+            if self._make_room(seq, 1, scheduled):
+                bm.may_append(seq, 1)
+                take(seq, 1)
+            else:
+                self._preempt(seq)
+
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.seq_id in scheduled:
+                continue
+            num_new = min(len(seq) - seq.num_computed_tokens, budget)
+            if not self._make_room(seq, num_new, scheduled):
+                # No newer sequence is left to preempt: feed what the free blocks hold.
+                num_new = min(num_new, bm.max_appendable_tokens(seq))
+                if num_new <= 0:
+                    continue
+            bm.may_append(seq, num_new)
+            take(seq, num_new)
+
+        while (
+            self.waiting
+            and self.num_preemptions == preemptions_before
+            and len(self.running) < self.max_num_seqs
+            and budget > 0
+        ):
+            seq = self.waiting[0]
+            num_tokens = min(bm.cached_prefix_len(seq) + budget, len(seq))
+            if not bm.can_allocate(seq, num_tokens):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq, num_tokens)
+            seq.status = SequenceStatus.RUNNING
+            # Victims are the newest running and re-enter first in first out, so appending
+            # keeps `running` in arrival order.
+            self.running.append(seq)
+            take(seq, num_tokens - seq.num_computed_tokens)
+
+        if not entries:
+            assert not self._unfinished, "schedule: unfinished sequences but nothing scheduled"
+            return None
+        self._in_flight = ScheduledBatch.build(entries)
+        return self._in_flight
+
+    def postprocess(
+        self,
+        batch: ScheduledBatch,
+        sampled_token_ids: SequenceOf[int],
+        logprobs: SequenceOf[float],
+    ) -> list[Sequence]:
+        """Apply a step's results; return the sequences that finished in it.
+
+        Args:
+            batch: the batch returned by the last ``schedule``.
+            sampled_token_ids: one token per entry of ``batch.sample_indices``, in order.
+            logprobs: the log-probability of each of those tokens.
+        """
+        if batch is not self._in_flight:
+            raise RuntimeError("postprocess: expected the batch returned by the last schedule")
+        expected = len(batch.sample_indices)
+        for name, values in (("sampled_token_ids", sampled_token_ids), ("logprobs", logprobs)):
+            if len(values) != expected:
+                raise ValueError(
+                    f"{name}: expected one value per sampling entry ({expected}), got {len(values)}"
+                )
+        self._in_flight = None
+        for entry in batch.entries:
+            if entry.seq.status is SequenceStatus.RUNNING:
+                entry.seq.num_computed_tokens = entry.end
+        finished: list[Sequence] = []
+        for index, token_id, logprob in zip(batch.sample_indices, sampled_token_ids, logprobs):
+            seq = batch.entries[index].seq
+            if seq.is_finished:
+                continue  # aborted while the batch was in flight
+            token_id = int(token_id)
+            seq.append_token(token_id, float(logprob))
+            reason = self._stop_reason(seq, token_id)
+            if reason is not None:
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    # ------------------------------------------------------------------ internals
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        if token_id in seq.params.stop_token_ids or (
+            not seq.params.ignore_eos and token_id in self.eos_token_ids
+        ):
+            return "stop"
+        # add() ensured prompt + max_tokens <= max_model_len, so this also bounds the length.
+        if seq.num_generated_tokens >= seq.params.max_tokens:
+            return "length"
+        return None
+
+    def _make_room(self, seq: Sequence, num_new_tokens: int, scheduled: set[int]) -> bool:
+        """Preempt newer unscheduled sequences until ``seq`` can grow; False if it cannot."""
+        while not self.block_manager.can_append(seq, num_new_tokens):
+            victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
+            if victim is seq:
+                return False
+            self._preempt(victim)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        if self.on_preempt is not None:
+            self.on_preempt(seq)
+        self.block_manager.deallocate(seq)
+        self.running.remove(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        logger.debug("preempted %s (free blocks: %d)", seq, self.block_manager.num_free_blocks)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.block_manager.deallocate(seq)
+            self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        del self._unfinished[seq.seq_id]
