@@ -1,5 +1,9 @@
 """Routing traces, replay for HF transformers MoE models, and rollout/train mismatch metrics."""
 
+from replay.controller import Mode, RecordContext, ReplayContext, ReplayController
+from replay.discovery import RoutingSpec
+from replay.grouped_experts import grouped_experts_forward, use_grouped_experts
+from replay.layout import AlignedTraces, BatchLayout, align_traces, traces_from_aligned
 from replay.metrics import (
     RouterAgreement,
     extreme_token_fraction,
@@ -8,9 +12,22 @@ from replay.metrics import (
     router_agreement,
     router_agreement_matrix,
 )
+from replay.patch import patch
 from replay.routed_experts import RoutedExperts, compact_dtype
 
 __all__ = [
+    "AlignedTraces",
+    "BatchLayout",
+    "Mode",
+    "RecordContext",
+    "ReplayContext",
+    "ReplayController",
+    "RoutingSpec",
+    "align_traces",
+    "grouped_experts_forward",
+    "patch",
+    "traces_from_aligned",
+    "use_grouped_experts",
     "RoutedExperts",
     "RouterAgreement",
     "compact_dtype",
