@@ -58,6 +58,7 @@ def replay_weights(
     method: RoutingMethod | str,
     *,
     routed_scaling_factor: float = 1.0,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Gate weights at the replayed ``ids_TK`` recomputed from ``logits_TE``, differentiable.
 
@@ -72,6 +73,11 @@ def replay_weights(
             times ``routed_scaling_factor``;
             LLAMA4: sigmoid at the id (K must be 1).
         routed_scaling_factor: finite and > 0; must be 1.0 for methods other than DEEPSEEK_V3.
+        check_ids: verify that the ids are in range and distinct within each row. On CUDA this
+            costs one host synchronization per call; callers whose ids were already validated
+            (a ``RoutedExperts`` trace validates at construction) pass False so that a training
+            forward never waits on the host. Unchecked out-of-range ids never read out of
+            bounds; their weights are unspecified.
 
     Returns:
         weights [T, K], float32 (float64 for float64 logits). Its gradient flows to
@@ -88,10 +94,14 @@ def replay_weights(
     """
     if isinstance(logits_TE, torch.Tensor) and logits_TE.is_cuda:
         return replay_weights_triton(
-            logits_TE, ids_TK, method, routed_scaling_factor=routed_scaling_factor
+            logits_TE,
+            ids_TK,
+            method,
+            routed_scaling_factor=routed_scaling_factor,
+            check_ids=check_ids,
         )
     return replay_weights_reference(
-        logits_TE, ids_TK, method, routed_scaling_factor=routed_scaling_factor
+        logits_TE, ids_TK, method, routed_scaling_factor=routed_scaling_factor, check_ids=check_ids
     )
 
 
@@ -101,13 +111,14 @@ def replay_weights_reference(
     method: RoutingMethod | str,
     *,
     routed_scaling_factor: float = 1.0,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Plain-torch ``replay_weights`` (the CPU path and the oracle); autograd gives the gradient.
 
     Same arguments, semantics and errors as ``replay_weights``; runs on any device.
     """
     method = _check_inputs(logits_TE, ids_TK, method, routed_scaling_factor)
-    problem = _ids_problem(ids_TK, logits_TE.shape[1])
+    problem = _ids_problem(ids_TK, logits_TE.shape[1]) if check_ids else None
     if problem is not None:
         raise ValueError(problem)
     x_TE = logits_TE.to(_compute_dtype(logits_TE))
@@ -131,16 +142,20 @@ def replay_weights_triton(
     method: RoutingMethod | str,
     *,
     routed_scaling_factor: float = 1.0,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """``replay_weights`` through the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
     The forward kernel also checks the ids (range and duplicates) and raises a flag; the host
-    reads that flag once (one synchronization) and, only if it is set, diagnoses the ids with
+    reads that flag once (one synchronization, skipped when ``check_ids`` is False) and, only
+    if it is set, diagnoses the ids with
     torch to raise the detailed ValueError. The backward kernel writes whole dL/dlogits rows:
     zeros outside the ids for the gathered methods, the dense softmax Jacobian row for DEFAULT.
     """
     method = _check_inputs(logits_TE, ids_TK, method, routed_scaling_factor)
-    return _ReplayWeights.apply(logits_TE, ids_TK, method, float(routed_scaling_factor))
+    return _ReplayWeights.apply(
+        logits_TE, ids_TK, method, float(routed_scaling_factor), check_ids
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,8 +257,9 @@ class _ReplayWeights(torch.autograd.Function):
         ids_TK: torch.Tensor,
         method: RoutingMethod,
         scale: float,
+        check_ids: bool,
     ) -> torch.Tensor:
-        weights_TK, lse_T = _launch_forward(logits_TE, ids_TK, method, scale)
+        weights_TK, lse_T = _launch_forward(logits_TE, ids_TK, method, scale, check_ids)
         ctx.save_for_backward(logits_TE, ids_TK, lse_T)
         ctx.method, ctx.scale = method, scale
         return weights_TK
@@ -252,14 +268,14 @@ class _ReplayWeights(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_weights_TK: torch.Tensor
-    ) -> tuple[torch.Tensor | None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
         logits_TE, ids_TK, lse_T = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         grad_logits_TE = _launch_backward(
             logits_TE, ids_TK, lse_T, grad_weights_TK, ctx.method, ctx.scale
         )
-        return grad_logits_TE, None, None, None
+        return grad_logits_TE, None, None, None, None
 
 
 def _block_rows(num_tokens: int, per_row: int, budget: int, cap: int) -> int:
@@ -269,7 +285,11 @@ def _block_rows(num_tokens: int, per_row: int, budget: int, cap: int) -> int:
 
 
 def _launch_forward(
-    logits_TE: torch.Tensor, ids_TK: torch.Tensor, method: RoutingMethod, scale: float
+    logits_TE: torch.Tensor,
+    ids_TK: torch.Tensor,
+    method: RoutingMethod,
+    scale: float,
+    check_ids: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_tokens, num_experts = logits_TE.shape
     top_k = ids_TK.shape[1]
@@ -294,7 +314,7 @@ def _launch_forward(
         scale,
         METHOD=_KERNEL_METHOD[method], BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_E=block_e,
     )  # fmt: skip
-    if bool(bad_flag.item()):
+    if check_ids and bool(bad_flag.item()):
         problem = _ids_problem(ids_TK, num_experts)
         assert problem is not None, "the kernel flagged ids that the torch check accepts"
         raise ValueError(problem)

@@ -375,8 +375,14 @@ class ReplayContext:
         replay_T1 = replay_T[:, None]
         ids_TK = torch.where(replay_T1, trace_TK, ids_TK).to(ids_TK.dtype)
         routing = self._controller.routing
+        # Trace ids were validated by RoutedExperts and native ids come from top-k, so the
+        # per-layer id check (a host synchronization on CUDA) is skipped.
         replayed_TK = kernels.replay_weights(
-            logits_TE, ids_TK, routing.method, routed_scaling_factor=routing.routed_scaling_factor
+            logits_TE,
+            ids_TK,
+            routing.method,
+            routed_scaling_factor=routing.routed_scaling_factor,
+            check_ids=False,
         )
         weights_TK = torch.where(replay_T1, replayed_TK.to(weights_TK.dtype), weights_TK)
         return weights_TK, ids_TK

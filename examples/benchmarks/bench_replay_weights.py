@@ -5,8 +5,12 @@ Legend: T tokens, E experts, K replayed ids per row.
     python examples/benchmarks/bench_replay_weights.py            # needs CUDA; prints Markdown
 
 One timed step is what training does per MoE layer: ``replay_weights`` on bf16 router logits
-and uint8 trace ids (validation included), then the gradient w.r.t. the logits
-(``torch.autograd.grad``, so no accumulation into ``.grad`` is timed).
+and uint8 trace ids, then the gradient w.r.t. the logits (``torch.autograd.grad``, so no
+accumulation into ``.grad`` is timed). Three Triton columns: eager with the id check (one host
+synchronization), eager without it (what the replay controller runs: trace ids are validated
+when the trace is built), and the unchecked step replayed from CUDA graphs
+(``torch.cuda.make_graphed_callables``), which removes the host's launch cost and leaves the
+GPU time that the floor bounds.
 
 The floor is the bytes the step must move at minimum over the measured copy bandwidth:
 logits read (the whole [T, E] row for DEFAULT; only the K logits at the ids for the gathered
@@ -47,12 +51,29 @@ def floor_bytes(
     )
 
 
-def make_step(fn, logits_TE, ids_TK, grad_TK, method, scale):
+def make_step(fn, logits_TE, ids_TK, grad_TK, method, scale, check_ids=True):
     """One forward + backward of ``fn``; returns the gradient w.r.t. the logits."""
 
     def step() -> torch.Tensor:
-        weights_TK = fn(logits_TE, ids_TK, method, routed_scaling_factor=scale)
+        weights_TK = fn(logits_TE, ids_TK, method, routed_scaling_factor=scale, check_ids=check_ids)
         (grad_logits_TE,) = torch.autograd.grad(weights_TK, logits_TE, grad_TK)
+        return grad_logits_TE
+
+    return step
+
+
+def make_graphed_step(logits_TE, ids_TK, grad_TK, method, scale):
+    """The unchecked Triton forward + backward captured in CUDA graphs."""
+
+    def forward(x_TE: torch.Tensor) -> torch.Tensor:
+        return replay_weights_triton(
+            x_TE, ids_TK, method, routed_scaling_factor=scale, check_ids=False
+        )
+
+    graphed = torch.cuda.make_graphed_callables(forward, (logits_TE,))
+
+    def step() -> torch.Tensor:
+        (grad_logits_TE,) = torch.autograd.grad(graphed(logits_TE), logits_TE, grad_TK)
         return grad_logits_TE
 
     return step
@@ -90,20 +111,28 @@ def main() -> None:
             # Both results are rounded to bf16 from float32 gradients: equal up to one ulp.
             torch.testing.assert_close(triton_step(), reference_step(), rtol=1e-2, atol=1e-2)
 
+            unchecked_step = make_step(
+                replay_weights_triton, logits_TE, ids_TK, grad_TK, method, scale, check_ids=False
+            )
+            graphed_step = make_graphed_step(logits_TE, ids_TK, grad_TK, method, scale)
+            torch.testing.assert_close(graphed_step(), reference_step(), rtol=1e-2, atol=1e-2)
+
             triton_ms = cuda_time_ms(triton_step, warmup=args.warmup, iters=args.iters)
+            unchecked_ms = cuda_time_ms(unchecked_step, warmup=args.warmup, iters=args.iters)
+            graphed_ms = cuda_time_ms(graphed_step, warmup=args.warmup, iters=args.iters)
             reference_ms = cuda_time_ms(reference_step, warmup=args.warmup, iters=args.iters)
             nbytes = floor_bytes(method, num_tokens, num_experts, top_k, logits_TE.element_size())
             floor_ms = nbytes / (bandwidth_gbps * 1e9) * 1e3
             rows.append([
                 method.name, num_experts, top_k, num_tokens,
-                triton_ms, reference_ms, floor_ms,
-                f"{100 * floor_ms / triton_ms:.1f}%", f"{reference_ms / triton_ms:.2f}x",
+                triton_ms, unchecked_ms, graphed_ms, reference_ms, floor_ms,
+                f"{100 * floor_ms / graphed_ms:.1f}%", f"{reference_ms / unchecked_ms:.2f}x",
             ])  # fmt: skip
     print_table(
         [
             "method", "E", "k", "T",
-            "triton fwd+bwd (ms)", "reference fwd+bwd (ms)", "floor (ms)",
-            "triton % of floor", "speedup vs reference",
+            "triton checked (ms)", "triton unchecked (ms)", "triton graphed (ms)",
+            "reference (ms)", "floor (ms)", "graphed % of floor", "unchecked vs reference",
         ],
         rows,
     )  # fmt: skip
