@@ -1,1 +1,12 @@
-"""The MoE rollout engine: generation with a paged KV cache and routed-expert capture."""
+"""The MoE rollout engine: generation with a paged KV cache and routed-expert capture.
+
+``LLM`` generates; ``SamplingParams`` sets how each request samples and stops;
+``RequestOutput`` is one finished request; ``RoutingSpec`` describes the model's routing
+(``LLM.routing_spec``); ``EngineStats`` its counters (``LLM.stats``).
+"""
+
+from rollout.llm import LLM
+from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
+from rollout.sampling_params import SamplingParams
+
+__all__ = ["LLM", "EngineStats", "RequestOutput", "RoutingSpec", "SamplingParams"]

@@ -34,6 +34,7 @@ __all__ = [
     "FAMILIES",
     "TOKENIZER_TEXT",
     "PagedBatchBuilder",
+    "flashinfer_overrides",
     "make_tiny_moe",
     "train_tiny_tokenizer",
 ]
@@ -208,6 +209,15 @@ def make_tiny_moe(family: str, path: str | Path, seed: int = 0, **overrides: Any
     model.save_pretrained(folder)
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder
+
+
+def flashinfer_overrides(family: str) -> dict[str, Any]:
+    """``make_tiny_moe`` overrides giving ``family``'s heads a size FlashInfer's attention
+    kernels support (64: the default 16 is too small): hidden size 256 over the 4 query heads,
+    or ``head_dim=64`` where the family sets its head size explicitly."""
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
+    return {"head_dim": 64} if "head_dim" in FAMILIES[family][2] else {"hidden_size": 256}
 
 
 class PagedBatchBuilder:

@@ -1,0 +1,495 @@
+"""The model runner: the model, its paged KV cache, the attention backend, the step inputs,
+CUDA graphs for decode, and the sampler.
+
+Legend: T tokens fed in a step, B sequences in it, S sampling rows, M KV blocks per sequence
+(the block-table width), H hidden size, V vocabulary.
+
+One step is three calls, each the engine's line of the same name:
+
+- ``prepare(batch)`` writes the ``ScheduledBatch`` lists into pinned host buffers, copies them
+  into the static device inputs (non-blocking), plans attention once and builds the sampling
+  inputs. A decode batch of a captured size is padded to its CUDA-graph bucket (padding rows:
+  token 0, position 0, slot -1, length 0, no blocks).
+- ``run(inputs)`` runs the forward (eager, or the bucket's graph replay), then the
+  ``after_forward`` hook (routing capture enqueues its asynchronous device-to-host copy of
+  ``routing_capture[:T]`` there, on its own stream: no synchronisation), and returns the
+  float32 logits of the sampling rows only (``batch.logits_indices``).
+- ``sample(logits, inputs)`` draws the tokens and returns them with their logprobs as host
+  lists: the step's one synchronisation.
+
+Static inputs live in one place, ``StepBuffers``: the device tensors every step (eager or
+graph) reads, so a CUDA graph captured over views of them replays whatever ``prepare`` last
+wrote. The routing capture buffer ([max_num_batched_tokens, L, K], or None) is one of them.
+
+KV cache size: ``kv_cache_blocks`` when given. Otherwise on CUDA a profiling step (a prefill
+of ``max_num_batched_tokens`` tokens, then sampling ``max_num_seqs`` rows with top-k, top-p and
+seeds, the costliest path) measures the peak memory; the cache gets
+``(total * gpu_memory_utilization - peak) // bytes_per_block`` blocks, where peak counts the
+peak of torch allocations plus memory used outside torch (CUDA context, other processes).
+CUDA graphs are captured after the cache and take memory beyond that budget (a few hundred MB:
+hence the default utilisation 0.85). On CPU the cache holds ``max_num_seqs`` sequences of
+``max_model_len`` tokens, capped at ``CPU_KV_CACHE_BYTES``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rollout.config import EngineConfig
+from rollout.engine.scheduler import ScheduledBatch, ScheduledEntry
+from rollout.engine.sequence import Sequence as EngineSequence
+from rollout.forward_batch import ForwardBatch
+from rollout.layers.attention import (
+    FlashInferAttentionBackend,
+    allocate_kv_cache,
+    kv_cache_bytes_per_block,
+    make_attention_backend,
+)
+from rollout.loader import LoadedCheckpoint
+from rollout.sampler import Sampler, SamplingInputs
+from rollout.sampling_params import SamplingParams
+
+__all__ = [
+    "CPU_KV_CACHE_BYTES",
+    "MAX_CUDA_GRAPH_SIZE",
+    "ModelRunner",
+    "StepBuffers",
+    "StepInputs",
+    "cuda_graph_sizes",
+]
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 1 << 30
+MAX_CUDA_GRAPH_SIZE = 512
+_CAPTURE_DTYPES = (torch.uint8, torch.int16, torch.int32)
+
+
+def cuda_graph_sizes(max_size: int) -> list[int]:
+    """Decode batch sizes that get a CUDA graph: 1, 2, 4, then multiples of 8, then
+    ``max_size`` (a batch runs in the smallest graph that holds it)."""
+    sizes = [s for s in (1, 2, 4) if s < max_size] + list(range(8, max_size, 8))
+    return [*sizes, max_size] if max_size >= 1 else []
+
+
+class StepBuffers:
+    """Every per-step input tensor in one place: device tensors (the static inputs of the CUDA
+    graphs) and, on CUDA, the pinned host buffers they are copied from.
+
+    On a CPU device the host buffers are the device tensors (no copy).
+
+    Args:
+        sizes: name -> (number of elements, dtype) of each flat buffer.
+        device: where the model runs.
+        routing_capture: the routed-expert capture buffer (written by the model, never staged),
+            or None.
+    """
+
+    def __init__(
+        self,
+        sizes: dict[str, tuple[int, torch.dtype]],
+        device: torch.device,
+        *,
+        routing_capture: torch.Tensor | None = None,
+    ) -> None:
+        self.routing_capture = routing_capture
+        pinned = device.type == "cuda"
+        self.host = {
+            name: torch.zeros(n, dtype=dtype, pin_memory=pinned)
+            for name, (n, dtype) in sizes.items()
+        }
+        self.device = (
+            {name: torch.zeros(n, dtype=dtype, device=device) for name, (n, dtype) in sizes.items()}
+            if pinned
+            else self.host
+        )
+        self._arrays = {name: tensor.numpy() for name, tensor in self.host.items()}
+
+    def stage(
+        self, name: str, values: Sequence[int] | np.ndarray, size: int, pad: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``values`` then ``pad`` up to ``size`` elements of buffer ``name``; start the
+        copy to the device; return the (host, device) views of those elements."""
+        array = self._arrays[name]
+        count = len(values)
+        array[:count] = values
+        array[count:size] = pad
+        return self._copy(name, size)
+
+    def stage_table(
+        self, name: str, rows: Sequence[Sequence[int]], num_rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``rows`` as a ``[num_rows, width]`` table padded with -1 (width: the longest
+        row, at least 1) into buffer ``name``; return its (host, device) views."""
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        width = max(1, int(lengths.max(initial=0)))
+        table = self._arrays[name][: num_rows * width].reshape(num_rows, width)
+        table.fill(-1)
+        total = int(lengths.sum())
+        if total:
+            flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=table.dtype, count=total)
+            row_ids = np.repeat(np.arange(len(rows)), lengths)
+            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+            table[row_ids, np.arange(total) - starts] = flat
+        host, device = self._copy(name, num_rows * width)
+        return host.view(num_rows, width), device.view(num_rows, width)
+
+    def _copy(self, name: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        host, device = self.host[name][:size], self.device[name][:size]
+        if device is not host:
+            device.copy_(host, non_blocking=True)
+        return host, device
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """What ``prepare`` built for one step.
+
+    Attributes:
+        batch: the scheduled batch.
+        forward: the planned ``ForwardBatch`` (padded to ``graph_size`` rows for a replay).
+        logits_indices: [S] int64 device rows of the forward's output that sample.
+        sampling: the sampler's inputs for those rows.
+        graph_size: the CUDA-graph bucket this step replays, or None for an eager step.
+    """
+
+    batch: ScheduledBatch
+    forward: ForwardBatch
+    logits_indices: torch.Tensor
+    sampling: SamplingInputs
+    graph_size: int | None
+
+
+class ModelRunner:
+    """Runs a loaded model over scheduled batches (see the module docstring).
+
+    Args:
+        config: the engine settings.
+        checkpoint: the loaded model (its dtype and device are the runner's).
+        max_model_len: the resolved context length.
+        routing_capture: the capture buffer ``[>= max_num_batched_tokens, L, K]`` in a compact
+            id dtype on the model's device, or None (capture off: nothing is written).
+        after_forward: called with each step's batch right after its forward is enqueued, on
+            the current stream; it must not synchronise.
+
+    Attributes:
+        model, kv_cache, backend, sampler, num_kv_blocks, max_blocks_per_seq,
+        graph_sizes (empty when no CUDA graphs are used).
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        checkpoint: LoadedCheckpoint,
+        *,
+        max_model_len: int,
+        routing_capture: torch.Tensor | None = None,
+        after_forward: Callable[[ScheduledBatch], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.model = checkpoint.model
+        self.dtype = checkpoint.dtype
+        self.device = checkpoint.device
+        self.max_model_len = max_model_len
+        self.vocab_size = self.model.args.vocab_size
+        self.after_forward = after_forward
+        self.max_blocks_per_seq = math.ceil(max_model_len / config.block_size)
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        max_graph = min(config.max_num_seqs, config.max_num_batched_tokens, MAX_CUDA_GRAPH_SIZE)
+        self.spec = self.model.attention_spec
+        self.backend = make_attention_backend(
+            self.spec,
+            block_size=config.block_size,
+            dtype=self.dtype,
+            device=self.device,
+            cuda_graph_max_batch_size=max_graph if use_graphs else 0,
+            max_blocks_per_seq=self.max_blocks_per_seq,
+        )
+        if use_graphs and not isinstance(self.backend, FlashInferAttentionBackend):
+            logger.info("no CUDA graphs: the attention backend is %s", type(self.backend).__name__)
+            use_graphs = False
+        self.sampler = Sampler(vocab_size=self.vocab_size, device=self.device, seed=config.seed)
+        tokens, seqs = config.max_num_batched_tokens, config.max_num_seqs
+        self.buffers = StepBuffers(
+            {
+                "input_ids": (tokens, torch.int64),
+                "positions": (tokens, torch.int64),
+                "slot_mapping": (tokens, torch.int64),
+                "query_start_loc": (seqs + 1, torch.int32),
+                "seq_lens": (seqs, torch.int32),
+                "block_tables": (seqs * self.max_blocks_per_seq, torch.int32),
+                "logits_indices": (seqs, torch.int64),
+            },
+            self.device,
+            routing_capture=self._check_capture(routing_capture),
+        )
+        self.bytes_per_block = kv_cache_bytes_per_block(self.spec, config.block_size, self.dtype)
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.kv_cache = allocate_kv_cache(
+            self.spec,
+            num_blocks=self.num_kv_blocks,
+            block_size=config.block_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.model.bind_kv_cache(self.kv_cache)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
+            self.num_kv_blocks,
+            config.block_size,
+            self.num_kv_blocks * config.block_size,
+            self.num_kv_blocks * self.bytes_per_block / 2**30,
+        )
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_sizes: list[int] = []
+        if use_graphs:
+            self._capture_cuda_graphs(cuda_graph_sizes(max_graph))
+
+    # ------------------------------------------------------------------ the step
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """Stage ``batch`` into the static inputs, plan attention and build sampling inputs."""
+        graph_size = self._graph_size(batch)
+        sampling_seqs = [batch.entries[i].seq for i in batch.sample_indices]
+        _, logits_indices = self.buffers.stage(
+            "logits_indices", batch.logits_indices, len(batch.logits_indices), 0
+        )
+        return StepInputs(
+            batch=batch,
+            forward=self._forward_batch(
+                input_ids=batch.input_ids,
+                positions=batch.positions,
+                slot_mapping=batch.slot_mapping,
+                query_start_loc=batch.query_start_loc,
+                seq_lens=batch.seq_lens,
+                block_tables=batch.block_tables,
+                is_decode=batch.is_decode,
+                graph_size=graph_size,
+            ),
+            logits_indices=logits_indices,
+            sampling=self.sampler.prepare(
+                [seq.params for seq in sampling_seqs],
+                [seq.num_generated_tokens for seq in sampling_seqs],
+            ),
+            graph_size=graph_size,
+        )
+
+    @torch.no_grad()
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """The forward of one step; float32 logits [S, V] of its sampling rows."""
+        if inputs.graph_size is not None:
+            graph, hidden_static = self._graphs[inputs.graph_size]
+            graph.replay()
+            hidden_TH = hidden_static
+        else:
+            hidden_TH = self.model(inputs.forward)
+        if self.after_forward is not None:
+            self.after_forward(inputs.batch)
+        return self.model.compute_logits(hidden_TH[inputs.logits_indices]).float()
+
+    @torch.no_grad()
+    def sample(self, logits_SV: torch.Tensor, inputs: StepInputs) -> tuple[list[int], list[float]]:
+        """Sampled token ids and their logprobs, one per sampling row, as host lists."""
+        ids_S, logprobs_S = self.sampler(logits_SV, inputs.sampling)
+        return ids_S.tolist(), logprobs_S.tolist()
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors into the model in place (storage kept: graphs stay valid);
+        return the names of the parameters written completely."""
+        return self.model.load_weights(named_tensors)
+
+    def shutdown(self) -> None:
+        """Drop the CUDA graphs and the KV cache (the engine is unusable afterwards)."""
+        self._graphs.clear()
+        self.graph_sizes = []
+        self.kv_cache = None
+        self._unbind_kv_cache()
+
+    # ------------------------------------------------------------------ internals
+
+    def _unbind_kv_cache(self) -> None:
+        # The attention layers hold views of the cache: drop them so that its memory is freed.
+        for layer in self.model.model.layers:
+            layer.self_attn.attn.kv_cache = None
+
+    def _check_capture(self, buffer: torch.Tensor | None) -> torch.Tensor | None:
+        if buffer is None:
+            return None
+        layers, top_k = len(self.model.moe_layers), self.model.routing_params.top_k
+        if (
+            buffer.dim() != 3
+            or buffer.shape[0] < self.config.max_num_batched_tokens
+            or tuple(buffer.shape[1:]) != (layers, top_k)
+            or buffer.dtype not in _CAPTURE_DTYPES
+            or buffer.device != self.device
+        ):
+            raise ValueError(
+                f"routing_capture: expected a [>= {self.config.max_num_batched_tokens}, {layers}, "
+                f"{top_k}] uint8/int16/int32 tensor on {self.device}, got "
+                f"{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}"
+            )
+        return buffer
+
+    def _graph_size(self, batch: ScheduledBatch) -> int | None:
+        if not batch.is_decode or not self.graph_sizes:
+            return None
+        i = bisect.bisect_left(self.graph_sizes, len(batch.entries))
+        return self.graph_sizes[i] if i < len(self.graph_sizes) else None
+
+    def _forward_batch(
+        self,
+        *,
+        input_ids: Sequence[int],
+        positions: Sequence[int],
+        slot_mapping: Sequence[int],
+        query_start_loc: Sequence[int],
+        seq_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        is_decode: bool,
+        graph_size: int | None,
+    ) -> ForwardBatch:
+        """Stage a step's inputs and plan it; ``graph_size`` pads a decode step with padding
+        rows up to that many sequences and plans it for that size's CUDA graph."""
+        buf = self.buffers
+        num_seqs = graph_size or len(seq_lens)
+        num_tokens = graph_size or len(input_ids)
+        # A padding row feeds one token, so its query range is one past the previous row's.
+        last = query_start_loc[-1]
+        query_start = [*query_start_loc, *range(last + 1, last + 1 + num_seqs - len(seq_lens))]
+        _, ids = buf.stage("input_ids", input_ids, num_tokens, 0)
+        _, pos = buf.stage("positions", positions, num_tokens, 0)
+        _, slots = buf.stage("slot_mapping", slot_mapping, num_tokens, -1)
+        qsl_cpu, qsl = buf.stage("query_start_loc", query_start, num_seqs + 1, 0)
+        lens_cpu, lens = buf.stage("seq_lens", seq_lens, num_seqs, 0)
+        tables_cpu, tables = buf.stage_table("block_tables", block_tables, num_seqs)
+        forward = ForwardBatch(
+            input_ids=ids,
+            positions=pos,
+            slot_mapping=slots,
+            query_start_loc=qsl,
+            seq_lens=lens,
+            block_tables=tables,
+            query_start_loc_cpu=qsl_cpu,
+            seq_lens_cpu=lens_cpu,
+            block_tables_cpu=tables_cpu,
+            is_decode=is_decode,
+            attn_backend=self.backend,
+            routing_capture=buf.routing_capture,
+        )
+        forward.attn_state = self.backend.plan(forward, cuda_graph=graph_size is not None)
+        return forward
+
+    @torch.no_grad()
+    def _capture_cuda_graphs(self, sizes: list[int]) -> None:
+        """One graph per decode bucket, largest first so that the smaller ones reuse its
+        memory pool; each bucket runs once eagerly first (torch.compile specialisations,
+        Triton autotuning) so that nothing compiles inside a capture."""
+        start = time.perf_counter()
+        pool = None
+        for size in reversed(sizes):
+            forward = self._forward_batch(
+                input_ids=[],
+                positions=[],
+                slot_mapping=[],
+                query_start_loc=[0],
+                seq_lens=[],
+                block_tables=[],
+                is_decode=True,
+                graph_size=size,
+            )
+            self.model(forward)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden_TH = self.model(forward)
+            pool = graph.pool()
+            self._graphs[size] = (graph, hidden_TH)
+        torch.cuda.synchronize(self.device)
+        self.graph_sizes = sizes
+        logger.info(
+            "captured %d CUDA graphs (decode batch sizes %d..%d) in %.1f s",
+            len(sizes),
+            sizes[0],
+            sizes[-1],
+            time.perf_counter() - start,
+        )
+
+    def _num_kv_blocks(self) -> int:
+        config = self.config
+        if config.kv_cache_blocks is not None:
+            return config.kv_cache_blocks
+        if self.device.type != "cuda":
+            wanted = config.max_num_seqs * self.max_blocks_per_seq
+            return max(1, min(wanted, CPU_KV_CACHE_BYTES // self.bytes_per_block))
+        peak = self._profile_peak_bytes()
+        total = torch.cuda.mem_get_info(self.device)[1]
+        budget = total * config.gpu_memory_utilization
+        blocks = int((budget - peak) // self.bytes_per_block)
+        logger.info(
+            "memory: %.2f GiB total, budget %.2f GiB, profiled peak %.2f GiB, KV block %.1f KiB",
+            total / 2**30,
+            budget / 2**30,
+            peak / 2**30,
+            self.bytes_per_block / 2**10,
+        )
+        if blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"gpu_memory_utilization: expected room for at least {self.max_blocks_per_seq} "
+                f"KV blocks (one sequence of max_model_len {self.max_model_len}), got {blocks} at "
+                f"{config.gpu_memory_utilization} (peak use {peak / 2**30:.2f} GiB of "
+                f"{total / 2**30:.2f} GiB); raise it or lower max_model_len / "
+                "max_num_batched_tokens"
+            )
+        return blocks
+
+    @torch.no_grad()
+    def _profile_peak_bytes(self) -> int:
+        """Peak device memory of the costliest step, KV cache excluded (see the docstring)."""
+        config, device = self.config, self.device
+        seq_len = min(self.max_model_len, config.max_num_batched_tokens)
+        num_seqs = min(config.max_num_seqs, config.max_num_batched_tokens // seq_len)
+        params = SamplingParams(max_tokens=1, top_k=50, top_p=0.9, seed=0)
+        blocks_per_seq = math.ceil(seq_len / config.block_size)
+        entries = []
+        for i in range(num_seqs):
+            seq = EngineSequence(i, [0] * seq_len, params, block_size=config.block_size)
+            seq.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+            entries.append(ScheduledEntry(seq, 0, seq_len, True))
+        temporary_kv = allocate_kv_cache(
+            self.spec,
+            num_blocks=num_seqs * blocks_per_seq,
+            block_size=config.block_size,
+            dtype=self.dtype,
+            device=device,
+        )
+        self.model.bind_kv_cache(temporary_kv)
+        generator_state = self.sampler.generator.get_state()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        inputs = self.prepare(ScheduledBatch.build(entries))
+        self.sample(self.run(inputs), inputs)
+        rows = config.max_num_seqs
+        logits_SV = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=device)
+        self.sampler(logits_SV, self.sampler.prepare([params] * rows, [0] * rows))
+        torch.cuda.synchronize(device)
+        peak_torch = torch.cuda.max_memory_allocated(device) - temporary_kv.numel() * (
+            temporary_kv.element_size()
+        )
+        free, total = torch.cuda.mem_get_info(device)
+        outside_torch = (total - free) - torch.cuda.memory_reserved(device)
+        self.sampler.generator.set_state(generator_state)
+        self._unbind_kv_cache()
+        del inputs, logits_SV, temporary_kv
+        torch.cuda.empty_cache()
+        return peak_torch + outside_torch

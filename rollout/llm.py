@@ -1,0 +1,258 @@
+"""``rollout.LLM``: the user-facing generation API over one ``LLMEngine``.
+
+::
+
+    with rollout.LLM("path/to/checkpoint") as llm:
+        outs = llm.generate(["The answer is"], rollout.SamplingParams(max_tokens=32))
+        outs[0].token_ids, outs[0].logprobs, outs[0].text
+        llm.update_weights(trainer_model.named_parameters())   # between generate calls
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceOf
+from typing import Any, Self
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rollout.config import EngineConfig
+from rollout.engine.llm_engine import LLMEngine
+from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
+from rollout.sampling_params import SamplingParams
+
+__all__ = ["LLM"]
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | SequenceOf[int] | np.ndarray
+
+
+class LLM:
+    """Generate with an HF-format MoE checkpoint.
+
+    Args:
+        model: the checkpoint folder (config.json, *.safetensors, optional tokenizer.json).
+        dtype: ``"auto"`` (the checkpoint's dtype on CUDA, float32 on CPU), ``"float32"``,
+            ``"bfloat16"``, ``"float16"`` or a torch dtype.
+        device: None (CUDA when available, else CPU), ``"cpu"``, ``"cuda[:N]"`` or a
+            torch device.
+        max_num_seqs: most sequences generated at once.
+        max_num_batched_tokens: most tokens fed forward in one step (chunked prefill budget).
+        max_model_len: longest prompt + generation; None: the model's maximum.
+        block_size: tokens per KV block.
+        kv_cache_blocks: fix the number of KV blocks (else sized from memory: see
+            ``rollout.engine.model_runner``).
+        gpu_memory_utilization: fraction of GPU memory for weights, activations and KV cache.
+        enable_prefix_caching: reuse the KV of prompt prefixes seen before.
+        enforce_eager: no CUDA graphs.
+        seed: seeds dummy weights and the sampling of requests without their own seed.
+        load_format: ``"safetensors"`` or ``"dummy"`` (random weights from config.json).
+        capture_routing: record routed experts (issue 4; not available yet).
+
+    Raises:
+        ValueError / TypeError: a bad argument, naming it.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        kv_cache_blocks: int | None = None,
+        gpu_memory_utilization: float = 0.85,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+        seed: int = 0,
+        load_format: str = "safetensors",
+        capture_routing: bool = False,
+    ) -> None:
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        if isinstance(device, torch.device):
+            device = str(device)
+        self.config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            device=device,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            kv_cache_blocks=kv_cache_blocks,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            load_format=load_format,
+            capture_routing=capture_routing,
+        )
+        self._engine: LLMEngine | None = LLMEngine(self.config)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The engine (RuntimeError after ``shutdown``)."""
+        if self._engine is None:
+            raise RuntimeError("LLM: expected a live engine, got one that was shut down")
+        return self._engine
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's ``tokenizers.Tokenizer``, or None."""
+        return self.engine.tokenizer
+
+    @property
+    def routing_spec(self) -> RoutingSpec:
+        """MoE layers, experts, top-k and routing method of the model."""
+        return self.engine.routing_spec
+
+    @property
+    def stats(self) -> EngineStats:
+        """KV cache size, preemptions and prefix-cache counters so far."""
+        return self.engine.stats
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompts: SequenceOf[Prompt],
+        sampling: SamplingParams | SequenceOf[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs in the order of ``prompts``.
+
+        Args:
+            prompts: strings (encoded with the checkpoint's tokenizer) or token-id lists.
+            sampling: one ``SamplingParams`` for all prompts, one per prompt, or None
+                (``SamplingParams()``).
+            use_tqdm: show a progress bar over finished requests.
+
+        Raises:
+            ValueError: an empty prompt, a token id outside the vocabulary, a string without
+                a tokenizer, prompt + ``max_tokens`` beyond ``max_model_len``, or a sampling
+                list whose length differs from the prompts'. Nothing is generated then.
+        """
+        engine = self.engine
+        token_ids = [self._encode(i, prompt) for i, prompt in enumerate(self._as_list(prompts))]
+        params = self._sampling_list(sampling, len(token_ids))
+        request_ids: list[int] = []
+        try:
+            for i, (tokens, p) in enumerate(zip(token_ids, params, strict=True)):
+                try:
+                    request_ids.append(engine.add_request(tokens, p))
+                except ValueError as exc:
+                    raise ValueError(f"prompts[{i}]: {exc}") from exc
+            outputs: dict[int, RequestOutput] = {}
+            with tqdm(
+                total=len(request_ids), desc="generate", unit="req", disable=not use_tqdm
+            ) as bar:
+                while len(outputs) < len(request_ids):
+                    for out in engine.step():
+                        outputs[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for request_id in request_ids:
+                engine.abort_request(request_id)
+            raise
+        return [outputs[i] for i in request_ids]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors (e.g. a trainer's ``named_parameters()``) into the model in
+        place: no reallocation, CUDA graphs stay valid, the prefix cache is reset.
+
+        Returns the names of the model parameters written completely.
+
+        Raises:
+            RuntimeError: called while requests are unfinished.
+            ValueError: an unknown name or a mis-shaped tensor.
+        """
+        return self.engine.update_weights(named_tensors)
+
+    def shutdown(self) -> None:
+        """Release the KV cache, CUDA graphs and model (idempotent)."""
+        if self._engine is None:
+            return
+        self._engine.shutdown()
+        self._engine = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ input checks
+
+    @staticmethod
+    def _as_list(prompts: SequenceOf[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (SequenceOf, np.ndarray)):
+            raise TypeError(
+                "prompts: expected a list of str or of token-id lists, "
+                f"got {type(prompts).__name__}"
+            )
+        return list(prompts)
+
+    def _encode(self, index: int, prompt: Prompt) -> list[int]:
+        name = f"prompts[{index}]"
+        if isinstance(prompt, str):
+            if self.engine.tokenizer is None:
+                raise ValueError(
+                    f"{name}: expected token ids, the checkpoint has no tokenizer "
+                    f"(tokenizer.json), got a str"
+                )
+            tokens = self.engine.tokenizer.encode(prompt).ids
+        elif isinstance(prompt, (SequenceOf, np.ndarray)) and not isinstance(prompt, bytes):
+            tokens = list(prompt)
+            for token in tokens:
+                if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+                    raise TypeError(
+                        f"{name}: expected int token ids, got {type(token).__name__} {token!r}"
+                    )
+            tokens = [int(t) for t in tokens]
+        else:
+            raise TypeError(
+                f"{name}: expected a str or a list of token ids, got {type(prompt).__name__}"
+            )
+        if not tokens:
+            raise ValueError(f"{name}: expected at least 1 token, got 0")
+        vocab = self.engine.vocab_size
+        low, high = min(tokens), max(tokens)
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name}: expected token ids in [0, {vocab}), got {bad}")
+        return tokens
+
+    @staticmethod
+    def _sampling_list(
+        sampling: SamplingParams | SequenceOf[SamplingParams] | None, count: int
+    ) -> list[SamplingParams]:
+        if sampling is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling, SamplingParams):
+            return [sampling] * count
+        if not isinstance(sampling, SequenceOf):
+            raise TypeError(
+                "sampling: expected SamplingParams or a list of them, "
+                f"got {type(sampling).__name__}"
+            )
+        if len(sampling) != count:
+            raise ValueError(
+                f"sampling: expected one SamplingParams per prompt ({count}), got {len(sampling)}"
+            )
+        for i, p in enumerate(sampling):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling[{i}]: expected SamplingParams, got {type(p).__name__}")
+        return list(sampling)
