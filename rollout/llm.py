@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rollout.capture import ReaderSpec
 from rollout.config import EngineConfig
 from rollout.engine.llm_engine import LLMEngine
 from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
@@ -52,7 +53,10 @@ class LLM:
         enforce_eager: no CUDA graphs.
         seed: seeds dummy weights and the sampling of requests without their own seed.
         load_format: ``"safetensors"`` or ``"dummy"`` (random weights from config.json).
-        capture_routing: record routed experts (issue 4; not available yet).
+        capture_routing: record each token's routed experts (a device buffer the routing
+            kernels write and a shared-memory store, ``rollout.engine.routing``), so that
+            requests with ``SamplingParams(return_routed_experts=True)`` get them in
+            ``RequestOutput.routed_experts``. Off: nothing of it is allocated.
 
     Raises:
         ValueError / TypeError: a bad argument, naming it.
@@ -116,6 +120,12 @@ class LLM:
     def routing_spec(self) -> RoutingSpec:
         """MoE layers, experts, top-k and routing method of the model."""
         return self.engine.routing_spec
+
+    @property
+    def routing_reader_spec(self) -> ReaderSpec | None:
+        """How a ``rollout.capture.RoutedExpertsReader`` in another process on this node (a
+        trainer) attaches to the routing store; None without ``capture_routing``."""
+        return self.engine.routing_reader_spec
 
     @property
     def stats(self) -> EngineStats:

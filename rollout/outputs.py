@@ -101,7 +101,12 @@ class RequestOutput:
             the temperature-1 softmax of the model's float32 logits (the behaviour policy).
         finish_reason: "stop" (eos or a stop token), "length" (max_tokens) or "abort".
         num_cached_tokens: prompt tokens served from the prefix cache.
-        routed_experts: the routed-expert rows (issue 4), None unless requested.
+        routed_experts: with ``SamplingParams(return_routed_experts=True)`` on an engine with
+            ``capture_routing``, the routing rows ``s .. N-2`` of the N prompt + generated
+            tokens (``s = routed_experts_start``; row t is the routing of the forward that
+            consumed token t, the last token was never fed): [N - 1 - s, num_moe_layers,
+            top_k] in ``RoutingSpec.id_dtype``, layers in ``RoutingSpec.moe_layers`` order,
+            each row's ids distinct and best first. None otherwise.
     """
 
     request_id: int

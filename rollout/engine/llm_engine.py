@@ -4,11 +4,13 @@
 
     schedule -> prepare inputs -> run (forward, logits) -> sample -> postprocess
 
-Routed-expert capture (issue 4) rides along inside it without a stage of its own: its device
-buffer is a static input of the runner (``ModelRunner(routing_capture=...)``), the runner's
-``after_forward`` hook enqueues the asynchronous copy of a step's rows, the scheduler's
-``on_preempt`` hook saves a preempted sequence's rows, and ``_output`` attaches a finished
-request's rows to its ``RequestOutput``. Until then ``capture_routing=True`` is refused.
+Routed-expert capture (``capture_routing=True``, ``rollout.engine.routing``) rides along
+inside it without a stage of its own: its device buffer is a static input of the runner
+(``ModelRunner(routing_capture=...)``), the runner's ``after_forward`` hook enqueues the
+asynchronous copy of a step's rows into the shared-memory store, the scheduler's
+``on_preempt`` and ``on_finish`` hooks save a sequence's rows before its blocks are freed, and
+``_output`` attaches a finished request's rows to its ``RequestOutput``. With capture off none
+of it exists: no buffer, no hook, no segment.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from rollout.config import EngineConfig, EngineState
+from rollout import shm
+from rollout.capture import ReaderSpec
+from rollout.config import EngineConfig, EngineState, check_int
 from rollout.engine.model_runner import ModelRunner
+from rollout.engine.routing import RoutingRecorder
 from rollout.engine.scheduler import Scheduler
 from rollout.engine.sequence import Sequence as EngineSequence
 from rollout.loader import load_checkpoint
@@ -36,18 +41,23 @@ class LLMEngine:
 
     Args:
         config: the engine settings (``rollout.LLM``'s keyword arguments).
+        instance_id: names this engine's shared-memory segments
+            (``rollout.shm.segment_name(instance_id, dp_rank)``); None draws a fresh one.
+        dp_rank: this engine's data-parallel rank (its capturer's slice of a DP batch).
 
     Attributes:
         config, state (KV blocks, context length, eos ids), runner, scheduler,
-        tokenizer (``tokenizers.Tokenizer`` or None), routing_spec, vocab_size.
+        tokenizer (``tokenizers.Tokenizer`` or None), routing_spec, vocab_size, instance_id,
+        dp_rank, routing (the ``RoutingRecorder`` with ``capture_routing``, else None).
     """
 
-    def __init__(self, config: EngineConfig) -> None:
-        if config.capture_routing:
-            raise NotImplementedError(
-                "capture_routing: routed-expert capture is not available yet (issue 4); "
-                "expected False, got True"
-            )
+    def __init__(
+        self, config: EngineConfig, *, instance_id: str | None = None, dp_rank: int = 0
+    ) -> None:
+        self.instance_id = shm.new_instance_id() if instance_id is None else instance_id
+        self.dp_rank = check_int("dp_rank", dp_rank, minimum=0)
+        # Checks the id's characters before anything is loaded.
+        segment = shm.segment_name(self.instance_id, self.dp_rank)
         checkpoint = load_checkpoint(
             config.model,
             dtype=config.dtype,
@@ -58,24 +68,54 @@ class LLMEngine:
         model = checkpoint.model
         max_model_len = config.resolve_max_model_len(checkpoint.hf_config.max_position_embeddings)
         self.config = config
-        self.runner = ModelRunner(config, checkpoint, max_model_len=max_model_len)
+        self.routing_spec = RoutingSpec.from_model(model.moe_layers, model.routing_params)
+        # The capture buffer exists before the runner: it is a static input of its CUDA graphs
+        # and counts in its memory profile.
+        routing = (
+            RoutingRecorder(
+                self.routing_spec,
+                max_num_tokens=config.max_num_batched_tokens,
+                device=checkpoint.device,
+                dp_rank=self.dp_rank,
+            )
+            if config.capture_routing
+            else None
+        )
+        self.runner = ModelRunner(
+            config,
+            checkpoint,
+            max_model_len=max_model_len,
+            routing_capture=None if routing is None else routing.buffer,
+            after_forward=None if routing is None else routing.after_forward,
+        )
         self.state = EngineState(
             num_kv_blocks=self.runner.num_kv_blocks,
             max_model_len=max_model_len,
             eos_token_ids=checkpoint.eos_token_ids,
         )
-        self.scheduler = Scheduler(config, self.state)
+        if routing is not None:
+            routing.open_store(
+                name=segment, num_kv_slots=self.runner.num_kv_blocks * config.block_size
+            )
+        self.routing = routing
+        self.scheduler = Scheduler(
+            config,
+            self.state,
+            on_preempt=None if routing is None else routing.save_rows,
+            on_finish=None if routing is None else routing.save_rows,
+        )
         self.tokenizer = checkpoint.tokenizer
         self.vocab_size = model.args.vocab_size
-        self.routing_spec = RoutingSpec.from_model(model.moe_layers, model.routing_params)
         logger.info(
-            "engine ready: %s on %s in %s, max_model_len %d, %d KV blocks, CUDA graphs: %s",
+            "engine ready: %s on %s in %s, max_model_len %d, %d KV blocks, CUDA graphs: %s, "
+            "routing capture: %s",
             model.architecture,
             checkpoint.device,
             checkpoint.dtype,
             max_model_len,
             self.runner.num_kv_blocks,
             self.runner.graph_sizes or "off",
+            segment if routing is not None else "off",
         )
 
     # ------------------------------------------------------------------ requests
@@ -85,15 +125,17 @@ class LLMEngine:
 
         Raises:
             ValueError: an empty prompt, a token id outside the vocabulary, prompt +
-                ``max_tokens`` beyond ``max_model_len`` (or the KV cache), or
-                ``return_routed_experts`` without capture.
+                ``max_tokens`` beyond ``max_model_len`` (or the KV cache),
+                ``return_routed_experts`` without ``capture_routing``, or
+                ``routed_experts_start`` beyond the prompt.
         """
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
-        if params.return_routed_experts:
+        if params.return_routed_experts and self.routing is None:
             raise ValueError(
-                "return_routed_experts: expected False, routed-expert capture is not "
-                "available yet (issue 4), got True"
+                "return_routed_experts: expected False on an engine built with "
+                "capture_routing=False (set capture_routing=True to record routed experts), "
+                "got True"
             )
         if prompt_token_ids and not all(0 <= t < self.vocab_size for t in prompt_token_ids):
             bad = next(t for t in prompt_token_ids if not 0 <= t < self.vocab_size)
@@ -125,7 +167,12 @@ class LLMEngine:
 
     def _output(self, seq: EngineSequence) -> RequestOutput:
         text = None if self.tokenizer is None else self.tokenizer.decode(seq.generated_token_ids)
-        return RequestOutput.from_sequence(seq, text=text)
+        routed_experts = (
+            self.routing.rows(seq)
+            if self.routing is not None and seq.params.return_routed_experts
+            else None
+        )
+        return RequestOutput.from_sequence(seq, text=text, routed_experts=routed_experts)
 
     # ------------------------------------------------------------------ weights, state
 
@@ -148,6 +195,12 @@ class LLMEngine:
             self.scheduler.block_manager.reset_prefix_cache()
 
     @property
+    def routing_reader_spec(self) -> ReaderSpec | None:
+        """How a ``rollout.capture.RoutedExpertsReader`` in another process on this node
+        attaches to this engine's routing store; None without ``capture_routing``."""
+        return None if self.routing is None else self.routing.reader_spec()
+
+    @property
     def stats(self) -> EngineStats:
         """The engine's counters."""
         bm = self.scheduler.block_manager
@@ -162,7 +215,10 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
-        """Abort unfinished requests and release the KV cache and CUDA graphs."""
+        """Abort unfinished requests, release the KV cache and CUDA graphs and unlink the
+        routing store's segment."""
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
             self.scheduler.abort(seq.seq_id)
         self.runner.shutdown()
+        if self.routing is not None:
+            self.routing.close()

@@ -179,7 +179,7 @@ class ModelRunner:
         routing_capture: the capture buffer ``[>= max_num_batched_tokens, L, K]`` in a compact
             id dtype on the model's device, or None (capture off: nothing is written).
         after_forward: called with each step's batch right after its forward is enqueued, on
-            the current stream; it must not synchronise.
+            the current stream (not for the memory-profiling step); it must not synchronise.
 
     Attributes:
         model, kv_cache, backend, sampler, num_kv_blocks, max_blocks_per_seq,
@@ -285,16 +285,12 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, inputs: StepInputs) -> torch.Tensor:
-        """The forward of one step; float32 logits [S, V] of its sampling rows."""
-        if inputs.graph_size is not None:
-            graph, hidden_static = self._graphs[inputs.graph_size]
-            graph.replay()
-            hidden_TH = hidden_static
-        else:
-            hidden_TH = self.model(inputs.forward)
+        """The forward of one step, then the ``after_forward`` hook; float32 logits [S, V] of
+        its sampling rows."""
+        hidden_TH = self._forward(inputs)
         if self.after_forward is not None:
             self.after_forward(inputs.batch)
-        return self.model.compute_logits(hidden_TH[inputs.logits_indices]).float()
+        return self._logits(hidden_TH, inputs)
 
     @torch.no_grad()
     def sample(self, logits_SV: torch.Tensor, inputs: StepInputs) -> tuple[list[int], list[float]]:
@@ -317,6 +313,17 @@ class ModelRunner:
         self._unbind_kv_cache()
 
     # ------------------------------------------------------------------ internals
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Hidden states [T, H] of the step: the bucket's graph replay, or an eager forward."""
+        if inputs.graph_size is None:
+            return self.model(inputs.forward)
+        graph, hidden_TH = self._graphs[inputs.graph_size]
+        graph.replay()
+        return hidden_TH
+
+    def _logits(self, hidden_TH: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        return self.model.compute_logits(hidden_TH[inputs.logits_indices]).float()
 
     def _unbind_kv_cache(self) -> None:
         # The attention layers hold views of the cache: drop them so that its memory is freed.
@@ -478,7 +485,8 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         inputs = self.prepare(ScheduledBatch.build(entries))
-        self.sample(self.run(inputs), inputs)
+        # Not run(): its hook files rows by slot, and these slots are the temporary cache's.
+        self.sample(self._logits(self._forward(inputs), inputs), inputs)
         rows = config.max_num_seqs
         logits_SV = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=device)
         self.sampler(logits_SV, self.sampler.prepare([params] * rows, [0] * rows))

@@ -18,7 +18,11 @@ by ``add``, so the oldest running sequence can always progress and ``schedule`` 
 
 ``postprocess`` takes the tokens sampled for the entries whose chunk reached the sequence's
 last token (``ScheduledBatch.sample_indices``), appends them, applies the stop rules and
-frees finished sequences.
+frees finished sequences. Every finish (stop, length or ``abort``) first calls
+``on_finish(seq)`` with ``seq.finish_reason`` set and the block table still intact: after a
+stop or length finish, positions ``[0, len(seq) - 1)`` (all but the newest token) have their
+KV, and so their routing rows, at ``seq.slots(0, len(seq) - 1)``; capture reads them there
+before the blocks return to the pool.
 """
 
 from __future__ import annotations
@@ -140,6 +144,8 @@ class Scheduler:
         state: run-time values, read once here (``num_kv_blocks``, ``max_model_len``,
             ``eos_token_ids``).
         on_preempt: called with a sequence about to be preempted, before its blocks are freed.
+        on_finish: called with a sequence that finishes (``finish_reason`` set), before its
+            blocks are freed.
 
     Attributes:
         block_manager: the KV-block pool (prefix-cache counters, ``reset_prefix_cache``).
@@ -154,6 +160,7 @@ class Scheduler:
         state: EngineState,
         *,
         on_preempt: Callable[[Sequence], None] | None = None,
+        on_finish: Callable[[Sequence], None] | None = None,
     ) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
@@ -166,6 +173,7 @@ class Scheduler:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.on_preempt = on_preempt
+        self.on_finish = on_finish
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -367,11 +375,13 @@ class Scheduler:
         logger.debug("preempted %s (free blocks: %d)", seq, self.block_manager.num_free_blocks)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        if self.on_finish is not None:
+            self.on_finish(seq)
         if seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         else:
             self.block_manager.deallocate(seq)
             self.running.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
         del self._unfinished[seq.seq_id]

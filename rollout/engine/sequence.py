@@ -54,7 +54,8 @@ class Sequence:
         block_hashes: chained prefix-cache hashes of the full blocks hashed so far (owned by
             the ``BlockManager``; they depend on the tokens only, so they survive preemption).
         logprobs: log-probability of each generated token (one per generated token).
-        status, finish_reason: see ``SequenceStatus``; ``finish_reason`` is None until FINISHED.
+        status, finish_reason: see ``SequenceStatus``; ``finish_reason`` is None until the
+            sequence finishes (it is set just before the scheduler's ``on_finish`` hook runs).
         num_preemptions: how often the sequence was preempted.
         saved_routing: rows kept across preemption by the engine's ``on_preempt`` hook: maps
             the first position of a saved range to an engine-defined block of rows. The control

@@ -176,6 +176,7 @@ def test_cuda_graph_replay_matches_eager_step(cuda_checkpoint_path, rng):
 @pytest.mark.gpu
 def test_cuda_kv_cache_sized_from_memory(cuda_checkpoint_path):
     utilization = 0.3
+    seen = []
     runner, _ = _runner(
         cuda_checkpoint_path,
         device="cuda",
@@ -184,7 +185,9 @@ def test_cuda_kv_cache_sized_from_memory(cuda_checkpoint_path):
         gpu_memory_utilization=utilization,
         max_num_seqs=8,
         max_num_batched_tokens=512,
+        hook=seen.append,
     )
+    assert seen == [], "the profiling step's slots are not the cache's: no after_forward"
     torch.cuda.empty_cache()  # cached free blocks are not in use
     free, total = torch.cuda.mem_get_info()
     cache_bytes = runner.num_kv_blocks * runner.bytes_per_block

@@ -103,6 +103,7 @@ def make_scheduler(
     max_model_len: int = 256,
     prefix_caching: bool = True,
     on_preempt=None,
+    on_finish=None,
 ) -> Scheduler:
     config = EngineConfig(
         model="unused",
@@ -112,7 +113,7 @@ def make_scheduler(
         enable_prefix_caching=prefix_caching,
     )
     state = EngineState(num_kv_blocks=num_blocks, max_model_len=max_model_len, eos_token_ids=(EOS,))
-    return Scheduler(config, state, on_preempt=on_preempt)
+    return Scheduler(config, state, on_preempt=on_preempt, on_finish=on_finish)
 
 
 def runner_for(scheduler: Scheduler) -> FakeRunner:
@@ -246,6 +247,49 @@ def test_preempted_sequence_resumes_and_matches_the_reference() -> None:
     assert scheduler.block_manager.prefix_cache_queries == 12
     # The oldest request is never the victim of a newer one.
     assert seqs[0].num_preemptions == 0
+
+
+def test_on_finish_sees_every_fed_token_in_its_blocks() -> None:
+    """``on_finish`` runs once per finish (stop, length, abort) with the reason set and before
+    the blocks are freed: after stop or length, positions [0, len - 1) are computed and their
+    KV (where capture reads rows) sits at ``seq.slots(0, len - 1)``."""
+    seen: list[tuple[int, str | None, bool]] = []
+
+    def on_finish(seq: Sequence) -> None:
+        held = bool(seq.block_table) and all(bm.ref_count(b) >= 1 for b in seq.block_table)
+        seen.append((seq.seq_id, seq.finish_reason, held))
+        if seq.finish_reason != "abort":
+            assert seq.status is SequenceStatus.RUNNING
+            assert seq.num_computed_tokens == len(seq) - 1
+            stored = [runner.kv[slot] for slot in seq.slots(0, len(seq) - 1)]
+            assert [token for token, _ in stored] == seq.token_ids[:-1], seq
+
+    # Small cache and budget: preemption, chunked prefill and prefix hits along the way.
+    scheduler = make_scheduler(num_blocks=7, block_size=2, budget=6, on_finish=on_finish)
+    bm = scheduler.block_manager
+    runner = runner_for(scheduler)
+    stop_at = reference([3, 1, 4, 1, 5], SamplingParams(max_tokens=9), 256)[0][2]
+    seqs = [
+        scheduler.add([3, 1, 4, 1, 5], SamplingParams(max_tokens=9, stop_token_ids=[stop_at])),
+        scheduler.add([3, 1, 4, 1, 6], SamplingParams(max_tokens=7, ignore_eos=True)),
+        scheduler.add([2, 7], SamplingParams(max_tokens=8, ignore_eos=True)),
+        scheduler.add([9] * 5, SamplingParams(max_tokens=3, ignore_eos=True)),
+    ]
+    scheduler.abort(seqs[3].seq_id)  # waiting: holds no blocks
+    running = scheduler.add([8, 8, 8], SamplingParams(max_tokens=8, ignore_eos=True))
+    while running.status is not SequenceStatus.RUNNING:
+        batch = scheduler.schedule()
+        scheduler.postprocess(batch, *runner.run(batch))
+    scheduler.abort(running.seq_id)  # running: its blocks are still held
+    drive(scheduler, runner)
+    check_outputs(seqs[:3])
+    assert seqs[0].finish_reason == "stop" and scheduler.num_preemptions > 0
+    by_id = {seq_id: (reason, held) for seq_id, reason, held in seen}
+    assert len(seen) == len(by_id) == 5
+    assert by_id[seqs[3].seq_id] == ("abort", False)
+    assert by_id[running.seq_id] == ("abort", True)
+    assert all(by_id[seq.seq_id][1] for seq in seqs[:3])
+    assert all(seq.block_table == [] for seq in [*seqs, running])
 
 
 def test_preemption_of_a_partly_prefilled_sequence() -> None:
