@@ -1,0 +1,551 @@
+"""The GRPO trainer's configuration: typed, frozen dataclasses loaded from YAML with overrides.
+
+A run is one ``TrainConfig`` made of sections (``rollout``, ``trainer``, ``grpo``, ``task``,
+``log``). Every dataclass checks its fields' types and ranges in ``__post_init__``, so a config
+built in Python is validated exactly like one read from YAML; errors are ValueError (TypeError
+for a wrong Python type) naming the field, e.g. ``trainer.lr: expected a float > 0, got -1.0``.
+
+YAML files mirror the sections::
+
+    model: runs/addition/sft
+    routing: r3
+    trainer: {lr: 1.0e-5, micro_batch_size: 64}
+
+``load_config(path, overrides)`` applies ``section.field=value`` overrides (the value is
+parsed as YAML: ``null``, ``true``, numbers, lists) on top of the file; an unknown section or
+field raises. PyYAML reads ``1e-5`` (no dot) as a string, so float fields also accept a string
+that parses as a float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "GRPOConfig",
+    "LogConfig",
+    "RolloutConfig",
+    "RoutingMode",
+    "TaskConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_override",
+]
+
+RoutingMode = Literal["none", "r3", "r2"]
+Device = Literal["cpu", "cuda"]
+
+
+# ---------------------------------------------------------------------- field checking
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the annotation ``hint`` and normalised (int -> float)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices or isinstance(value, bool):
+            raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_value(name, value, inner)
+    if origin is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise TypeError(f"{name}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_check_value(f"{name}[{i}]", v, item_hint) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise TypeError(f"{name}: expected a float, got str {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite float, got {value}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{name}: expected a str, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, hint):
+            raise TypeError(f"{name}: expected {hint.__name__}, got {type(value).__name__}")
+        return value
+    raise AssertionError(f"unsupported annotation {hint!r} of {name}")
+
+
+def _check_fields(instance: Any) -> None:
+    """Type-check (and normalise) every field of a frozen dataclass instance."""
+    hints = _type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        value = _check_value(f.name, getattr(instance, f.name), hints[f.name])
+        object.__setattr__(instance, f.name, value)
+
+
+def _require(ok: bool, name: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+# ---------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class RolloutConfig:
+    """Rollout workers: one ``rollout.LLM`` per data-parallel rank, each a Ray actor.
+
+    Args:
+        num_workers: data-parallel rollout ranks; the prompts of a step are split among them.
+        device: where each engine runs.
+        num_gpus_per_worker: Ray GPUs per worker (0 on CPU; a fraction to share a GPU with the
+            trainer, e.g. 0.5 each on one GPU).
+        num_cpus_per_worker: Ray CPUs per worker.
+        dtype: the engine's dtype (``"auto"``: the checkpoint's on CUDA, float32 on CPU).
+        max_tokens: most generated tokens per answer.
+        capture_routing: record routed experts (needed by ``routing: r3`` and by the router
+            agreement metric).
+        max_num_seqs, max_num_batched_tokens, max_model_len, block_size, kv_cache_blocks,
+        gpu_memory_utilization, enable_prefix_caching, enforce_eager: ``rollout.LLM``'s
+            arguments of the same name.
+
+    Sampling is fixed at temperature 1 without top-p / top-k: the engine's logprobs are those
+    of the temperature-1 softmax, so the behaviour policy is exactly the policy whose
+    logprobs the trainer compares and corrects against.
+    """
+
+    num_workers: int = 1
+    device: Device = "cuda"
+    num_gpus_per_worker: float = 1.0
+    num_cpus_per_worker: float = 1.0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_tokens: int = 16
+    capture_routing: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_blocks: int | None = None
+    gpu_memory_utilization: float = 0.85
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(self.num_workers >= 1, "num_workers", "an int >= 1", self.num_workers)
+        if self.device == "cpu":
+            _require(
+                self.num_gpus_per_worker == 0,
+                "num_gpus_per_worker",
+                "0 with device cpu",
+                self.num_gpus_per_worker,
+            )
+        else:
+            _require(
+                self.num_gpus_per_worker > 0,
+                "num_gpus_per_worker",
+                "> 0 with device cuda",
+                self.num_gpus_per_worker,
+            )
+        _require(
+            self.num_cpus_per_worker >= 0, "num_cpus_per_worker", ">= 0", self.num_cpus_per_worker
+        )
+        _require(self.max_tokens >= 1, "max_tokens", "an int >= 1", self.max_tokens)
+        _require(self.max_num_seqs >= 1, "max_num_seqs", "an int >= 1", self.max_num_seqs)
+        _require(
+            self.max_num_batched_tokens >= 1,
+            "max_num_batched_tokens",
+            "an int >= 1",
+            self.max_num_batched_tokens,
+        )
+        _require(
+            self.max_model_len is None or self.max_model_len >= 2,
+            "max_model_len",
+            "null or an int >= 2",
+            self.max_model_len,
+        )
+        _require(self.block_size >= 1, "block_size", "an int >= 1", self.block_size)
+        _require(
+            self.kv_cache_blocks is None or self.kv_cache_blocks >= 1,
+            "kv_cache_blocks",
+            "null or an int >= 1",
+            self.kv_cache_blocks,
+        )
+        _require(
+            0 < self.gpu_memory_utilization <= 1,
+            "gpu_memory_utilization",
+            "a float in (0, 1]",
+            self.gpu_memory_utilization,
+        )
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``rollout.LLM`` (besides the model path and seed)."""
+        names = (
+            "dtype",
+            "device",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+            "block_size",
+            "kv_cache_blocks",
+            "gpu_memory_utilization",
+            "enable_prefix_caching",
+            "enforce_eager",
+            "capture_routing",
+        )
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TrainerConfig:
+    """The trainer actor: the HF policy, its optimizer and how a step's batch is processed.
+
+    Args:
+        device: where the policy trains.
+        num_gpus: Ray GPUs of the trainer actor (0 on CPU; 0.5 to share one GPU with a rollout
+            worker of ``num_gpus_per_worker`` 0.5).
+        num_cpus: Ray CPUs of the trainer actor.
+        compute_dtype: ``float32``, or ``bfloat16`` autocast over float32 parameters.
+        lr, weight_decay, beta1, beta2, adam_eps: AdamW.
+        max_grad_norm: gradient-norm clipping (0: no clipping; the norm is logged anyway).
+        micro_batch_size: sequences per forward/backward (gradient accumulation).
+        num_minibatches: optimizer steps per rollout batch, each on an equal slice of it.
+        gradient_checkpointing: HF ``gradient_checkpointing_enable`` on the policy.
+        grouped_experts: ``"off"`` (HF's experts), or ``replay.use_grouped_experts`` with
+            that backend.
+    """
+
+    device: Device = "cuda"
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 32
+    num_minibatches: int = 1
+    gradient_checkpointing: bool = False
+    grouped_experts: Literal["off", "auto", "loop", "grouped_mm"] = "off"
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.device == "cpu":
+            _require(self.num_gpus == 0, "num_gpus", "0 with device cpu", self.num_gpus)
+        else:
+            _require(self.num_gpus > 0, "num_gpus", "> 0 with device cuda", self.num_gpus)
+        _require(self.num_cpus >= 0, "num_cpus", ">= 0", self.num_cpus)
+        _require(self.lr > 0, "lr", "a float > 0", self.lr)
+        _require(self.weight_decay >= 0, "weight_decay", "a float >= 0", self.weight_decay)
+        _require(0 <= self.beta1 < 1, "beta1", "a float in [0, 1)", self.beta1)
+        _require(0 <= self.beta2 < 1, "beta2", "a float in [0, 1)", self.beta2)
+        _require(self.adam_eps > 0, "adam_eps", "a float > 0", self.adam_eps)
+        _require(self.max_grad_norm >= 0, "max_grad_norm", "a float >= 0", self.max_grad_norm)
+        _require(
+            self.micro_batch_size >= 1, "micro_batch_size", "an int >= 1", self.micro_batch_size
+        )
+        _require(self.num_minibatches >= 1, "num_minibatches", "an int >= 1", self.num_minibatches)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class GRPOConfig:
+    """The GRPO objective (``replay.trainer.grpo``).
+
+    Args:
+        prompts_per_step: distinct prompts per step.
+        group_size: answers sampled per prompt (>= 2: advantages are relative to the group).
+        normalize_std: divide group-centred rewards by the group's standard deviation.
+        ratio: ``"token"`` (PPO/GRPO per-token ratio) or ``"sequence"`` (GSPO: the
+            length-normalised sequence ratio).
+        clip_low, clip_high: the ratio is clipped to ``[1 - clip_low, 1 + clip_high]``.
+        loss_agg: ``"token_mean"`` (mean over all answer tokens of the minibatch) or
+            ``"seq_mean"`` (mean over each answer's tokens, then over answers); GSPO always
+            averages over sequences.
+        tis_cap: truncated importance sampling: weight each token's loss by
+            ``min(p_old / p_rollout, tis_cap)`` (None: off).
+        kl_coef: weight of the k3 KL to a frozen reference policy (0: no reference model).
+    """
+
+    prompts_per_step: int = 16
+    group_size: int = 8
+    normalize_std: bool = True
+    ratio: Literal["token", "sequence"] = "token"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
+    tis_cap: float | None = None
+    kl_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(
+            self.prompts_per_step >= 1, "prompts_per_step", "an int >= 1", self.prompts_per_step
+        )
+        _require(self.group_size >= 2, "group_size", "an int >= 2", self.group_size)
+        _require(0 <= self.clip_low < 1, "clip_low", "a float in [0, 1)", self.clip_low)
+        _require(self.clip_high >= 0, "clip_high", "a float >= 0", self.clip_high)
+        _require(
+            self.tis_cap is None or self.tis_cap >= 1,
+            "tis_cap",
+            "null or a float >= 1",
+            self.tis_cap,
+        )
+        _require(self.kl_coef >= 0, "kl_coef", "a float >= 0", self.kl_coef)
+
+    @property
+    def batch_size(self) -> int:
+        """Answers per step: ``prompts_per_step * group_size``."""
+        return self.prompts_per_step * self.group_size
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TaskConfig:
+    """The toy task (``replay.trainer.tasks``): addition of ``min_digits``..``max_digits``-digit
+    numbers; ``partial_credit`` in [0, 1) rewards near misses (0: exact answers only)."""
+
+    name: Literal["addition"] = "addition"
+    min_digits: int = 1
+    max_digits: int = 3
+    partial_credit: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(self.min_digits >= 1, "min_digits", "an int >= 1", self.min_digits)
+        _require(
+            self.max_digits >= self.min_digits,
+            "max_digits",
+            f"an int >= min_digits ({self.min_digits})",
+            self.max_digits,
+        )
+        _require(
+            0 <= self.partial_credit < 1, "partial_credit", "a float in [0, 1)", self.partial_credit
+        )
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class LogConfig:
+    """Outputs of a run.
+
+    Args:
+        out_dir: run folder: ``metrics.jsonl``, ``config.yaml``, TensorBoard events,
+            ``checkpoints/``.
+        tensorboard: also write TensorBoard events (if the ``tensorboard`` package is there;
+            else a note is logged and only JSONL is written).
+        progress: show a tqdm progress bar over steps.
+        checkpoint_every: save every this many steps and after the last (0: never).
+        keep_checkpoints: most recent checkpoints kept.
+        resume: continue from the latest checkpoint in ``out_dir`` (none there: start fresh).
+        native_router_agreement: under ``r3``, run an extra no-grad forward recording the
+            trainer's native routing to report its agreement with the rollout's (under
+            ``none`` and ``r2`` it comes without an extra forward).
+    """
+
+    out_dir: str = "runs/grpo"
+    tensorboard: bool = True
+    progress: bool = True
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    native_router_agreement: bool = True
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(bool(self.out_dir), "out_dir", "a non-empty path", self.out_dir)
+        _require(
+            self.checkpoint_every >= 0, "checkpoint_every", "an int >= 0", self.checkpoint_every
+        )
+        _require(
+            self.keep_checkpoints >= 1, "keep_checkpoints", "an int >= 1", self.keep_checkpoints
+        )
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TrainConfig:
+    """One GRPO run.
+
+    Args:
+        model: HF checkpoint folder (config.json, safetensors, tokenizer.json) that both the
+            rollout engine and the trainer load.
+        model_init: ``"existing"`` (the folder must hold a checkpoint) or ``"random_addition"``
+            (when the folder has no config.json, first write a small random addition model
+            there: smoke tests without a supervised warm-up).
+        seed: seeds prompts, sampling and the trainer.
+        steps: training steps (each: rollout, update, weight sync).
+        routing: ``none`` (native routing), ``r3`` (replay the rollout's routing) or ``r2``
+            (record the trainer's own routing on a no-grad forward, then replay it).
+    """
+
+    model: str
+    model_init: Literal["existing", "random_addition"] = "existing"
+    seed: int = 0
+    steps: int = 100
+    routing: RoutingMode = "r3"
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(bool(self.model), "model", "a non-empty path", self.model)
+        _require(self.seed >= 0, "seed", "an int >= 0", self.seed)
+        _require(self.steps >= 1, "steps", "an int >= 1", self.steps)
+        if self.routing == "r3" and not self.rollout.capture_routing:
+            raise ValueError(
+                "rollout.capture_routing: expected true with routing r3 (replay needs the "
+                "rollout's routing), got false"
+            )
+        batch = self.grpo.batch_size
+        if batch % self.trainer.num_minibatches:
+            raise ValueError(
+                f"trainer.num_minibatches: expected a divisor of the batch (grpo.prompts_per_step "
+                f"x grpo.group_size = {batch}), got {self.trainer.num_minibatches}"
+            )
+
+
+_SECTIONS: dict[str, type] = {
+    "rollout": RolloutConfig,
+    "trainer": TrainerConfig,
+    "grpo": GRPOConfig,
+    "task": TaskConfig,
+    "log": LogConfig,
+}
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """``"trainer.lr=1e-5"`` -> ``(("trainer", "lr"), 1e-5)``; the value is parsed as YAML."""
+    if not isinstance(text, str):
+        raise TypeError(f"override: expected a str 'key=value', got {type(text).__name__}")
+    key, sep, raw = text.partition("=")
+    path = tuple(key.strip().split("."))
+    if not sep or not all(path):
+        raise ValueError(f"override: expected 'section.field=value' or 'field=value', got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"{key}: could not parse the value {raw!r} as YAML: {err}") from err
+    return path, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of the nested ``data`` with every ``key=value`` override applied in order."""
+    result = _deep_copy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                dotted = ".".join(path[: depth + 1])
+                raise TypeError(
+                    f"{dotted}: expected a section to set {'.'.join(path)} in, got {child!r}"
+                )
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Build and validate a ``TrainConfig`` from nested plain data (a parsed YAML document)."""
+    if not isinstance(data, Mapping):
+        raise TypeError(
+            f"config: expected a mapping of sections and fields, got {type(data).__name__}"
+        )
+    top: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            top[key] = _build(_SECTIONS[key], value, f"{key}.")
+        else:
+            top[key] = value
+    return _build(TrainConfig, top, "")
+
+
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Read a YAML config (None: start from no file) and apply ``section.field=value`` overrides."""
+    data: Any = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config {os.fspath(path)}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"config {os.fspath(path)}: expected a mapping at the top level, "
+                f"got {type(data).__name__}"
+            )
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Nested plain data of a config (``load_config`` of its YAML dump gives it back)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            value = config_to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """``cls(**data)``, naming unknown keys and bad values with their dotted path."""
+    name = prefix.rstrip(".") or "config"
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{name}: expected a mapping of fields, got {type(data).__name__} {data!r}")
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
+    for key in data:
+        if key not in known:
+            raise ValueError(f"{prefix}{key}: unknown field, expected one of {sorted(known)}")
+    for f in fields:
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data:
+            raise ValueError(f"{prefix}{f.name}: expected a value (required field), got none")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as err:
+        raise type(err)(prefix + str(err)) from None
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}

@@ -1,0 +1,436 @@
+"""``Learner``: the HF policy, its optimizer and one GRPO update per rollout batch, with the
+routing of the training forward chosen by the routing mode.
+
+Routing modes (``TrainConfig.routing``):
+
+- ``none``: the policy routes natively.
+- ``r3``: every training forward replays the rollout's traces (``ctl.replay``); a batch
+  without traces raises.
+- ``r2``: a no-grad forward of the policy as it is before the update records its own routing
+  (``ctl.record``); the update's forwards replay that recording.
+
+One ``step(batch, advantages)``, in passes over micro-batches of ``micro_batch_size`` answers:
+
+1. *old pass* (no grad), when the update needs logprobs of the pre-update policy apart from
+   its own forward: ``num_minibatches > 1`` (later minibatches run after an optimizer step)
+   or ``r2`` (the recording). Routing: recorded (``none``, ``r2``) or replayed (``r3``).
+2. *native pass* (no grad, ``r3`` with ``native_router_agreement``): records the policy's
+   native routing for the metric only.
+3. *reference pass* (no grad, ``kl_coef > 0``): the frozen reference policy, native routing.
+4. *update*: per minibatch, forward (routing by mode, ``ExpertsTap`` reading the ids the
+   experts receive), GRPO loss, backward per micro-batch; clip; optimizer step. Without an
+   old pass, the old logprobs are the update forward's own, detached (ratio 1 at the
+   gradient, the on-policy case).
+
+Metrics compare the rollout engine with the trainer *before* the update on the answer tokens:
+``kl_k3`` and ``extreme_token_fraction`` (F(2)) of the old logprobs against the rollout's;
+``router_agreement``: rollout traces vs the ids the update's experts received;
+``router_agreement_native``: rollout traces vs the pre-update policy's native routing.
+Routing metrics need the rollout's traces and are absent without them (never filled in).
+
+Legend: B answers, S token positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+
+import replay
+from replay.layout import BatchLayout
+from replay.metrics import extreme_token_fraction, kl_k3, router_agreement
+from replay.routed_experts import RoutedExperts
+from replay.trainer.batch import Batch, TrainBatch
+from replay.trainer.config import GRPOConfig, RoutingMode, TrainerConfig
+from replay.trainer.expert_tap import ExpertsTap
+from replay.trainer.grpo import LossTerms, policy_loss, token_logprobs
+
+__all__ = ["Learner"]
+
+logger = logging.getLogger(__name__)
+
+_TRAINER_STATE = "trainer_state.pt"
+_POLICY_DIR = "policy"
+
+
+class Learner:
+    """The policy being trained, plain PyTorch (the Ray ``TrainerWorker`` wraps one).
+
+    Args:
+        model_path: HF checkpoint folder of the policy (float32 parameters are trained).
+        trainer: optimizer and batching settings; ``trainer.device`` is where it runs.
+        grpo: the objective.
+        routing: ``none``, ``r3`` or ``r2``.
+        seed: seeds torch (minibatch shuffling, anything random in the model).
+        reference_path: checkpoint of the frozen reference policy for ``grpo.kl_coef > 0``
+            (default: ``model_path``).
+        native_router_agreement: run the extra native pass under ``r3`` (see module doc).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        trainer: TrainerConfig,
+        grpo: GRPOConfig,
+        routing: RoutingMode,
+        seed: int = 0,
+        reference_path: str | Path | None = None,
+        native_router_agreement: bool = True,
+    ) -> None:
+        if routing not in ("none", "r3", "r2"):
+            raise ValueError(f"routing: expected one of ['none', 'r3', 'r2'], got {routing!r}")
+        self.config = trainer
+        self.grpo = grpo
+        self.routing = routing
+        self.native_router_agreement = native_router_agreement
+        self.device = torch.device(trainer.device)
+        self.model_path = Path(model_path)
+        torch.manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.model = self._load(self.model_path)
+        self.model.train()
+        if trainer.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self.ctl = replay.patch(self.model)
+        self.reference = None
+        if grpo.kl_coef > 0:
+            self.reference = self._load(Path(reference_path or model_path)).eval()
+            self.reference.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=trainer.lr,
+            betas=(trainer.beta1, trainer.beta2),
+            eps=trainer.adam_eps,
+            weight_decay=trainer.weight_decay,
+        )
+        self.step_count = 0
+        self.pad_token_id = _pad_token_id(self.model.config)
+
+    def _load(self, path: Path) -> transformers.PreTrainedModel:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.to(self.device)
+        if self.config.grouped_experts != "off":
+            replay.use_grouped_experts(model, backend=self.config.grouped_experts)
+        return model
+
+    # ------------------------------------------------------------------ the update
+
+    def step(self, batch: Batch, advantages: np.ndarray) -> dict[str, Any]:
+        """One GRPO update on ``batch`` with one advantage per answer; returns its metrics."""
+        advantages = np.asarray(advantages, dtype=np.float32)
+        if advantages.shape != (len(batch),):
+            raise ValueError(
+                f"advantages: expected shape ({len(batch)},) (one per answer), "
+                f"got {advantages.shape}"
+            )
+        if len(batch) < self.config.num_minibatches:
+            raise ValueError(
+                f"batch: expected at least num_minibatches ({self.config.num_minibatches}) "
+                f"answers, got {len(batch)}"
+            )
+        rollout_traces = self._rollout_traces(batch)
+        start = time.perf_counter()
+        minibatches = [
+            [
+                _Chunk(
+                    indices=idx,
+                    tensors=batch.select(idx).to_tensors(
+                        self.device, pad_token_id=self.pad_token_id
+                    ),
+                    advantages=torch.from_numpy(advantages[idx]).to(self.device),
+                )
+                for idx in micro_batches
+            ]
+            for micro_batches in self._split(len(batch))
+        ]
+        parts = [part for group in minibatches for part in group]
+        for part in parts:
+            part.layout = BatchLayout.from_attention_mask(part.tensors.attention_mask_BS)
+            if rollout_traces is not None:
+                part.rollout_traces = [rollout_traces[i] for i in part.indices]
+
+        with torch.no_grad():
+            if self.config.num_minibatches > 1 or self.routing == "r2":
+                for part in parts:
+                    self._old_pass(part)
+            if self.routing == "r3" and self.native_router_agreement and rollout_traces:
+                for part in parts:
+                    with self.ctl.record(attention_mask=part.tensors.attention_mask_BS) as rec:
+                        self._forward(self.model, part.tensors)
+                    part.native_traces = rec.traces
+            if self.reference is not None:
+                for part in parts:
+                    part.logp_ref = self._forward(self.reference, part.tensors)
+
+        totals = _Totals()
+        for group in minibatches:
+            self._update(group, totals)
+        self.step_count += 1
+        metrics = self._metrics(parts, totals)
+        metrics["time_train_s"] = time.perf_counter() - start
+        metrics["train_tokens"] = sum(part.tensors.num_tokens for part in parts)
+        return metrics
+
+    def _rollout_traces(self, batch: Batch) -> tuple[RoutedExperts, ...] | None:
+        if self.routing == "r3":
+            traces = batch.require_traces("routing r3")
+        else:
+            traces = batch.traces
+        if traces is not None and traces and traces[0].moe_layers != self.ctl.moe_layers:
+            raise ValueError(
+                f"traces[0].moe_layers: expected the policy's MoE layers {self.ctl.moe_layers}, "
+                f"got {traces[0].moe_layers}"
+            )
+        return traces
+
+    def _split(self, size: int) -> list[list[np.ndarray]]:
+        """Answer indices of a shuffled batch: per minibatch, its micro-batches."""
+        order = torch.randperm(size, generator=self.generator).numpy()
+        micro = self.config.micro_batch_size
+        return [
+            [mb[i : i + micro] for i in range(0, len(mb), micro)]
+            for mb in np.array_split(order, self.config.num_minibatches)
+        ]
+
+    def _old_pass(self, part: _Chunk) -> None:
+        mask = part.tensors.attention_mask_BS
+        if self.routing == "r3":
+            with self.ctl.replay(part.rollout_traces, attention_mask=mask):
+                part.logp_old = self._forward(self.model, part.tensors)
+            return
+        with self.ctl.record(attention_mask=mask) as rec:
+            part.logp_old = self._forward(self.model, part.tensors)
+        part.native_traces = rec.traces
+        if self.routing == "r2":
+            part.replay_traces = rec.traces
+
+    def _routing_context(self, part: _Chunk) -> contextlib.AbstractContextManager[Any]:
+        mask = part.tensors.attention_mask_BS
+        if self.routing == "r3":
+            return self.ctl.replay(part.rollout_traces, attention_mask=mask)
+        if self.routing == "r2":
+            return self.ctl.replay(part.replay_traces, attention_mask=mask)
+        return contextlib.nullcontext()
+
+    def _update(self, group: list[_Chunk], totals: _Totals) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        num_tokens = float(sum(int(p.tensors.answer_mask_BS.sum()) for p in group))
+        num_sequences = float(sum(len(p.indices) for p in group))
+        for part in group:
+            tap = ExpertsTap(self.ctl) if part.rollout_traces is not None else None
+            with self._routing_context(part), tap or contextlib.nullcontext():
+                logp_BS = self._forward(self.model, part.tensors)
+            if part.logp_old is None:
+                part.logp_old = logp_BS.detach()
+                if self.routing == "none" and tap is not None:
+                    part.native_traces = tap.traces(part.layout)
+            if tap is not None:
+                part.used_traces = tap.traces(part.layout)
+            terms = self._loss(part, logp_BS, num_tokens, num_sequences)
+            terms.loss.backward()
+            units = (
+                part.tensors.answer_mask_BS.sum()
+                if self.grpo.ratio == "token"
+                else len(part.indices)
+            )
+            totals.add(terms, units=float(units))
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        totals.end_minibatch(float(grad_norm))
+        self.optimizer.step()
+
+    def _loss(
+        self, part: _Chunk, logp_BS: torch.Tensor, num_tokens: float, num_sequences: float
+    ) -> LossTerms:
+        grpo, t = self.grpo, part.tensors
+        assert part.logp_old is not None
+        return policy_loss(
+            logp_BS,
+            part.logp_old,
+            part.advantages,
+            t.answer_mask_BS,
+            clip_low=grpo.clip_low,
+            clip_high=grpo.clip_high,
+            ratio=grpo.ratio,
+            loss_agg=grpo.loss_agg,
+            logp_rollout_BS=t.rollout_logp_BS if grpo.tis_cap is not None else None,
+            tis_cap=grpo.tis_cap,
+            logp_ref_BS=part.logp_ref,
+            kl_coef=grpo.kl_coef,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+        )
+
+    def _forward(self, model: torch.nn.Module, tensors: TrainBatch) -> torch.Tensor:
+        """Float32 logprobs ``[B, S]`` of ``model`` on ``tensors`` (autocast per config)."""
+        autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self.config.compute_dtype == "bfloat16":
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
+        with autocast:
+            logits_BSV = model(
+                input_ids=tensors.input_ids_BS,
+                attention_mask=tensors.attention_mask_BS,
+                use_cache=False,
+            ).logits
+        return token_logprobs(logits_BSV, tensors.input_ids_BS)
+
+    # ------------------------------------------------------------------ metrics
+
+    def _metrics(self, parts: list[_Chunk], totals: _Totals) -> dict[str, Any]:
+        rollout_values, train_values = [], []
+        for part in parts:
+            mask = part.tensors.answer_mask_BS
+            assert part.logp_old is not None
+            rollout_values.append(part.tensors.rollout_logp_BS[mask])
+            train_values.append(part.logp_old[mask])
+        logp_rollout, logp_train = torch.cat(rollout_values), torch.cat(train_values)
+        metrics: dict[str, Any] = {
+            "kl_k3": kl_k3(logp_rollout, logp_train),
+            "extreme_token_fraction": extreme_token_fraction(logp_rollout, logp_train, tau=2.0),
+            **totals.summary(),
+        }
+        if parts[0].rollout_traces is not None:
+            rollout = [t for p in parts for t in p.rollout_traces]
+            used = router_agreement(rollout, [t for p in parts for t in p.used_traces])
+            metrics["router_agreement"] = used.overall
+            metrics["router_agreement_per_layer"] = list(used.per_layer)
+            if parts[0].native_traces is not None:
+                native = router_agreement(rollout, [t for p in parts for t in p.native_traces])
+                metrics["router_agreement_native"] = native.overall
+                metrics["router_agreement_native_per_layer"] = list(native.per_layer)
+        return metrics
+
+    # ------------------------------------------------------------------ weights, checkpoints
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """The policy's parameters by HF name, detached copies on the CPU (for weight sync)."""
+        return {
+            name: param.detach().to("cpu", copy=True)
+            for name, param in self.model.named_parameters()
+        }
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``folder/policy`` (an HF checkpoint with the tokenizer, loadable by the engine)
+        and ``folder/trainer_state.pt`` (optimizer, step, RNG states)."""
+        folder = Path(folder)
+        policy = folder / _POLICY_DIR
+        self.model.save_pretrained(policy)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            source = self.model_path / name
+            if source.exists():
+                shutil.copyfile(source, policy / name)
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count,
+            "torch_rng": torch.get_rng_state(),
+            "generator": self.generator.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+        }
+        torch.save(state, folder / _TRAINER_STATE)
+
+    def load_state(self, folder: str | Path) -> None:
+        """Restore optimizer, step and RNG from ``folder/trainer_state.pt`` (the weights come
+        from building the learner on ``folder/policy``)."""
+        state = torch.load(
+            Path(folder) / _TRAINER_STATE, map_location=self.device, weights_only=False
+        )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.generator.set_state(state["generator"].cpu())
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+    @staticmethod
+    def policy_dir(folder: str | Path) -> Path:
+        """Where ``save`` puts the policy checkpoint inside ``folder``."""
+        return Path(folder) / _POLICY_DIR
+
+
+class _Chunk:
+    """One micro-batch of a step and what the passes computed for it."""
+
+    def __init__(
+        self, *, indices: np.ndarray, tensors: TrainBatch, advantages: torch.Tensor
+    ) -> None:
+        self.indices = indices
+        self.tensors = tensors
+        self.advantages = advantages
+        self.layout: BatchLayout | None = None
+        self.rollout_traces: list[RoutedExperts] | None = None
+        self.replay_traces: list[RoutedExperts] | None = None
+        self.native_traces: list[RoutedExperts] | None = None
+        self.used_traces: list[RoutedExperts] | None = None
+        self.logp_old: torch.Tensor | None = None
+        self.logp_ref: torch.Tensor | None = None
+
+
+class _Totals:
+    """Loss statistics of a step.
+
+    Each micro-batch's loss is already normalized by its minibatch's totals, so losses are
+    summed within a minibatch and averaged over minibatches; the ratio statistics are means
+    over units (tokens, or sequences for GSPO), weighted by each micro-batch's units.
+    """
+
+    _LOSSES = ("loss", "policy_loss", "kl_ref")
+
+    def __init__(self) -> None:
+        self.units = 0.0
+        self.weighted: dict[str, float] = {}
+        self.minibatch: dict[str, float] = {}
+        self.losses: dict[str, list[float]] = {}
+        self.grad_norms: list[float] = []
+
+    def add(self, terms: LossTerms, *, units: float) -> None:
+        losses = {
+            "loss": float(terms.loss.detach()),
+            "policy_loss": terms.policy_loss,
+            "kl_ref": terms.kl_ref,
+        }
+        for name, value in losses.items():
+            if value is not None:
+                self.minibatch[name] = self.minibatch.get(name, 0.0) + value
+        self.units += units
+        ratios = {
+            "clip_fraction": terms.clip_fraction,
+            "ratio_mean": terms.ratio_mean,
+            "tis_weight_mean": terms.tis_weight_mean,
+            "tis_truncated_fraction": terms.tis_truncated_fraction,
+        }
+        for name, value in ratios.items():
+            if value is not None:
+                self.weighted[name] = self.weighted.get(name, 0.0) + units * value
+
+    def end_minibatch(self, grad_norm: float) -> None:
+        for name, value in self.minibatch.items():
+            self.losses.setdefault(name, []).append(value)
+        self.minibatch = {}
+        self.grad_norms.append(grad_norm)
+
+    def summary(self) -> dict[str, float]:
+        out = {name: float(np.mean(values)) for name, values in self.losses.items()}
+        out.update({name: total / self.units for name, total in self.weighted.items()})
+        out["grad_norm"] = float(np.mean(self.grad_norms))
+        return out
+
+
+def _pad_token_id(config: Any) -> int:
+    """An id for padding (masked out, so any valid id): the pad, else the first eos, else 0."""
+    for value in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, (list, tuple)) and value:
+            return int(value[0])
+    return 0

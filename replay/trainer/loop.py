@@ -1,0 +1,257 @@
+"""The GRPO training loop on Ray: rollout workers, a trainer worker, and one step after another.
+
+A step::
+
+    prompts (prompts_per_step problems x group_size) -> rollout workers generate (with routing)
+    -> rewards (the task) -> group-relative advantages -> trainer worker: update under the
+    routing mode (none | r3 | r2) -> weight sync trainer -> rollout workers (object store)
+    -> one metrics record (JSONL, TensorBoard, progress bar) -> checkpoint every N steps
+
+Per-step record: ``step``; ``reward_mean``, ``reward_std``, ``accuracy`` (exact answers),
+``finished_fraction`` (answers that ended with eos), ``answer_tokens_mean``; the trainer's
+metrics (``kl_k3`` and ``extreme_token_fraction`` between rollout and trainer logprobs, router
+agreement when the rollout captured routing, loss statistics, ``grad_norm``); throughput
+``rollout_tokens_per_s`` (generated tokens / rollout time) and ``train_tokens_per_s``
+(prompt + answer tokens / trainer time); and the time split ``time_rollout_s``,
+``time_train_s``, ``time_sync_s``, ``time_step_s`` (wall clock seen by the driver).
+
+Sampling: temperature 1, no top-p/top-k, one seed per request derived from (seed, step,
+index), so a run is reproducible and the ``none`` / ``r3`` / ``r2`` runs of one seed see the
+same problems. Ray must be initialised by the caller (``examples/train_grpo.py`` does).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+import rollout
+from replay.trainer.checkpoint import (
+    commit_checkpoint,
+    latest_checkpoint,
+    load_driver_state,
+    prune_checkpoints,
+    save_driver_state,
+    staging_dir,
+)
+from replay.trainer.config import TrainConfig, config_to_dict
+from replay.trainer.grpo import group_advantages
+from replay.trainer.learner import Learner
+from replay.trainer.metrics_log import MetricsLog
+from replay.trainer.tasks import AdditionModelSpec, AdditionTask, make_addition_model
+from replay.trainer.workers import RolloutWorkers, start_trainer
+
+__all__ = ["TINY_ADDITION_SPEC", "GRPOTrainer", "train"]
+
+logger = logging.getLogger(__name__)
+
+# The model ``model_init: random_addition`` writes: small enough for CPU smoke runs.
+TINY_ADDITION_SPEC = AdditionModelSpec(
+    num_layers=2,
+    num_experts=8,
+    top_k=2,
+    hidden_size=64,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    moe_intermediate_size=32,
+)
+
+
+def train(config: TrainConfig) -> list[dict[str, Any]]:
+    """Run ``config`` to its last step (resuming if asked); return the records of the steps
+    run by this call. Ray must be initialised."""
+    trainer = GRPOTrainer(config)
+    try:
+        return trainer.run()
+    finally:
+        trainer.shutdown()
+
+
+class GRPOTrainer:
+    """Owns the actors and the run folder of one GRPO run (see the module docstring).
+
+    Building it prepares the model (``model_init``), finds the checkpoint to resume from
+    (``log.resume``), starts the trainer and rollout actors and writes ``config.yaml``.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.out_dir = Path(config.log.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        base = self._prepare_model(Path(config.model))
+        resume_from = latest_checkpoint(self.out_dir) if config.log.resume else None
+        start_model = base if resume_from is None else Learner.policy_dir(resume_from)
+        self.task = AdditionTask(
+            min_digits=config.task.min_digits,
+            max_digits=config.task.max_digits,
+            partial_credit=config.task.partial_credit,
+        )
+        self.rng = np.random.default_rng(config.seed)
+        self.step = 0
+        self.trainer = start_trainer(
+            start_model,
+            trainer=config.trainer,
+            grpo=config.grpo,
+            routing=config.routing,
+            seed=config.seed,
+            reference_path=base,
+            native_router_agreement=config.log.native_router_agreement,
+        )
+        self.workers: RolloutWorkers | None = None
+        self.log: MetricsLog | None = None
+        try:
+            self.workers = RolloutWorkers.from_config(start_model, config.rollout, seed=config.seed)
+            self._check_layers()
+            if resume_from is not None:
+                self._resume(resume_from)
+        except BaseException:
+            self.shutdown()
+            raise
+        (self.out_dir / "config.yaml").write_text(
+            yaml.safe_dump(config_to_dict(config), sort_keys=False)
+        )
+        self.log = MetricsLog(
+            self.out_dir, tensorboard=config.log.tensorboard, resume_step=self.step
+        )
+        if not config.rollout.capture_routing:
+            logger.info("capture_routing off: router agreement metrics are not reported")
+
+    def _check_layers(self) -> None:
+        assert self.workers is not None
+        trainer_layers = tuple(ray.get(self.trainer.moe_layers.remote()))
+        if trainer_layers != self.workers.routing_spec.moe_layers:
+            raise ValueError(
+                f"model: expected the engine and the trainer to see the same MoE layers, got "
+                f"{self.workers.routing_spec.moe_layers} (engine) and {trainer_layers} (trainer)"
+            )
+
+    def _resume(self, folder: Path) -> None:
+        ray.get(self.trainer.load_state.remote(str(folder)))
+        state = load_driver_state(folder)
+        self.step = int(state["step"])
+        self.rng.bit_generator.state = state["rng"]
+        logger.info("resumed from %s at step %d", folder, self.step)
+
+    def _prepare_model(self, path: Path) -> Path:
+        if self.config.model_init == "random_addition" and not (path / "config.json").exists():
+            make_addition_model(path, TINY_ADDITION_SPEC, seed=self.config.seed)
+            logger.info("wrote a random addition model to %s", path)
+        if not (path / "config.json").exists():
+            raise ValueError(
+                f"model: expected an HF checkpoint folder with config.json, got {path}"
+            )
+        if not (path / "tokenizer.json").exists():
+            raise ValueError(
+                f"model: expected tokenizer.json in {path} (the task's prompts are text), got none"
+            )
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run the remaining steps; return their records."""
+        records = []
+        steps = self.config.steps
+        with tqdm(
+            total=steps,
+            initial=self.step,
+            desc=f"grpo {self.config.routing}",
+            unit="step",
+            disable=not self.config.log.progress,
+        ) as bar:
+            while self.step < steps:
+                record = self.train_step()
+                records.append(record)
+                self.log.write(record)
+                every = self.config.log.checkpoint_every
+                if every and (self.step % every == 0 or self.step == steps):
+                    self.save_checkpoint()
+                bar.set_postfix(
+                    reward=f"{record['reward_mean']:.3f}",
+                    kl=f"{record['kl_k3']:.2e}",
+                    refresh=False,
+                )
+                bar.update(1)
+        return records
+
+    def train_step(self) -> dict[str, Any]:
+        """Rollout, update and weight sync of one step; returns its record."""
+        config, grpo = self.config, self.config.grpo
+        start = time.perf_counter()
+        problems = self.task.sample(grpo.prompts_per_step, self.rng)
+        per_answer = [p for p in problems for _ in range(grpo.group_size)]
+        seeds = np.random.SeedSequence([config.seed, self.step]).generate_state(len(per_answer))
+        sampling = [
+            rollout.SamplingParams(
+                max_tokens=config.rollout.max_tokens,
+                temperature=1.0,
+                seed=int(seed),
+                return_routed_experts=config.rollout.capture_routing,
+            )
+            for seed in seeds
+        ]
+        batch = self.workers.generate([p.prompt for p in per_answer], sampling)
+        rollout_done = time.perf_counter()
+
+        # The checkpoint has a tokenizer (checked at start), so the engine decoded every answer.
+        texts = [text for text in batch.texts if text is not None]
+        assert len(texts) == len(batch), "an answer came back without text"
+        rewards = self.task.rewards(per_answer, texts, batch.finished)
+        advantages = group_advantages(
+            torch.from_numpy(rewards), grpo.group_size, normalize_std=grpo.normalize_std
+        )
+        metrics = ray.get(self.trainer.step.remote(batch, advantages.numpy()))
+        train_done = time.perf_counter()
+
+        self.workers.update_weights(self.trainer.named_weights.remote())
+        sync_done = time.perf_counter()
+        self.step += 1
+
+        time_rollout = rollout_done - start
+        time_train = train_done - rollout_done
+        record: dict[str, Any] = {
+            "step": self.step,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "accuracy": float((rewards == 1.0).mean()),
+            "finished_fraction": float(np.mean(batch.finished)),
+            "answer_tokens_mean": batch.num_generated_tokens / len(batch),
+            **{k: v for k, v in metrics.items() if k not in ("time_train_s", "train_tokens")},
+            "trainer_compute_s": metrics["time_train_s"],
+            "rollout_tokens_per_s": batch.num_generated_tokens / time_rollout,
+            "train_tokens_per_s": metrics["train_tokens"] / time_train,
+            "time_rollout_s": time_rollout,
+            "time_train_s": time_train,
+            "time_sync_s": sync_done - train_done,
+            "time_step_s": sync_done - start,
+        }
+        return record
+
+    # ------------------------------------------------------------------ checkpoints, teardown
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step (policy, optimizer, RNG, driver state)."""
+        folder = staging_dir(self.out_dir, self.step)
+        ray.get(self.trainer.save.remote(str(folder)))
+        save_driver_state(folder, {"step": self.step, "rng": self.rng.bit_generator.state})
+        final = commit_checkpoint(self.out_dir, self.step)
+        prune_checkpoints(self.out_dir, self.config.log.keep_checkpoints)
+        logger.info("checkpoint %s", final)
+        return final
+
+    def shutdown(self) -> None:
+        """Close the log and end the actors (idempotent)."""
+        if self.log is not None:
+            self.log.close()
+        if self.workers is not None:
+            self.workers.shutdown()
+        ray.kill(self.trainer)
