@@ -195,17 +195,25 @@ def check_replay_reproduces_native(
             control = model(input_ids=input_ids, labels=labels)
     logits_diff = (replayed.logits.float() - native.logits.float()).abs().max().item()
     control_diff = (control.logits.float() - native.logits.float()).abs().max().item()
+    # Relative L2 error of the whole logits tensor: in bf16 a 1-ulp difference of one gate
+    # weight moves a handful of the 10^8 logits by a few 1e-2 through 8 layers, so an
+    # elementwise bound would flag rounding; a routing error moves the whole tensor.
+    native_norm = native.logits.float().norm().item()
+    replay_rel = (replayed.logits.float() - native.logits.float()).norm().item() / native_norm
+    control_rel = (control.logits.float() - native.logits.float()).norm().item() / native_norm
     loss_diff = abs(replayed.loss.item() - native.loss.item())
     print(
         f"replay check: native loss {native.loss.item():.6f}, replayed loss "
-        f"{replayed.loss.item():.6f} (|diff| {loss_diff:.2e}); max |logits diff| "
-        f"{logits_diff:.2e} (a random trace: {control_diff:.2e}); tolerance {tolerance:g}",
+        f"{replayed.loss.item():.6f} (|diff| {loss_diff:.2e}); logits max |diff| "
+        f"{logits_diff:.2e}, relative L2 {replay_rel:.2e} (a random trace: max {control_diff:.2e}, "
+        f"relative L2 {control_rel:.2e}); tolerance {tolerance:g}",
         flush=True,
     )
-    torch.testing.assert_close(
-        replayed.logits, native.logits, rtol=tolerance, atol=tolerance,
-        msg=lambda m: f"replaying the model's own routing changed the logits: {m}",
-    )  # fmt: skip
+    if replay_rel > tolerance or replay_rel > control_rel / 20:
+        raise SystemExit(
+            f"replay check: expected the replayed logits within relative L2 {tolerance:g} of the "
+            f"native ones (and far below a random trace's {control_rel:.2e}), got {replay_rel:.2e}"
+        )
     if loss_diff > tolerance:
         raise SystemExit(
             f"replay check: expected the replayed loss within {tolerance:g} of the native "
@@ -277,7 +285,7 @@ def main() -> None:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_replay_step needs a CUDA device")
-        device, dtype, sizes, tolerance = torch.device("cuda"), torch.bfloat16, MID_SIZE, 2e-2
+        device, dtype, sizes, tolerance = torch.device("cuda"), torch.bfloat16, MID_SIZE, 5e-3
         batch, seq_len = args.batch, args.tokens // args.batch
         device_name = torch.cuda.get_device_name()
     cuda = device.type == "cuda"

@@ -322,8 +322,10 @@ def test_store_kv_triton_matches_reference(triton_device, rng):
     expected = torch.randn(pages, 2, page, heads, dim, generator=rng)
     got = expected.clone().to(triton_device)
     store_kv_reference(k.contiguous(), v, expected, slots)
+    # Slice on the device: copying a strided view across devices makes it contiguous.
+    k_strided = torch.cat([k, k, k], dim=-1).to(triton_device)[:, :, :dim]
     with pytest.raises(ValueError, match="k: expected contiguous"):
-        store_kv_triton(k.to(triton_device), v.to(triton_device), got, slots.to(triton_device))
+        store_kv_triton(k_strided, v.to(triton_device), got, slots.to(triton_device))
     store_kv_triton(
         k.contiguous().to(triton_device), v.to(triton_device), got, slots.to(triton_device)
     )
