@@ -53,6 +53,36 @@ def make_prompts(num_prompts: int) -> list[str]:
     return [(INSTRUCTION if i % 2 == 0 else "") + lines[i % len(lines)] for i in range(num_prompts)]
 
 
+def generation_rows(
+    family: str, device: str, outputs: list, startup: float, elapsed: float, stats: Any
+) -> list[tuple[object, ...]]:
+    """The generation table's (metric, value) rows."""
+    generated = sum(len(o.token_ids) for o in outputs)
+    return [
+        ("family", family),
+        ("device", device),
+        ("requests", len(outputs)),
+        ("prompt tokens", sum(len(o.prompt_token_ids) for o in outputs)),
+        ("generated tokens", generated),
+        ("start-up (s)", f"{startup:.2f}"),
+        ("generation (s)", f"{elapsed:.2f}"),
+        ("tokens/s (generated)", f"{generated / elapsed:.1f}"),
+        ("prefix-cache hit rate", f"{stats.prefix_cache_hit_rate:.1%}"),
+        ("preemptions", stats.num_preemptions),
+    ]
+
+
+def print_rows(
+    rows: list[tuple[object, ...]], header: tuple[str, ...] = ("metric", "value")
+) -> None:
+    """A Markdown table of ``header`` and ``rows``."""
+    cells = [tuple(str(c) for c in row) for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen3_moe")
@@ -77,26 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             elapsed = time.perf_counter() - start
             stats = llm.stats
 
-    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
-    generated = sum(len(o.token_ids) for o in outputs)
-    rows = [
-        ("family", args.family),
-        ("device", args.device),
-        ("requests", len(outputs)),
-        ("prompt tokens", prompt_tokens),
-        ("generated tokens", generated),
-        ("start-up (s)", f"{startup:.2f}"),
-        ("generation (s)", f"{elapsed:.2f}"),
-        ("tokens/s (generated)", f"{generated / elapsed:.1f}"),
-        ("prefix-cache hit rate", f"{stats.prefix_cache_hit_rate:.1%}"),
-        ("preemptions", stats.num_preemptions),
-    ]
-    width = max(len(name) for name, _ in rows)
-    value_width = max(len(str(value)) for _, value in rows)
-    print(f"| {'metric'.ljust(width)} | {'value'.ljust(value_width)} |")
-    print(f"|{'-' * (width + 2)}|{'-' * (value_width + 2)}|")
-    for name, value in rows:
-        print(f"| {name.ljust(width)} | {str(value).ljust(value_width)} |")
+    print_rows(generation_rows(args.family, args.device, outputs, startup, elapsed, stats))
     print(f"\nexample: {prompts[0]!r}\n  -> {outputs[0].text!r}")
 
 

@@ -3,6 +3,7 @@
 from replay.controller import Mode, RecordContext, ReplayContext, ReplayController
 from replay.discovery import RoutingSpec
 from replay.grouped_experts import grouped_experts_forward, use_grouped_experts
+from replay.expert_tap import ExpertsTap
 from replay.layout import AlignedTraces, BatchLayout, align_traces, traces_from_aligned
 from replay.metrics import (
     RouterAgreement,
@@ -12,19 +13,24 @@ from replay.metrics import (
     router_agreement,
     router_agreement_matrix,
 )
+from replay.mismatch import Mismatch, RolloutSample, measure_mismatch
 from replay.patch import patch
 from replay.routed_experts import RoutedExperts, compact_dtype
 
 __all__ = [
     "AlignedTraces",
     "BatchLayout",
+    "ExpertsTap",
+    "Mismatch",
     "Mode",
     "RecordContext",
+    "RolloutSample",
     "ReplayContext",
     "ReplayController",
     "RoutingSpec",
     "align_traces",
     "grouped_experts_forward",
+    "measure_mismatch",
     "patch",
     "traces_from_aligned",
     "use_grouped_experts",

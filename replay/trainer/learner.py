@@ -50,7 +50,7 @@ from replay.metrics import extreme_token_fraction, kl_k3, router_agreement
 from replay.routed_experts import RoutedExperts
 from replay.trainer.batch import Batch, TrainBatch
 from replay.trainer.config import GRPOConfig, RoutingMode, TrainerConfig
-from replay.trainer.expert_tap import ExpertsTap
+from replay.expert_tap import ExpertsTap
 from replay.trainer.grpo import LossTerms, policy_loss, token_logprobs
 
 __all__ = ["Learner"]

@@ -8,7 +8,6 @@ experts module receives exactly the rollout's ids and the logprob gap to the rol
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -16,27 +15,6 @@ import transformers
 import replay
 from rollout import LLM, SamplingParams
 from rollout.testing import make_tiny_moe
-
-
-def _experts_inputs(model: torch.nn.Module, ctl: replay.ReplayController) -> list[list]:
-    """Forward pre-hooks that keep the ids each MoE layer's experts module receives."""
-    seen: list[list] = [[] for _ in ctl.layers]
-    handles = []
-    for index, layer in enumerate(ctl.layers):
-
-        def hook(module, args, kwargs, index=index):
-            ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            seen[index].append(ids.detach().clone())
-
-        handles.append(layer.experts.register_forward_pre_hook(hook, with_kwargs=True))
-    return seen, handles
-
-
-def _sequence_logprobs(logits_1SV: torch.Tensor, tokens: list[int], prompt_len: int) -> np.ndarray:
-    """log p(token t | tokens < t) in fp32 for the generated tokens."""
-    logp_SV = torch.log_softmax(logits_1SV[0].float(), dim=-1)
-    targets = torch.tensor(tokens[prompt_len:])
-    return logp_SV[prompt_len - 1 : len(tokens) - 1].gather(1, targets[:, None])[:, 0].numpy()
 
 
 @pytest.mark.slow
@@ -50,44 +28,25 @@ def test_rollout_capture_replayed_in_hf_model(tmp_path, rng):
             use_tqdm=False,
         )
         spec = llm.routing_spec
-    traces = [
-        replay.RoutedExperts(o.routed_experts, spec.moe_layers, spec.num_experts) for o in outs
+    samples = [
+        replay.RolloutSample.from_output(o, moe_layers=spec.moe_layers, num_experts=spec.num_experts)
+        for o in outs
     ]
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ctl = replay.patch(model)
+    exact = replay.measure_mismatch(model, ctl, samples, replay=False)
+    assert exact.router_agreement == 1.0 and exact.kl_k3 < 1e-8, exact
+
     with torch.no_grad():  # the trainer's routers drift away from the rollout's
         for layer in ctl.layers:
             weight = layer.router.weight
             weight.mul_(1 + 0.5 * torch.randn(weight.shape, generator=rng))
-
-    gaps = {"native": [], "replay": []}
-    agreement = {"native": [], "replay": []}
-    for out, trace in zip(outs, traces):
-        tokens = list(out.prompt_token_ids) + list(out.token_ids)
-        input_ids = torch.tensor([tokens])
-        for mode in ("native", "replay"):
-            seen, handles = _experts_inputs(model, ctl)
-            with torch.no_grad():
-                if mode == "replay":
-                    with ctl.replay([trace]):
-                        logits = model(input_ids).logits
-                else:
-                    logits = model(input_ids).logits
-            for handle in handles:
-                handle.remove()
-            used = replay.RoutedExperts(
-                np.stack([s[0][: len(tokens) - 1].numpy() for s in seen], axis=1),
-                spec.moe_layers,
-                spec.num_experts,
-            )
-            agreement[mode].append(replay.router_agreement(trace, used).overall)
-            train_logp = _sequence_logprobs(logits, tokens, len(out.prompt_token_ids))
-            gaps[mode].append(
-                replay.kl_k3(torch.from_numpy(out.logprobs), torch.from_numpy(train_logp))
-            )
+    native = replay.measure_mismatch(model, ctl, samples, replay=False)
+    replayed = replay.measure_mismatch(model, ctl, samples, replay=True)
 
     # The perturbation must actually move routing, or the comparison below proves nothing.
-    assert min(agreement["native"]) < 1.0, agreement
-    assert agreement["replay"] == [1.0] * len(outs), agreement
-    assert np.mean(gaps["replay"]) < np.mean(gaps["native"]), gaps
+    assert native.router_agreement < 1.0, native
+    assert replayed.router_agreement == 1.0, replayed
+    assert replayed.kl_k3 < native.kl_k3, (native, replayed)
+    assert replayed.tokens == native.tokens == sum(len(o.token_ids) for o in outs)

@@ -16,7 +16,7 @@ import rollout
 from replay.layout import BatchLayout
 from replay.trainer.batch import Batch
 from replay.trainer.config import GRPOConfig, TrainerConfig
-from replay.trainer.expert_tap import ExpertsTap
+from replay.expert_tap import ExpertsTap
 from replay.trainer.grpo import token_logprobs
 from replay.trainer.learner import Learner
 from replay.trainer.tasks import AdditionModelSpec, make_addition_model
