@@ -143,8 +143,14 @@ def route_reference(
     ``logits_TE`` or ``correction_bias`` raise ValueError with their count (one host sync).
     """
     spec = _check_inputs(
-        logits_TE, top_k, method, correction_bias, n_group, topk_group,
-        routed_scaling_factor, capture_out,
+        logits_TE,
+        top_k,
+        method,
+        correction_bias,
+        n_group,
+        topk_group,
+        routed_scaling_factor,
+        capture_out,
     )
     _check_finite("logits", logits_TE)
     if correction_bias is not None:
@@ -205,8 +211,14 @@ def route_triton(
     finite.
     """
     spec = _check_inputs(
-        logits_TE, top_k, method, correction_bias, n_group, topk_group,
-        routed_scaling_factor, capture_out,
+        logits_TE,
+        top_k,
+        method,
+        correction_bias,
+        n_group,
+        topk_group,
+        routed_scaling_factor,
+        capture_out,
     )
     num_tokens, num_experts = logits_TE.shape
     weights_TK = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits_TE.device)
@@ -235,6 +247,8 @@ def route_triton(
     num_warps = default_num_warps if num_warps is None else num_warps
     if block_t < 1 or block_t & (block_t - 1):
         raise ValueError(f"block_t: expected a power of two >= 1, got {block_t}")
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {num_warps}")
 
     has_bias = correction_bias is not None
     has_capture = capture_out is not None
@@ -540,8 +554,24 @@ def _sort4(c0, c1, c2, c3, i0, i1, i2, i3, WITH_IDS: tl.constexpr):
 
 @triton.jit
 def _sort_chunk(
-    c0, c1, c2, c3, c4, c5, c6, c7, i0, i1, i2, i3, i4, i5, i6, i7,
-    CHUNK: tl.constexpr, WITH_IDS: tl.constexpr,
+    c0,
+    c1,
+    c2,
+    c3,
+    c4,
+    c5,
+    c6,
+    c7,
+    i0,
+    i1,
+    i2,
+    i3,
+    i4,
+    i5,
+    i6,
+    i7,
+    CHUNK: tl.constexpr,
+    WITH_IDS: tl.constexpr,
 ):
     """Sort a chunk of CHUNK (4 or 8) key tiles elementwise, largest first, and their ids with
     them when WITH_IDS. For 8, Batcher's odd-even merge sort: two sorted 4s merged (19
@@ -586,8 +616,9 @@ def _pop(taken, c0, c1, c2, c3, c4, c5, c6, c7, DEPTH: tl.constexpr):
 
 @triton.jit
 def _split_chunk(x_TE, pad, BLOCK_T: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
-    """A [rows, lanes] tile cut into chunks of CHUNK (4 or 8) consecutive lanes, as 8 [rows, chunks] tiles, one per position in the chunk (in any order: they are
-    sorted next); with CHUNK = 4 the last four are ``pad``."""
+    """A [rows, lanes] tile cut into chunks of CHUNK (4 or 8) consecutive lanes, as 8
+    [rows, chunks] tiles, one per position in the chunk (in any order: they are sorted next);
+    with CHUNK = 4 the last four are ``pad``."""
     QUADS: tl.constexpr = N_CHUNKS * CHUNK // 4
     a, b = tl.split(tl.reshape(x_TE, [BLOCK_T, QUADS, 2, 2]))
     c0, c1 = tl.split(a)
@@ -804,8 +835,18 @@ def _route_kernel(
     if PADDED:
         key_TE = tl.where(lane_ok_1E, key_TE, _REMOVED_KEY)
     ids_TK = _select_top_k(
-        key_TE, expert_1E, BLOCK_T, BLOCK_G, BLOCK_S, K, BLOCK_K, CHUNK, INDEX_BITS,
-        GROUPED, N_GROUP, TOPK_GROUP,
+        key_TE,
+        expert_1E,
+        BLOCK_T,
+        BLOCK_G,
+        BLOCK_S,
+        K,
+        BLOCK_K,
+        CHUNK,
+        INDEX_BITS,
+        GROUPED,
+        N_GROUP,
+        TOPK_GROUP,
     )
 
     k_K = tl.arange(0, BLOCK_K)

@@ -21,6 +21,7 @@ The floor is the bytes routing must move over the measured copy bandwidth: logit
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 
 import torch
@@ -128,7 +129,7 @@ def main() -> None:
         f"device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth_gbps:.0f} GB/s, "
         f"logits {args.dtype}, capture {'on' if args.capture else 'off'}\n"
     )
-    timing = dict(warmup=args.warmup, iters=args.iters)
+    timing = {"warmup": args.warmup, "iters": args.iters}
     rows, sweep_rows = [], []
     for method, num_experts, top_k, extra in CASES:
         for num_tokens in args.tokens:
@@ -138,14 +139,11 @@ def main() -> None:
             kwargs.update(extra)
             check_agreement(logits_TE, top_k, method, kwargs)
 
-            def triton_call(**launch):
-                return route_triton(logits_TE, top_k, method, **kwargs, **launch)
-
+            triton_call = functools.partial(route_triton, logits_TE, top_k, method, **kwargs)
+            reference_call = functools.partial(route_reference, logits_TE, top_k, method, **kwargs)
             eager_ms = cuda_time_ms(triton_call, **timing)
             graphed_ms = cuda_time_ms(graphed(triton_call), **timing)
-            reference_ms = cuda_time_ms(
-                lambda: route_reference(logits_TE, top_k, method, **kwargs), **timing
-            )
+            reference_ms = cuda_time_ms(reference_call, **timing)
             nbytes = floor_bytes(
                 num_tokens, num_experts, top_k, logits_TE.element_size(),
                 has_bias="correction_bias" in kwargs, capture=args.capture,
@@ -158,8 +156,8 @@ def main() -> None:
             ])  # fmt: skip
             if args.sweep and num_tokens == max(args.tokens):
                 for block_t, num_warps in sweep_configs(num_experts):
-                    launch = dict(block_t=block_t, num_warps=num_warps)
-                    ms = cuda_time_ms(graphed(lambda: triton_call(**launch)), **timing)
+                    tuned = functools.partial(triton_call, block_t=block_t, num_warps=num_warps)
+                    ms = cuda_time_ms(graphed(tuned), **timing)
                     sweep_rows.append([
                         method.name, num_tokens, block_t, num_warps,
                         1e3 * ms, f"{100 * floor_ms / ms:.1f}%",

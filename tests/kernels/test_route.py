@@ -19,7 +19,6 @@ import torch
 from kernels.route import route, route_reference, route_triton
 from kernels.routing_method import RoutingMethod
 
-HAS_CUDA = torch.cuda.is_available()
 METHODS = list(RoutingMethod)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 NUM_EXPERTS = [8, 16, 60, 64, 128, 256]
@@ -49,12 +48,12 @@ class Case:
 
     def kwargs(self, device: torch.device | str = "cpu") -> dict:
         bias = None if self.bias_E is None else self.bias_E.to(device)
-        return dict(
-            correction_bias=bias,
-            n_group=self.n_group,
-            topk_group=self.topk_group,
-            routed_scaling_factor=self.scale,
-        )
+        return {
+            "correction_bias": bias,
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "routed_scaling_factor": self.scale,
+        }
 
     def run(self, route_fn, device: torch.device | str = "cpu", **extra):
         return route_fn(
@@ -77,14 +76,21 @@ def _deepseek_groups(num_experts: int, top_k: int) -> tuple[int, int]:
 
 
 def _make_case(method, num_tokens, num_experts, top_k, dtype, rng, *, logits_TE=None) -> Case:
-    logits_TE = _random_logits(num_tokens, num_experts, dtype, rng) if logits_TE is None else logits_TE
+    logits_TE = (
+        _random_logits(num_tokens, num_experts, dtype, rng) if logits_TE is None else logits_TE
+    )
     if method is not RoutingMethod.DEEPSEEK_V3:
         return Case(logits_TE=logits_TE, top_k=top_k, method=method)
     n_group, topk_group = _deepseek_groups(num_experts, top_k)
     bias_E = torch.rand(num_experts, generator=rng, dtype=torch.float64).float() - 0.5
     return Case(
-        logits_TE=logits_TE, top_k=top_k, method=method, bias_E=bias_E,
-        n_group=n_group, topk_group=topk_group, scale=SCALE,
+        logits_TE=logits_TE,
+        top_k=top_k,
+        method=method,
+        bias_E=bias_E,
+        n_group=n_group,
+        topk_group=topk_group,
+        scale=SCALE,
     )
 
 
@@ -147,8 +153,11 @@ def _oracle_select(case: Case, tol: float) -> OracleSelection:
     with np.errstate(invalid="ignore"):
         near_tie = (np.diff(-ranked, axis=1) < tol).any(axis=1)
     return OracleSelection(
-        score_TE=score, candidate_TE=candidate, ids_TK=order[:, : case.top_k],
-        near_tie_T=near_tie, group_near_tie_T=group_near_tie,
+        score_TE=score,
+        candidate_TE=candidate,
+        ids_TK=order[:, : case.top_k],
+        near_tie_T=near_tie,
+        group_near_tie_T=group_near_tie,
     )
 
 
@@ -202,7 +211,9 @@ def _check_ids(case: Case, ids_TK: torch.Tensor, *, strict: bool, label: str) ->
         assert np.abs(got - best).max() <= DEEPSEEK_SELECT_TOL, label
         assert np.take_along_axis(oracle.candidate_TE, ids, axis=1)[loose_T].all(), label
     # Near-ties are rare with random inputs; many would mean the tolerance hides a bug.
-    assert (~exact_T).sum() <= max(1, 0.02 * num_tokens), f"{label}: {(~exact_T).sum()} undecided rows"
+    assert (~exact_T).sum() <= max(1, 0.02 * num_tokens), (
+        f"{label}: {(~exact_T).sum()} undecided rows"
+    )
     return oracle.group_near_tie_T
 
 
@@ -212,7 +223,11 @@ def _check_route(case: Case, weights_TK, ids_TK, *, strict: bool, label: str) ->
     assert weights_TK.dtype == torch.float32, label
     expected = torch.from_numpy(_oracle_weights(case, ids_TK.cpu().long().numpy()))
     torch.testing.assert_close(
-        weights_TK.cpu().double(), expected, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m: f"{label}: {m}"
+        weights_TK.cpu().double(),
+        expected,
+        rtol=WEIGHT_RTOL,
+        atol=WEIGHT_ATOL,
+        msg=lambda m: f"{label}: {m}",
     )
 
 
@@ -280,7 +295,9 @@ def test_triton_many_rows(method, dtype, num_experts, top_k, triton_device, rng)
 @pytest.mark.triton
 @pytest.mark.parametrize("num_experts, top_k", [(64, 32), (60, 32), (60, 60), (8, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("method", [RoutingMethod.RENORMALIZE, RoutingMethod.DEEPSEEK_V3], ids=lambda m: m.name)
+@pytest.mark.parametrize(
+    "method", [RoutingMethod.RENORMALIZE, RoutingMethod.DEEPSEEK_V3], ids=lambda m: m.name
+)
 def test_large_top_k(method, dtype, num_experts, top_k, triton_device, rng):
     """K beyond one chunk of 8 and up to E, on both paths."""
     case = _make_case(method, 7, num_experts, top_k, dtype, rng)
@@ -360,8 +377,12 @@ def test_deepseek_groups_bias_and_scaling(dtype, path, request, rng):
     logits_TE = _random_logits(7, num_experts, torch.float64, rng)
     logits_TE[:, ::32] += 8.0  # the best expert of every group stands out
     case = Case(
-        logits_TE=logits_TE.to(dtype), top_k=top_k, method=RoutingMethod.DEEPSEEK_V3,
-        bias_E=0.1 * torch.randn(num_experts, generator=rng), n_group=8, topk_group=4,
+        logits_TE=logits_TE.to(dtype),
+        top_k=top_k,
+        method=RoutingMethod.DEEPSEEK_V3,
+        bias_E=0.1 * torch.randn(num_experts, generator=rng),
+        n_group=8,
+        topk_group=4,
         scale=SCALE,
     )
     oracle = _oracle_select(case, DEEPSEEK_SELECT_TOL)
@@ -403,7 +424,9 @@ def test_strided_logits(layout, path, request, rng):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("capture_dtype", [torch.uint8, torch.int16, torch.int32], ids=str)
-@pytest.mark.parametrize("method", [RoutingMethod.RENORMALIZE, RoutingMethod.DEEPSEEK_V3], ids=lambda m: m.name)
+@pytest.mark.parametrize(
+    "method", [RoutingMethod.RENORMALIZE, RoutingMethod.DEEPSEEK_V3], ids=lambda m: m.name
+)
 def test_capture_out_writes_only_its_rows(method, capture_dtype, path, request, rng):
     """``capture_out`` = ``buffer[:T, layer]`` of a sentinel-filled [max_tokens, layers, K]
     buffer: it gets the returned ids; rows past T and the other layers stay untouched."""
@@ -423,7 +446,9 @@ def test_capture_out_writes_only_its_rows(method, capture_dtype, path, request, 
 def test_no_rows(path, request):
     route_fn, device = _route_path(path, request)
     capture = torch.zeros(0, 4, dtype=torch.uint8, device=device)
-    weights_TK, ids_TK = route_fn(torch.zeros(0, 16, device=device), 4, "default", capture_out=capture)
+    weights_TK, ids_TK = route_fn(
+        torch.zeros(0, 16, device=device), 4, "default", capture_out=capture
+    )
     assert weights_TK.shape == ids_TK.shape == (0, 4)
 
 
@@ -490,7 +515,9 @@ def test_triton_nonfinite_behaviour(method, dtype, triton_device, rng):
     assert torch.isnan(weights_TK[:6]).all()
     finite_rows = dataclasses.replace(case, logits_TE=case.logits_TE[6:])
     expected = torch.from_numpy(_oracle_weights(finite_rows, ids[6:]))
-    torch.testing.assert_close(weights_TK[6:].double(), expected, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+    torch.testing.assert_close(
+        weights_TK[6:].double(), expected, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,72 +532,197 @@ def _logits(num_tokens: int = 4, num_experts: int = 16, dtype=torch.float32) -> 
 ERRORS = [
     # (args, kwargs, exception, message pattern)
     (([[0.0]], 1, "default"), {}, TypeError, r"logits: expected a torch.Tensor, got list"),
-    ((_logits(dtype=torch.float64), 1, "default"), {}, ValueError,
-     r"logits: expected dtype float32, float16 or bfloat16, got torch.float64"),
-    ((_logits(dtype=torch.int32), 1, "default"), {}, ValueError, r"logits: expected dtype .* got torch.int32"),
-    ((torch.zeros(16), 1, "default"), {}, ValueError, r"logits: expected a 2-D tensor \[T, E\] .* got shape \(16,\)"),
+    (
+        (_logits(dtype=torch.float64), 1, "default"),
+        {},
+        ValueError,
+        r"logits: expected dtype float32, float16 or bfloat16, got torch.float64",
+    ),
+    (
+        (_logits(dtype=torch.int32), 1, "default"),
+        {},
+        ValueError,
+        r"logits: expected dtype .* got torch.int32",
+    ),
+    (
+        (torch.zeros(16), 1, "default"),
+        {},
+        ValueError,
+        r"logits: expected a 2-D tensor \[T, E\] .* got shape \(16,\)",
+    ),
     ((torch.zeros(4, 0), 1, "default"), {}, ValueError, r"logits: .*E >= 1, got shape \(4, 0\)"),
     ((_logits(), 0, "default"), {}, ValueError, r"top_k: expected 1 <= top_k <= E = 16, got 0"),
     ((_logits(), 17, "default"), {}, ValueError, r"top_k: expected 1 <= top_k <= E = 16, got 17"),
     ((_logits(), 2.0, "default"), {}, TypeError, r"top_k: expected an int, got float"),
     ((_logits(), True, "default"), {}, TypeError, r"top_k: expected an int, got bool"),
-    ((_logits(), 2, "softmax"), {}, ValueError, r"method: expected a RoutingMethod or one of .* got 'softmax'"),
+    (
+        (_logits(), 2, "softmax"),
+        {},
+        ValueError,
+        r"method: expected a RoutingMethod or one of .* got 'softmax'",
+    ),
     ((_logits(), 2, "RENORMALIZE"), {}, ValueError, r"method: expected .* got 'RENORMALIZE'"),
     ((_logits(), 2, "llama4"), {}, ValueError, r"top_k: expected 1 for LLAMA4, got 2"),
-    ((_logits(), 2, "renormalize"), {"correction_bias": torch.zeros(16)}, ValueError,
-     r"correction_bias: expected None for RENORMALIZE \(only DEEPSEEK_V3 uses it\), got a tensor"),
-    ((_logits(), 2, "default"), {"n_group": 4, "topk_group": 2}, ValueError,
-     r"n_group: expected None for DEFAULT \(only DEEPSEEK_V3 uses it\), got 4"),
-    ((_logits(), 2, "renormalize_naive"), {"routed_scaling_factor": 2.5}, ValueError,
-     r"routed_scaling_factor: expected 1.0 for RENORMALIZE_NAIVE .* got 2.5"),
-    ((_logits(), 2, "deepseek_v3"), {"routed_scaling_factor": 0.0}, ValueError,
-     r"routed_scaling_factor: expected a finite value > 0, got 0.0"),
-    ((_logits(), 2, "deepseek_v3"), {"routed_scaling_factor": float("inf")}, ValueError,
-     r"routed_scaling_factor: expected a finite value > 0, got inf"),
-    ((_logits(), 2, "deepseek_v3"), {"routed_scaling_factor": "2"}, TypeError,
-     r"routed_scaling_factor: expected a float, got str"),
-    ((_logits(), 2, "deepseek_v3"), {"correction_bias": torch.zeros(15)}, ValueError,
-     r"correction_bias: expected shape \(16,\) \(E\), got \(15,\)"),
-    ((_logits(), 2, "deepseek_v3"), {"correction_bias": torch.zeros(16, dtype=torch.int64)}, ValueError,
-     r"correction_bias: expected dtype float32, float16 or bfloat16, got torch.int64"),
-    ((_logits(), 2, "deepseek_v3"), {"correction_bias": [0.0] * 16}, TypeError,
-     r"correction_bias: expected a torch.Tensor, got list"),
-    ((_logits(), 2, "deepseek_v3"), {"n_group": 4}, ValueError,
-     r"n_group, topk_group: expected both or neither, got n_group=4, topk_group=None"),
-    ((_logits(), 2, "deepseek_v3"), {"n_group": 3, "topk_group": 1}, ValueError,
-     r"n_group: expected a divisor of E = 16 leaving >= 2 experts per group .* got 3"),
-    ((_logits(), 2, "deepseek_v3"), {"n_group": 16, "topk_group": 1}, ValueError,
-     r"n_group: expected a divisor of E = 16 leaving >= 2 experts per group .* got 16"),
-    ((_logits(), 2, "deepseek_v3"), {"n_group": 4, "topk_group": 0}, ValueError,
-     r"topk_group: expected 1 <= topk_group <= n_group = 4, got 0"),
-    ((_logits(), 2, "deepseek_v3"), {"n_group": 4, "topk_group": 5}, ValueError,
-     r"topk_group: expected 1 <= topk_group <= n_group = 4, got 5"),
-    ((_logits(), 8, "deepseek_v3"), {"n_group": 8, "topk_group": 2}, ValueError,
-     r"topk_group: expected topk_group \* E / n_group >= top_k = 8, got 2 \* 2 = 4"),
-    ((_logits(), 2, "deepseek_v3"), {"n_group": 4.0, "topk_group": 2}, TypeError,
-     r"n_group: expected an int, got float"),
-    ((_logits(), 2, "default"), {"capture_out": [0]}, TypeError,
-     r"capture_out: expected a torch.Tensor, got list"),
-    ((_logits(), 2, "default"), {"capture_out": torch.zeros(4, 2)}, ValueError,
-     r"capture_out: expected dtype uint8, int16 or int32, got torch.float32"),
-    ((_logits(), 2, "default"), {"capture_out": torch.zeros(4, 2, dtype=torch.int64)}, ValueError,
-     r"capture_out: expected dtype uint8, int16 or int32, got torch.int64"),
-    ((_logits(num_experts=257), 2, "default"), {"capture_out": torch.zeros(4, 2, dtype=torch.uint8)},
-     ValueError, r"capture_out: expected a dtype holding ids up to E - 1 = 256 .* got torch.uint8"),
-    ((_logits(), 2, "default"), {"capture_out": torch.zeros(5, 2, dtype=torch.int16)}, ValueError,
-     r"capture_out: expected shape \(4, 2\) \(T, top_k\), got \(5, 2\)"),
-    ((_logits(), 2, "default"), {"capture_out": torch.zeros(4, 3, dtype=torch.int16)}, ValueError,
-     r"capture_out: expected shape \(4, 2\) \(T, top_k\), got \(4, 3\)"),
-    ((_logits(), 2, "default"), {"capture_out": torch.zeros(2, 4, dtype=torch.int16).t()}, ValueError,
-     r"capture_out: expected stride 1 along top_k, got strides \(1, 4\)"),
-    ((_logits(), 2, "default"), {"capture_out": torch.zeros(10, dtype=torch.int16).as_strided((4, 2), (1, 1))},
-     ValueError, r"capture_out: expected a row stride >= top_k = 2 \(rows must not overlap\), got strides \(1, 1\)"),
+    (
+        (_logits(), 2, "renormalize"),
+        {"correction_bias": torch.zeros(16)},
+        ValueError,
+        (
+            r"correction_bias: expected None for RENORMALIZE \(only DEEPSEEK_V3 uses it\), "
+            r"got a tensor"
+        ),
+    ),
+    (
+        (_logits(), 2, "default"),
+        {"n_group": 4, "topk_group": 2},
+        ValueError,
+        r"n_group: expected None for DEFAULT \(only DEEPSEEK_V3 uses it\), got 4",
+    ),
+    (
+        (_logits(), 2, "renormalize_naive"),
+        {"routed_scaling_factor": 2.5},
+        ValueError,
+        r"routed_scaling_factor: expected 1.0 for RENORMALIZE_NAIVE .* got 2.5",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"routed_scaling_factor": 0.0},
+        ValueError,
+        r"routed_scaling_factor: expected a finite value > 0, got 0.0",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"routed_scaling_factor": float("inf")},
+        ValueError,
+        r"routed_scaling_factor: expected a finite value > 0, got inf",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"routed_scaling_factor": "2"},
+        TypeError,
+        r"routed_scaling_factor: expected a float, got str",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"correction_bias": torch.zeros(15)},
+        ValueError,
+        r"correction_bias: expected shape \(16,\) \(E\), got \(15,\)",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"correction_bias": torch.zeros(16, dtype=torch.int64)},
+        ValueError,
+        r"correction_bias: expected dtype float32, float16 or bfloat16, got torch.int64",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"correction_bias": [0.0] * 16},
+        TypeError,
+        r"correction_bias: expected a torch.Tensor, got list",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"n_group": 4},
+        ValueError,
+        r"n_group, topk_group: expected both or neither, got n_group=4, topk_group=None",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"n_group": 3, "topk_group": 1},
+        ValueError,
+        r"n_group: expected a divisor of E = 16 leaving >= 2 experts per group .* got 3",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"n_group": 16, "topk_group": 1},
+        ValueError,
+        r"n_group: expected a divisor of E = 16 leaving >= 2 experts per group .* got 16",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"n_group": 4, "topk_group": 0},
+        ValueError,
+        r"topk_group: expected 1 <= topk_group <= n_group = 4, got 0",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"n_group": 4, "topk_group": 5},
+        ValueError,
+        r"topk_group: expected 1 <= topk_group <= n_group = 4, got 5",
+    ),
+    (
+        (_logits(), 8, "deepseek_v3"),
+        {"n_group": 8, "topk_group": 2},
+        ValueError,
+        r"topk_group: expected topk_group \* E / n_group >= top_k = 8, got 2 \* 2 = 4",
+    ),
+    (
+        (_logits(), 2, "deepseek_v3"),
+        {"n_group": 4.0, "topk_group": 2},
+        TypeError,
+        r"n_group: expected an int, got float",
+    ),
+    (
+        (_logits(), 2, "default"),
+        {"capture_out": [0]},
+        TypeError,
+        r"capture_out: expected a torch.Tensor, got list",
+    ),
+    (
+        (_logits(), 2, "default"),
+        {"capture_out": torch.zeros(4, 2)},
+        ValueError,
+        r"capture_out: expected dtype uint8, int16 or int32, got torch.float32",
+    ),
+    (
+        (_logits(), 2, "default"),
+        {"capture_out": torch.zeros(4, 2, dtype=torch.int64)},
+        ValueError,
+        r"capture_out: expected dtype uint8, int16 or int32, got torch.int64",
+    ),
+    (
+        (_logits(num_experts=257), 2, "default"),
+        {"capture_out": torch.zeros(4, 2, dtype=torch.uint8)},
+        ValueError,
+        r"capture_out: expected a dtype holding ids up to E - 1 = 256 .* got torch.uint8",
+    ),
+    (
+        (_logits(), 2, "default"),
+        {"capture_out": torch.zeros(5, 2, dtype=torch.int16)},
+        ValueError,
+        r"capture_out: expected shape \(4, 2\) \(T, top_k\), got \(5, 2\)",
+    ),
+    (
+        (_logits(), 2, "default"),
+        {"capture_out": torch.zeros(4, 3, dtype=torch.int16)},
+        ValueError,
+        r"capture_out: expected shape \(4, 2\) \(T, top_k\), got \(4, 3\)",
+    ),
+    (
+        (_logits(), 2, "default"),
+        {"capture_out": torch.zeros(2, 4, dtype=torch.int16).t()},
+        ValueError,
+        r"capture_out: expected stride 1 along top_k, got strides \(1, 4\)",
+    ),
+    (
+        (_logits(), 2, "default"),
+        {"capture_out": torch.zeros(10, dtype=torch.int16).as_strided((4, 2), (1, 1))},
+        ValueError,
+        (
+            r"capture_out: expected a row stride >= top_k = 2 \(rows must not overlap\), "
+            r"got strides \(1, 1\)"
+        ),
+    ),
 ]
 
 
-@pytest.mark.parametrize("route_fn", [route, route_reference, route_triton], ids=lambda f: f.__name__)
 @pytest.mark.parametrize(
-    "args, kwargs, error, pattern", ERRORS, ids=[f"{i}-{e[3].split(':')[0]}" for i, e in enumerate(ERRORS)]
+    "route_fn", [route, route_reference, route_triton], ids=lambda f: f.__name__
+)
+@pytest.mark.parametrize(
+    "args, kwargs, error, pattern",
+    ERRORS,
+    ids=[f"{i}-{e[3].split(':')[0]}" for i, e in enumerate(ERRORS)],
 )
 def test_input_errors(route_fn, args, kwargs, error, pattern):
     """Checked on the host before any launch, so the Triton launcher needs no device here."""
@@ -580,13 +732,32 @@ def test_input_errors(route_fn, args, kwargs, error, pattern):
 
 def test_device_mismatch_errors():
     """A tensor on another device than the logits (``meta`` stands in for a second device)."""
-    with pytest.raises(ValueError, match=r"correction_bias: expected device cpu \(logits'\), got meta"):
+    with pytest.raises(
+        ValueError, match=r"correction_bias: expected device cpu \(logits'\), got meta"
+    ):
         route(_logits(), 2, "deepseek_v3", correction_bias=torch.zeros(16, device="meta"))
     capture = torch.zeros(4, 2, dtype=torch.uint8, device="meta")
     with pytest.raises(ValueError, match=r"capture_out: expected device cpu \(logits'\), got meta"):
         route(_logits(), 2, "default", capture_out=capture)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "method", [RoutingMethod.RENORMALIZE_NAIVE, RoutingMethod.DEEPSEEK_V3], ids=lambda m: m.name
+)
+def test_launch_overrides_route_the_same(method, dtype, triton_device, rng):
+    """The tuning knobs change the tiling, not the routing (sums may round differently)."""
+    case = _make_case(method, 7, 60, 4, dtype, rng)
+    weights_TK, ids_TK = case.run(route_triton, triton_device)
+    for block_t, num_warps in [(1, 1), (2, 2), (16, 8)]:
+        got = case.run(route_triton, triton_device, block_t=block_t, num_warps=num_warps)
+        assert torch.equal(got[1], ids_TK)
+        torch.testing.assert_close(got[0], weights_TK, rtol=1e-6, atol=1e-7)
+
+
 def test_launch_override_errors():
     with pytest.raises(ValueError, match=r"block_t: expected a power of two >= 1, got 3"):
         route_triton(_logits(), 2, "default", block_t=3)
+    with pytest.raises(ValueError, match=r"num_warps: expected 1, 2, 4, 8 or 16, got 3"):
+        route_triton(_logits(), 2, "default", num_warps=3)
