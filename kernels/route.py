@@ -30,13 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.expert_ids import ID_DTYPE_CAPACITY
 from kernels.routing_method import RoutingMethod
 
 __all__ = ["route", "route_reference", "route_triton"]
 
 _LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Capture dtypes and the largest num_experts whose ids (0 .. E-1) each can hold.
-_CAPTURE_MAX_EXPERTS = {torch.uint8: 256, torch.int16: 32768, torch.int32: 2**31}
 # HF DeepSeek-V3 / GLM4-MoE add this to the normalizing denominator.
 _DEEPSEEK_DENOM_EPS = 1e-20
 
@@ -418,7 +418,7 @@ def _check_capture(
 ) -> None:
     if not isinstance(capture_out, torch.Tensor):
         raise TypeError(f"capture_out: expected a torch.Tensor, got {type(capture_out).__name__}")
-    max_experts = _CAPTURE_MAX_EXPERTS.get(capture_out.dtype)
+    max_experts = ID_DTYPE_CAPACITY.get(capture_out.dtype)
     if max_experts is None:
         raise ValueError(
             f"capture_out: expected dtype uint8, int16 or int32, got {capture_out.dtype}"

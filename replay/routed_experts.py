@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from kernels.expert_ids import numpy_id_dtype
+
 if TYPE_CHECKING:
     import torch
 
@@ -33,12 +35,7 @@ def compact_dtype(num_experts: int) -> np.dtype:
 
     ``uint8`` up to 256 experts, ``int16`` up to 32768, else ``int32``.
     """
-    num_experts = _check_int("num_experts", num_experts, minimum=1)
-    if num_experts <= 256:
-        return np.dtype(np.uint8)
-    if num_experts <= 32768:
-        return np.dtype(np.int16)
-    return np.dtype(np.int32)
+    return numpy_id_dtype(_check_int("num_experts", num_experts, minimum=1))
 
 
 class RoutedExperts:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.expert_ids import numpy_id_dtype
 from kernels.routing_method import RoutingMethod
 from rollout.engine.sequence import FinishReason, Sequence
 from rollout.layers.moe import RoutingParams
@@ -83,9 +84,7 @@ class RoutingSpec:
     @property
     def id_dtype(self) -> np.dtype:
         """The compact dtype of expert ids (DESIGN.md): uint8, int16 or int32."""
-        if self.num_experts <= 256:
-            return np.dtype(np.uint8)
-        return np.dtype(np.int16) if self.num_experts <= 32768 else np.dtype(np.int32)
+        return numpy_id_dtype(self.num_experts)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -18,24 +18,9 @@ import numbers
 
 import torch
 
+from kernels.expert_ids import ID_DTYPE_CAPACITY, compact_id_dtype
+
 __all__ = ["DPMetadata", "RoutedExpertsCapturer", "compact_id_dtype"]
-
-# Capture dtypes and the number of distinct ids (0 .. max - 1) each holds.
-_ID_CAPACITY = {torch.uint8: 256, torch.int16: 32768, torch.int32: 2**31}
-
-
-def compact_id_dtype(num_experts: int) -> torch.dtype:
-    """The capture dtype of DESIGN.md: uint8 up to 256 experts, int16 up to 32768, else int32.
-
-    Raises:
-        TypeError: ``num_experts`` not an int.
-        ValueError: ``num_experts`` < 1.
-    """
-    num_experts = _check_int("num_experts", num_experts, minimum=1)
-    for dtype, capacity in _ID_CAPACITY.items():
-        if num_experts <= capacity:
-            return dtype
-    raise ValueError(f"num_experts: expected <= {2**31}, got {num_experts}")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True, frozen=True)
@@ -108,7 +93,7 @@ class RoutedExpertsCapturer:
             dtype = torch.int16
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype: expected a torch.dtype or None, got {type(dtype).__name__}")
-        if dtype not in _ID_CAPACITY:
+        if dtype not in ID_DTYPE_CAPACITY:
             raise ValueError(
                 f"dtype: expected torch.uint8, torch.int16 or torch.int32, got {dtype}"
             )
