@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("safetensors", "dummy")
+DATA_PARALLEL_MODES = ("replicas", "dp_attention")
 _DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
 
 
@@ -97,6 +98,10 @@ class EngineConfig:
         seed: seed of the engine's own random state (dummy weights, unseeded requests).
         load_format: ``"safetensors"`` or ``"dummy"`` (random weights from config.json).
         capture_routing: record each token's routed experts (issue 4).
+        data_parallel_size: engine ranks (processes) serving requests; 1 is the in-process
+            engine (``rollout.engine.data_parallel`` runs more).
+        data_parallel_mode: ``"replicas"`` (independent engines, requests spread across ranks)
+            or ``"dp_attention"`` (attention per rank, MoE layers over the tokens of all ranks).
     """
 
     model: str
@@ -113,6 +118,8 @@ class EngineConfig:
     seed: int = 0
     load_format: str = "safetensors"
     capture_routing: bool = False
+    data_parallel_size: int = 1
+    data_parallel_mode: str = "replicas"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, os.PathLike)):
@@ -153,6 +160,8 @@ class EngineConfig:
         check_int("seed", self.seed, minimum=0)
         check_choice("load_format", self.load_format, LOAD_FORMATS)
         check_bool("capture_routing", self.capture_routing)
+        check_int("data_parallel_size", self.data_parallel_size, minimum=1)
+        check_choice("data_parallel_mode", self.data_parallel_mode, DATA_PARALLEL_MODES)
 
     def resolve_max_model_len(self, max_position_embeddings: int) -> int:
         """The context length to use: ``max_model_len`` if set, else the model's limit.

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from rollout.capture import ReaderSpec
 from rollout.config import EngineConfig
+from rollout.engine.data_parallel import DataParallelEngine
 from rollout.engine.llm_engine import LLMEngine
 from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
 from rollout.sampling_params import SamplingParams
@@ -57,6 +58,11 @@ class LLM:
             kernels write and a shared-memory store, ``rollout.engine.routing``), so that
             requests with ``SamplingParams(return_routed_experts=True)`` get them in
             ``RequestOutput.routed_experts``. Off: nothing of it is allocated.
+        data_parallel_size: engine ranks. 1: the engine runs in this process. N > 1: N rank
+            processes (``rollout.engine.data_parallel``), one GPU each on CUDA; requests are
+            spread across them and each output carries the rows of the rank that served it.
+        data_parallel_mode: ``"replicas"`` (independent engines) or ``"dp_attention"`` (not
+            implemented yet: NotImplementedError when N > 1).
 
     Raises:
         ValueError / TypeError: a bad argument, naming it.
@@ -79,6 +85,8 @@ class LLM:
         seed: int = 0,
         load_format: str = "safetensors",
         capture_routing: bool = False,
+        data_parallel_size: int = 1,
+        data_parallel_mode: str = "replicas",
     ) -> None:
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
@@ -99,14 +107,19 @@ class LLM:
             seed=seed,
             load_format=load_format,
             capture_routing=capture_routing,
+            data_parallel_size=data_parallel_size,
+            data_parallel_mode=data_parallel_mode,
         )
-        self._engine: LLMEngine | None = LLMEngine(self.config)
+        self._engine: LLMEngine | DataParallelEngine | None = (
+            LLMEngine(self.config) if data_parallel_size == 1 else DataParallelEngine(self.config)
+        )
 
     # ------------------------------------------------------------------ properties
 
     @property
-    def engine(self) -> LLMEngine:
-        """The engine (RuntimeError after ``shutdown``)."""
+    def engine(self) -> LLMEngine | DataParallelEngine:
+        """The engine, or the front end of the ranks with ``data_parallel_size`` > 1
+        (RuntimeError after ``shutdown``)."""
         if self._engine is None:
             raise RuntimeError("LLM: expected a live engine, got one that was shut down")
         return self._engine
@@ -124,8 +137,18 @@ class LLM:
     @property
     def routing_reader_spec(self) -> ReaderSpec | None:
         """How a ``rollout.capture.RoutedExpertsReader`` in another process on this node (a
-        trainer) attaches to the routing store; None without ``capture_routing``."""
+        trainer) attaches to the routing store; None without ``capture_routing``. With
+        ``data_parallel_size`` > 1 there is a store per rank: see ``routing_reader_specs``."""
         return self.engine.routing_reader_spec
+
+    @property
+    def routing_reader_specs(self) -> tuple[ReaderSpec, ...]:
+        """One ``ReaderSpec`` per DP rank, in rank order; empty without ``capture_routing``."""
+        engine = self.engine
+        if isinstance(engine, DataParallelEngine):
+            return engine.routing_reader_specs
+        spec = engine.routing_reader_spec
+        return () if spec is None else (spec,)
 
     @property
     def stats(self) -> EngineStats:
@@ -156,6 +179,8 @@ class LLM:
         engine = self.engine
         token_ids = [self._encode(i, prompt) for i, prompt in enumerate(self._as_list(prompts))]
         params = self._sampling_list(sampling, len(token_ids))
+        if isinstance(engine, DataParallelEngine):
+            return engine.generate(token_ids, params, use_tqdm=use_tqdm)
         request_ids: list[int] = []
         try:
             for i, (tokens, p) in enumerate(zip(token_ids, params, strict=True)):
@@ -165,7 +190,10 @@ class LLM:
                     raise ValueError(f"prompts[{i}]: {exc}") from exc
             outputs: dict[int, RequestOutput] = {}
             with tqdm(
-                total=len(request_ids), desc="generate", unit="req", disable=not use_tqdm
+                total=len(request_ids),
+                desc="generate",
+                unit="req",
+                disable=not use_tqdm,
             ) as bar:
                 while len(outputs) < len(request_ids):
                     for out in engine.step():

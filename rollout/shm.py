@@ -56,6 +56,7 @@ __all__ = [
     "default_lock_path",
     "new_instance_id",
     "segment_name",
+    "unlink_if_present",
 ]
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class OwnedSharedMemory(SharedMemory):
 
     def _arm(self) -> None:
         # The finalizer must not reference self, or the handle would never be collected.
-        self._finalizer = weakref.finalize(self, _unlink_quietly, self.name)
+        self._finalizer = weakref.finalize(self, unlink_if_present, self.name)
 
 
 def create_or_attach(name: str, size: int, lock_path: str) -> OwnedSharedMemory:
@@ -186,7 +187,7 @@ def create_or_attach(name: str, size: int, lock_path: str) -> OwnedSharedMemory:
             logger.info(
                 "shared memory %s exists with %d bytes, recreating it with %d", name, existing, size
             )
-            _unlink_quietly(name)
+            unlink_if_present(name)
             existing = None
         shm = _open(OwnedSharedMemory, name, create=existing is None, size=size)
         shm._arm()
@@ -244,8 +245,9 @@ def _restrict_and_reserve(name: str, size: int) -> None:
         os.close(fd)
 
 
-def _unlink_quietly(name: str) -> None:
-    """Unlink segment ``name`` if it still exists (the owner's finalizer)."""
+def unlink_if_present(name: str) -> None:
+    """Unlink segment ``name`` if it still exists: the owner's finalizer, and the clean-up of a
+    segment whose owner process died (a data-parallel rank)."""
     try:
         _posixshmem.shm_unlink("/" + name)
         logger.debug("unlinked shared memory %s", name)

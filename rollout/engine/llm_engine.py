@@ -36,6 +36,10 @@ __all__ = ["LLMEngine"]
 logger = logging.getLogger(__name__)
 
 
+# Spaces the ranks' sampling seeds apart (a prime, so nearby engine seeds do not collide).
+_RANK_SEED_STRIDE = 1_000_003
+
+
 class LLMEngine:
     """Loads a checkpoint and generates for the requests added to it, step by step.
 
@@ -87,6 +91,9 @@ class LLMEngine:
             max_model_len=max_model_len,
             routing_capture=None if routing is None else routing.buffer,
             after_forward=None if routing is None else routing.after_forward,
+            # Data-parallel ranks share the weights' seed but not the sampling stream:
+            # otherwise the same unseeded prompt on two ranks would draw the same answer.
+            sampler_seed=config.seed + self.dp_rank * _RANK_SEED_STRIDE,
         )
         self.state = EngineState(
             num_kv_blocks=self.runner.num_kv_blocks,

@@ -194,6 +194,7 @@ class ModelRunner:
         max_model_len: int,
         routing_capture: torch.Tensor | None = None,
         after_forward: Callable[[ScheduledBatch], None] | None = None,
+        sampler_seed: int | None = None,
     ) -> None:
         self.config = config
         self.model = checkpoint.model
@@ -217,7 +218,11 @@ class ModelRunner:
         if use_graphs and not isinstance(self.backend, FlashInferAttentionBackend):
             logger.info("no CUDA graphs: the attention backend is %s", type(self.backend).__name__)
             use_graphs = False
-        self.sampler = Sampler(vocab_size=self.vocab_size, device=self.device, seed=config.seed)
+        self.sampler = Sampler(
+            vocab_size=self.vocab_size,
+            device=self.device,
+            seed=config.seed if sampler_seed is None else sampler_seed,
+        )
         tokens, seqs = config.max_num_batched_tokens, config.max_num_seqs
         self.buffers = StepBuffers(
             {
