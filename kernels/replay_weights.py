@@ -466,10 +466,12 @@ def _replay_weights_bwd_kernel(
     lane_ok_TK = tl.broadcast_to(k_K[None, :] < K, (BLOCK_T, BLOCK_K))
     ids_TK = tl.load(
         ids_ptr + safe_T[:, None] * stride_it + k_K[None, :] * stride_ik, mask=lane_ok_TK, other=0
-    ).to(tl.int32)  # validated by the forward: in [0, E)
+    ).to(tl.int32)
+    # With check_ids=False nobody validated the ids: an out-of-range id is never read here and
+    # matches no column below, so it scatters nothing.
     x_TK = tl.load(
         logits_ptr + safe_T[:, None] * stride_lt + ids_TK * stride_le,
-        mask=lane_ok_TK,
+        mask=lane_ok_TK & (ids_TK >= 0) & (ids_TK < E),
         other=float("-inf"),
     ).to(cdtype)
     g_TK = tl.load(

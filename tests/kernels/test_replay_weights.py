@@ -434,3 +434,57 @@ def test_uint8_ids_beyond_experts_raise(rng):
     ids_TK = torch.tensor([[200, 1]] * 4, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"ids: expected values in \[0, 16\), got min 1 max 200"):
         replay_weights(logits_TE, ids_TK, "renormalize")
+
+
+# ---------------------------------------------------------------------- check_ids=False
+
+
+def _fwd_bwd(fn, logits_TE, ids_TK, method, grad_TK, check_ids):
+    x_TE = logits_TE.clone().requires_grad_()
+    w_TK = fn(x_TE, ids_TK, method, routed_scaling_factor=_scale(method), check_ids=check_ids)
+    (grad_TE,) = torch.autograd.grad(w_TK, x_TE, grad_TK)
+    return w_TK.detach(), grad_TE
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unchecked_reference_equals_checked_on_valid_ids(method, rng):
+    top_k = _top_k(method, 4)
+    logits_TE, ids_TK = _random_logits(9, 16, rng), _random_ids(9, 16, top_k, rng)
+    grad_TK = torch.randn(9, top_k, generator=rng)
+    checked = _fwd_bwd(replay_weights_reference, logits_TE, ids_TK, method, grad_TK, True)
+    unchecked = _fwd_bwd(replay_weights_reference, logits_TE, ids_TK, method, grad_TK, False)
+    for want, got in zip(checked, unchecked):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("method", METHODS)
+def test_unchecked_triton_keeps_valid_rows_and_stays_in_bounds(method, rng, triton_device):
+    """check_ids=False skips the host sync: valid rows are unaffected by a bad row, and the bad
+    id (one past E) is never read, forward or backward: its lane acts as an absent expert (weight
+    0; the row's weights and gradient are those of the remaining ids). Reading it would pick up
+    the next row's first logit instead."""
+    num_tokens, num_experts = 8, 16
+    top_k = _top_k(method, 4)
+    logits_TE = _random_logits(num_tokens, num_experts, rng).to(triton_device)
+    ids_TK = _random_ids(num_tokens, num_experts, top_k, rng).to(triton_device)
+    grad_TK = torch.randn(num_tokens, top_k, generator=rng).to(triton_device)
+    checked = _fwd_bwd(replay_weights_triton, logits_TE, ids_TK, method, grad_TK, True)
+    bad_TK = ids_TK.clone()
+    bad_TK[0, 0] = num_experts
+    with pytest.raises(ValueError, match="ids: expected values in"):
+        replay_weights_triton(logits_TE, bad_TK, method, routed_scaling_factor=_scale(method))
+    unchecked = _fwd_bwd(replay_weights_triton, logits_TE, bad_TK, method, grad_TK, False)
+    for want, got in zip(checked, unchecked):
+        torch.testing.assert_close(got[1:], want[1:], rtol=0, atol=0)
+    w_TK, grad_TE = unchecked
+    assert w_TK[0, 0] == 0
+    if top_k == 1:
+        assert torch.count_nonzero(grad_TE[0]) == 0
+    else:
+        want_w, want_grad = _fwd_bwd(
+            replay_weights_reference, logits_TE[:1].cpu(), bad_TK[:1, 1:].cpu(), method,
+            grad_TK[:1, 1:].cpu(), True,
+        )  # fmt: skip
+        torch.testing.assert_close(w_TK[:1, 1:].cpu(), want_w)
+        torch.testing.assert_close(grad_TE[:1].cpu(), want_grad, rtol=1e-5, atol=1e-6)
