@@ -85,7 +85,8 @@ def weight_bytes_per_step(model: MoECausalLM, batch: int) -> float:
     """Bytes of weights one decode step of ``batch`` sequences reads (module docstring)."""
     routing = model.routing_params
     expert_fraction = (
-        expected_distinct_experts(routing.num_experts, routing.top_k, batch) / routing.num_experts
+        expected_distinct_experts(routing.num_experts, routing.top_k, batch)
+        / routing.num_experts
     )
     total = 0.0
     for name, param in model.named_parameters():
@@ -104,15 +105,24 @@ def kv_bytes_per_token(model: MoECausalLM, dtype: torch.dtype) -> int:
     return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * itemsize
 
 
-def run_engine_decode(llm: LLM, prompts: list[list[int]]) -> tuple[float, int, int, list[int]]:
+def run_engine_decode(
+    llm: LLM, prompts: list[list[int]], *, return_routed_experts: bool = False
+) -> tuple[float, int, int, list[int]]:
     """Generate for ``prompts``; return (decode seconds, decode tokens, decode steps, the
     context length of every sequence at each decode step, summed per step)."""
     engine = llm.engine
-    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=1.0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=OUTPUT_LEN,
+        temperature=1.0,
+        ignore_eos=True,
+        return_routed_experts=return_routed_experts,
+    )
     for prompt in prompts:
         engine.add_request(prompt, params)
     scheduler = engine.scheduler
-    while scheduler.waiting or any(s.num_generated_tokens == 0 for s in scheduler.running):
+    while scheduler.waiting or any(
+        s.num_generated_tokens == 0 for s in scheduler.running
+    ):
         engine.step()
     torch.cuda.synchronize()
     generated_before = sum(s.num_generated_tokens for s in scheduler.running)
@@ -124,11 +134,77 @@ def run_engine_decode(llm: LLM, prompts: list[list[int]]) -> tuple[float, int, i
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tokens = len(prompts) * OUTPUT_LEN - generated_before
-    assert engine.stats.num_preemptions == 0, "preempted: the timing would include recompute"
+    assert engine.stats.num_preemptions == 0, (
+        "preempted: the timing would include recompute"
+    )
     return seconds, tokens, len(context_per_step), context_per_step
 
 
-def hf_sharing_weights(model: MoECausalLM, config: Qwen3MoeConfig) -> Qwen3MoeForCausalLM:
+def profile_decode(llm: LLM, prompts: list[list[int]], steps: int = 32) -> None:
+    """Print where a decode step's time goes: host time per phase of the step (timed without
+    extra synchronisation; ``sample`` waits for the GPU) and the GPU kernels of ``steps``
+    decode steps (torch profiler), so host-bound and GPU-bound steps can be told apart."""
+    engine, scheduler, runner = llm.engine, llm.engine.scheduler, llm.engine.runner
+    params = SamplingParams(max_tokens=steps + 8, temperature=1.0, ignore_eos=True)
+    for prompt in prompts:
+        engine.add_request(prompt, params)
+    while scheduler.waiting or any(
+        s.num_generated_tokens == 0 for s in scheduler.running
+    ):
+        engine.step()
+    torch.cuda.synchronize()
+    phases = dict.fromkeys(
+        ("schedule", "prepare", "run (launch)", "sample (+GPU wait)", "postprocess"),
+        0.0,
+    )
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        begin = time.perf_counter()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            batch = scheduler.schedule()
+            t1 = time.perf_counter()
+            inputs = runner.prepare(batch)
+            t2 = time.perf_counter()
+            logits_SV = runner.run(inputs)
+            t3 = time.perf_counter()
+            token_ids, logprobs = runner.sample(logits_SV, inputs)
+            t4 = time.perf_counter()
+            scheduler.postprocess(batch, token_ids, logprobs)
+            t5 = time.perf_counter()
+            for name, d in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                phases[name] += d
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - begin
+    kernels = [
+        e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    gpu_us = sum(e.device_time for e in kernels)
+    print(
+        f"\nbatch {len(prompts)}: {1e3 * wall / steps:.2f} ms/step wall, GPU kernels "
+        f"{gpu_us / 1e3 / steps:.2f} ms/step ({len(kernels) / steps:.0f} kernels/step, busy "
+        f"{100 * gpu_us / 1e6 / wall:.0f}%)\n"
+    )
+    print_table(["phase", "ms/step"], [[n, 1e3 * t / steps] for n, t in phases.items()])
+    totals: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = totals.setdefault(e.name[:70], [0.0, 0])
+        entry[0] += e.device_time
+        entry[1] += 1
+    top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:15]
+    print()
+    print_table(
+        ["kernel", "us/step", "calls/step"],
+        [[n, t / steps, c / steps] for n, (t, c) in top],
+    )
+    for seq in list(scheduler.running) + list(scheduler.waiting):
+        engine.abort_request(seq.seq_id)
+
+
+def hf_sharing_weights(
+    model: MoECausalLM, config: Qwen3MoeConfig
+) -> Qwen3MoeForCausalLM:
     """An HF model whose parameters are views of ``model``'s (fused projections split back
     into HF's q/k/v and gate/up), so both run on the very same weights in one copy."""
     state: dict[str, torch.Tensor] = {}
@@ -152,7 +228,9 @@ def hf_sharing_weights(model: MoECausalLM, config: Qwen3MoeConfig) -> Qwen3MoeFo
     return hf.eval()
 
 
-def run_hf_decode(hf: Qwen3MoeForCausalLM, prompts: list[list[int]], new_tokens: int) -> float:
+def run_hf_decode(
+    hf: Qwen3MoeForCausalLM, prompts: list[list[int]], new_tokens: int
+) -> float:
     """HF decode tokens/s: ``generate`` of ``new_tokens`` minus a one-token run (prefill)."""
     ids = torch.tensor(prompts, device="cuda")
 
@@ -179,10 +257,21 @@ def run_hf_decode(hf: Qwen3MoeForCausalLM, prompts: list[list[int]], new_tokens:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=48, help="decoder layers (48: the model)")
+    parser.add_argument(
+        "--layers", type=int, default=48, help="decoder layers (48: the model)"
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
-    parser.add_argument("--hf-tokens", type=int, default=32, help="HF generate's new tokens")
-    parser.add_argument("--time-budget", type=float, default=330.0, help="seconds for it all")
+    parser.add_argument(
+        "--hf-tokens", type=int, default=32, help="HF generate's new tokens"
+    )
+    parser.add_argument(
+        "--time-budget", type=float, default=330.0, help="seconds for it all"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print a step profile for each batch",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_engine: needs a CUDA device")
@@ -195,7 +284,9 @@ def main() -> None:
     config = qwen3_30b_a3b_config(args.layers)
     gen = torch.Generator().manual_seed(0)
     max_batch = max(args.batches)
-    prompts = torch.randint(0, config.vocab_size, (max_batch, INPUT_LEN), generator=gen).tolist()
+    prompts = torch.randint(
+        0, config.vocab_size, (max_batch, INPUT_LEN), generator=gen
+    ).tolist()
     rows: dict[int, list] = {}
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)
@@ -217,15 +308,19 @@ def main() -> None:
         for batch in args.batches:
             row = rows[batch] = [batch, "-", "-", "-", "-", "-", "-"]
             if batch * blocks_per_seq > stats.num_kv_blocks:
-                row[1] = f"KV cache holds {stats.num_kv_blocks // blocks_per_seq} sequences"
+                row[1] = (
+                    f"KV cache holds {stats.num_kv_blocks // blocks_per_seq} sequences"
+                )
                 continue
             if time_left() < 60:
                 row[1] = "skipped (time budget)"
                 continue
             seconds, tokens, steps, contexts = run_engine_decode(llm, prompts[:batch])
-            roofline_bytes = steps * weight_bytes_per_step(model, batch) + kv_token_bytes * sum(
-                contexts
-            )
+            if args.profile:
+                profile_decode(llm, prompts[:batch])
+            roofline_bytes = steps * weight_bytes_per_step(
+                model, batch
+            ) + kv_token_bytes * sum(contexts)
             roofline_seconds = roofline_bytes / (bandwidth * 1e9)
             row[1:5] = [
                 tokens / seconds,

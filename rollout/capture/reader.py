@@ -69,7 +69,12 @@ class ReaderSpec:
     @property
     def nbytes(self) -> int:
         """Size of the store's array (and of its segment) in bytes."""
-        return self.num_kv_slots * self.num_moe_layers * self.top_k * np.dtype(self.dtype).itemsize
+        return (
+            self.num_kv_slots
+            * self.num_moe_layers
+            * self.top_k
+            * np.dtype(self.dtype).itemsize
+        )
 
 
 class RoutedExpertsReader:
@@ -117,7 +122,9 @@ class RoutedExpertsReader:
         """Attach to the store described by ``spec`` (from ``RoutingStore.reader_spec()``)."""
         if not isinstance(spec, ReaderSpec):
             raise TypeError(f"spec: expected a ReaderSpec, got {type(spec).__name__}")
-        return cls(spec.name, spec.num_kv_slots, spec.num_moe_layers, spec.top_k, spec.dtype)
+        return cls(
+            spec.name, spec.num_kv_slots, spec.num_moe_layers, spec.top_k, spec.dtype
+        )
 
     def read(self, slots: npt.ArrayLike) -> np.ndarray:
         """The rows ``[len(slots), L, K]`` stored at ``slots`` (a copy), in the given order.
@@ -127,7 +134,9 @@ class RoutedExpertsReader:
             ValueError: ``slots`` not a 1-D integer sequence of values in [0, num_kv_slots).
         """
         if self._rows_SLK is None:
-            raise RuntimeError(f"RoutedExpertsReader({self.spec.name!r}): read after close()")
+            raise RuntimeError(
+                f"RoutedExpertsReader({self.spec.name!r}): read after close()"
+            )
         return gather_rows(self._rows_SLK, slots)
 
     def close(self) -> None:
@@ -159,7 +168,9 @@ def gather_rows(rows_SLK: np.ndarray, slots: npt.ArrayLike) -> np.ndarray:
     """
     slots_R = np.asarray(slots)
     if slots_R.ndim != 1:
-        raise ValueError(f"slots: expected a 1-D sequence of KV slots, got shape {slots_R.shape}")
+        raise ValueError(
+            f"slots: expected a 1-D sequence of KV slots, got shape {slots_R.shape}"
+        )
     if slots_R.size == 0:
         return np.empty((0, *rows_SLK.shape[1:]), dtype=rows_SLK.dtype)
     if slots_R.dtype.kind not in "iu":
@@ -170,7 +181,9 @@ def gather_rows(rows_SLK: np.ndarray, slots: npt.ArrayLike) -> np.ndarray:
         raise ValueError(
             f"slots: expected values in [0, {num_slots}) (num_kv_slots), got min {low} max {high}"
         )
-    return rows_SLK[slots_R]
+    # np.take over [S, L*K] rows is about twice as fast as fancy indexing of [S, L, K].
+    flat_SX = rows_SLK.reshape(num_slots, -1)
+    return np.take(flat_SX, slots_R, axis=0).reshape(slots_R.size, *rows_SLK.shape[1:])
 
 
 def id_dtype_name(dtype: object) -> str:
@@ -185,7 +198,9 @@ def id_dtype_name(dtype: object) -> str:
     try:
         name = np.dtype(dtype).name
     except TypeError as err:
-        raise ValueError(f"dtype: expected uint8, int16 or int32, got {dtype!r}") from err
+        raise ValueError(
+            f"dtype: expected uint8, int16 or int32, got {dtype!r}"
+        ) from err
     if name not in _ID_DTYPES:
         raise ValueError(f"dtype: expected uint8, int16 or int32, got {dtype!r}")
     return name
