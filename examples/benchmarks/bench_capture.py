@@ -27,6 +27,7 @@ finishing to its rows being in its output, and reader throughput.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import multiprocessing
 import statistics
@@ -121,9 +122,11 @@ def decode_runs(
         if latency is not None:
             latency.restore()
         llm.shutdown()
-    del llm
+    seconds = [] if latency is None else list(latency.seconds.values())
+    del llm, latency
+    gc.collect()  # the wrappers' closures form cycles with the engine: free its weights now
     torch.cuda.empty_cache()
-    return tokens_per_s, [] if latency is None else list(latency.seconds.values())
+    return tokens_per_s, seconds
 
 
 def _read_all(spec, requests: list[np.ndarray], result) -> None:
