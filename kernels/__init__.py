@@ -5,12 +5,19 @@
 semantics that serves the CPU path and the tests.
 """
 
-from kernels.replay_weights import replay_weights, replay_weights_reference
+from kernels.replay_weights import (
+    replay_topk,
+    replay_topk_reference,
+    replay_weights,
+    replay_weights_reference,
+)
 from kernels.route import route, route_reference
 from kernels.routing_method import RoutingMethod
 
 __all__ = [
     "RoutingMethod",
+    "replay_topk",
+    "replay_topk_reference",
     "replay_weights",
     "replay_weights_reference",
     "route",

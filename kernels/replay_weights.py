@@ -13,12 +13,18 @@ Triton backward kernel under one ``torch.autograd.Function``) and CPU tensors to
 ``replay_weights_reference`` (plain torch, differentiated by autograd). Both compute in float32
 whatever the logits' dtype, except float64 logits, which are computed and returned in float64
 so that ``torch.autograd.gradcheck`` can check the math. The gradient has the logits' dtype.
+
+``replay_topk`` is what a replaying MoE layer hands its experts: on the rows a trace replays,
+the trace's ids with ``replay_weights`` at them; on the other rows (no trace row, invalid rows)
+the router's native ids and weights, untouched. On CUDA the merge is fused into the same two
+kernels (one launch forward, one backward), instead of a ``torch.where`` per output and a cast.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -26,11 +32,20 @@ import triton.language as tl
 
 from kernels.routing_method import RoutingMethod
 
-__all__ = ["replay_weights", "replay_weights_reference", "replay_weights_triton"]
+__all__ = [
+    "replay_topk",
+    "replay_topk_reference",
+    "replay_topk_triton",
+    "replay_weights",
+    "replay_weights_reference",
+    "replay_weights_triton",
+]
 
 # HF DeepSeek-V3 / GLM4-MoE `route_tokens_to_experts` add this to the normalizing denominator.
 _DEEPSEEK_DENOM_EPS = 1e-20
-_DEEPSEEK_DENOM_EPS_K = tl.constexpr(_DEEPSEEK_DENOM_EPS)  # the same, readable inside kernels
+_DEEPSEEK_DENOM_EPS_K = tl.constexpr(
+    _DEEPSEEK_DENOM_EPS
+)  # the same, readable inside kernels
 _LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Kernel-side method codes; RENORMALIZE and RENORMALIZE_NAIVE share the softmax over the k.
@@ -101,7 +116,11 @@ def replay_weights(
             check_ids=check_ids,
         )
     return replay_weights_reference(
-        logits_TE, ids_TK, method, routed_scaling_factor=routed_scaling_factor, check_ids=check_ids
+        logits_TE,
+        ids_TK,
+        method,
+        routed_scaling_factor=routed_scaling_factor,
+        check_ids=check_ids,
     )
 
 
@@ -121,19 +140,7 @@ def replay_weights_reference(
     problem = _ids_problem(ids_TK, logits_TE.shape[1]) if check_ids else None
     if problem is not None:
         raise ValueError(problem)
-    x_TE = logits_TE.to(_compute_dtype(logits_TE))
-    index_TK = ids_TK.long()
-    if method is RoutingMethod.DEFAULT:
-        return torch.softmax(x_TE, dim=-1).gather(1, index_TK)
-    x_TK = x_TE.gather(1, index_TK)
-    if method in (RoutingMethod.RENORMALIZE, RoutingMethod.RENORMALIZE_NAIVE):
-        # Softmax over all E then renormalizing over the k equals the softmax over the k.
-        return torch.softmax(x_TK, dim=-1)
-    s_TK = torch.sigmoid(x_TK)
-    if method is RoutingMethod.DEEPSEEK_V3:
-        denom_T1 = s_TK.sum(dim=-1, keepdim=True) + _DEEPSEEK_DENOM_EPS
-        return s_TK / denom_T1 * routed_scaling_factor
-    return s_TK
+    return _weights_reference(logits_TE, ids_TK, method, routed_scaling_factor)
 
 
 def replay_weights_triton(
@@ -158,6 +165,123 @@ def replay_weights_triton(
     )
 
 
+def replay_topk(
+    logits_TE: torch.Tensor,
+    native_weights_TK: torch.Tensor,
+    native_ids_TK: torch.Tensor,
+    trace_ids_TK: torch.Tensor,
+    replay_T: torch.Tensor,
+    method: RoutingMethod | str,
+    *,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (weights, ids) a replaying MoE layer hands its experts, differentiable.
+
+    Where ``replay_T`` is True: ``trace_ids_TK`` and ``replay_weights`` of ``logits_TE`` at
+    them, cast to ``native_weights_TK``'s dtype. Elsewhere: ``native_ids_TK`` and
+    ``native_weights_TK`` unchanged (bit for bit, gradient passed through).
+
+    Args:
+        logits_TE: the router's logits [T, E] (dtypes as for ``replay_weights``).
+        native_weights_TK: the router's own weights [T, K], floating point.
+        native_ids_TK: the router's own ids [T, K], integer; the returned ids have its dtype.
+        trace_ids_TK: replayed ids [T, K], any integer dtype, read only where ``replay_T``.
+            They are not checked (no host synchronization): pass ids validated upstream (a
+            ``RoutedExperts`` validates at construction). Out-of-range ids are never read.
+        replay_T: bool [T], which rows replay.
+        method, routed_scaling_factor: as for ``replay_weights``.
+
+    Returns:
+        weights [T, K] in ``native_weights_TK``'s dtype, differentiable with respect to
+        ``logits_TE`` (replayed rows) and ``native_weights_TK`` (the other rows); ids [T, K].
+
+    Raises:
+        TypeError, ValueError: as ``replay_weights``, and for shapes, dtypes or devices of the
+        native outputs, trace ids or mask that do not match the logits.
+
+    CUDA tensors run the fused Triton kernels (``replay_topk_triton``), CPU tensors the
+    plain-torch reference.
+    """
+    if isinstance(logits_TE, torch.Tensor) and logits_TE.is_cuda:
+        return replay_topk_triton(
+            logits_TE, native_weights_TK, native_ids_TK, trace_ids_TK, replay_T, method,
+            routed_scaling_factor=routed_scaling_factor,
+        )  # fmt: skip
+    return replay_topk_reference(
+        logits_TE, native_weights_TK, native_ids_TK, trace_ids_TK, replay_T, method,
+        routed_scaling_factor=routed_scaling_factor,
+    )  # fmt: skip
+
+
+def replay_topk_reference(
+    logits_TE: torch.Tensor,
+    native_weights_TK: torch.Tensor,
+    native_ids_TK: torch.Tensor,
+    trace_ids_TK: torch.Tensor,
+    replay_T: torch.Tensor,
+    method: RoutingMethod | str,
+    *,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch ``replay_topk`` (the CPU path and the oracle): two ``torch.where``.
+
+    Same arguments, semantics and errors as ``replay_topk``; runs on any device.
+    """
+    method = _check_topk_inputs(
+        logits_TE, native_weights_TK, native_ids_TK, trace_ids_TK, replay_T, method,
+        routed_scaling_factor,
+    )  # fmt: skip
+    replay_T1 = replay_T[:, None]
+    ids_TK = torch.where(replay_T1, trace_ids_TK, native_ids_TK).to(native_ids_TK.dtype)
+    replayed_TK = _weights_reference(logits_TE, ids_TK, method, routed_scaling_factor)
+    weights_TK = torch.where(
+        replay_T1, replayed_TK.to(native_weights_TK.dtype), native_weights_TK
+    )
+    return weights_TK, ids_TK
+
+
+def _weights_reference(
+    logits_TE: torch.Tensor, ids_TK: torch.Tensor, method: RoutingMethod, scale: float
+) -> torch.Tensor:
+    """The reference math on checked inputs (out-of-range ids would raise in ``gather``)."""
+    x_TE = logits_TE.to(_compute_dtype(logits_TE))
+    index_TK = ids_TK.long()
+    if method is RoutingMethod.DEFAULT:
+        return torch.softmax(x_TE, dim=-1).gather(1, index_TK)
+    x_TK = x_TE.gather(1, index_TK)
+    if method in (RoutingMethod.RENORMALIZE, RoutingMethod.RENORMALIZE_NAIVE):
+        # Softmax over all E then renormalizing over the k equals the softmax over the k.
+        return torch.softmax(x_TK, dim=-1)
+    s_TK = torch.sigmoid(x_TK)
+    if method is RoutingMethod.DEEPSEEK_V3:
+        denom_T1 = s_TK.sum(dim=-1, keepdim=True) + _DEEPSEEK_DENOM_EPS
+        return s_TK / denom_T1 * scale
+    return s_TK
+
+
+def replay_topk_triton(
+    logits_TE: torch.Tensor,
+    native_weights_TK: torch.Tensor,
+    native_ids_TK: torch.Tensor,
+    trace_ids_TK: torch.Tensor,
+    replay_T: torch.Tensor,
+    method: RoutingMethod | str,
+    *,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``replay_topk`` through the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``):
+    one forward launch writes both outputs, one backward launch writes dL/dlogits (zero rows
+    where not replayed) and dL/dnative_weights (zero rows where replayed)."""
+    method = _check_topk_inputs(
+        logits_TE, native_weights_TK, native_ids_TK, trace_ids_TK, replay_T, method,
+        routed_scaling_factor,
+    )  # fmt: skip
+    return _ReplayTopK.apply(
+        logits_TE, native_weights_TK, native_ids_TK, trace_ids_TK, replay_T, method,
+        float(routed_scaling_factor),
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
@@ -171,7 +295,9 @@ def _check_inputs(
 ) -> RoutingMethod:
     """Host-side checks (no device synchronization); returns the parsed method."""
     if not isinstance(logits_TE, torch.Tensor):
-        raise TypeError(f"logits: expected a torch.Tensor, got {type(logits_TE).__name__}")
+        raise TypeError(
+            f"logits: expected a torch.Tensor, got {type(logits_TE).__name__}"
+        )
     if not isinstance(ids_TK, torch.Tensor):
         raise TypeError(f"ids: expected a torch.Tensor, got {type(ids_TK).__name__}")
     method = RoutingMethod.parse(method)
@@ -183,7 +309,11 @@ def _check_inputs(
         raise ValueError(
             f"logits: expected a 2-D tensor [T, E] with E >= 1, got shape {tuple(logits_TE.shape)}"
         )
-    if ids_TK.dtype.is_floating_point or ids_TK.dtype.is_complex or ids_TK.dtype == torch.bool:
+    if (
+        ids_TK.dtype.is_floating_point
+        or ids_TK.dtype.is_complex
+        or ids_TK.dtype == torch.bool
+    ):
         raise ValueError(f"ids: expected an integer dtype, got {ids_TK.dtype}")
     if ids_TK.dim() != 2 or ids_TK.shape[1] == 0:
         raise ValueError(
@@ -196,7 +326,9 @@ def _check_inputs(
             f"ids: expected {num_tokens} rows (logits.shape[0]), got {ids_TK.shape[0]}"
         )
     if ids_TK.device != logits_TE.device:
-        raise ValueError(f"ids: expected device {logits_TE.device} (logits'), got {ids_TK.device}")
+        raise ValueError(
+            f"ids: expected device {logits_TE.device} (logits'), got {ids_TK.device}"
+        )
     if top_k > num_experts:
         raise ValueError(
             f"ids: expected K <= E = {num_experts} distinct ids per row, got K = {top_k}"
@@ -205,15 +337,71 @@ def _check_inputs(
         raise ValueError(f"ids: expected K == 1 for LLAMA4, got K = {top_k}")
     scale = routed_scaling_factor
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"routed_scaling_factor: expected a float, got {type(scale).__name__}")
+        raise TypeError(
+            f"routed_scaling_factor: expected a float, got {type(scale).__name__}"
+        )
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"routed_scaling_factor: expected a finite value > 0, got {scale}")
+        raise ValueError(
+            f"routed_scaling_factor: expected a finite value > 0, got {scale}"
+        )
     if method is not RoutingMethod.DEEPSEEK_V3 and scale != 1.0:
         # Only DEEPSEEK_V3 scales its weights; accepting a factor that is then ignored would
         # hide a configuration mistake.
         raise ValueError(
             f"routed_scaling_factor: expected 1.0 for {method.name} (only DEEPSEEK_V3 uses it), "
             f"got {scale}"
+        )
+    return method
+
+
+def _check_topk_inputs(
+    logits_TE: torch.Tensor,
+    native_weights_TK: torch.Tensor,
+    native_ids_TK: torch.Tensor,
+    trace_ids_TK: torch.Tensor,
+    replay_T: torch.Tensor,
+    method: RoutingMethod | str,
+    routed_scaling_factor: float,
+) -> RoutingMethod:
+    """Host-side checks of ``replay_topk`` (no device synchronization); the parsed method."""
+    method = _check_inputs(logits_TE, trace_ids_TK, method, routed_scaling_factor)
+    expected = tuple(trace_ids_TK.shape)
+    for name, tensor in (
+        ("native_weights", native_weights_TK),
+        ("native_ids", native_ids_TK),
+    ):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"{name}: expected a torch.Tensor, got {type(tensor).__name__}"
+            )
+        if tuple(tensor.shape) != expected:
+            raise ValueError(
+                f"{name}: expected shape {expected} (the trace ids'), got {tuple(tensor.shape)}"
+            )
+        if tensor.device != logits_TE.device:
+            raise ValueError(
+                f"{name}: expected device {logits_TE.device} (logits'), got {tensor.device}"
+            )
+    if not native_weights_TK.dtype.is_floating_point:
+        raise ValueError(
+            f"native_weights: expected a floating-point dtype, got {native_weights_TK.dtype}"
+        )
+    if native_ids_TK.dtype.is_floating_point or native_ids_TK.dtype == torch.bool:
+        raise ValueError(
+            f"native_ids: expected an integer dtype, got {native_ids_TK.dtype}"
+        )
+    if not isinstance(replay_T, torch.Tensor):
+        raise TypeError(
+            f"replay: expected a torch.Tensor, got {type(replay_T).__name__}"
+        )
+    if replay_T.dtype != torch.bool or tuple(replay_T.shape) != expected[:1]:
+        raise ValueError(
+            f"replay: expected a bool tensor of shape {expected[:1]}, got {replay_T.dtype} "
+            f"{tuple(replay_T.shape)}"
+        )
+    if replay_T.device != logits_TE.device:
+        raise ValueError(
+            f"replay: expected device {logits_TE.device} (logits'), got {replay_T.device}"
         )
     return method
 
@@ -243,8 +431,17 @@ def _compute_dtype(logits_TE: torch.Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd function and launchers
+# Autograd functions and launchers
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Merge:
+    """``replay_topk``'s extra inputs: which rows replay, and the router's own outputs."""
+
+    replay_T: torch.Tensor
+    native_ids_TK: torch.Tensor
+    native_weights_TK: torch.Tensor
 
 
 class _ReplayWeights(torch.autograd.Function):
@@ -259,7 +456,9 @@ class _ReplayWeights(torch.autograd.Function):
         scale: float,
         check_ids: bool,
     ) -> torch.Tensor:
-        weights_TK, lse_T = _launch_forward(logits_TE, ids_TK, method, scale, check_ids)
+        weights_TK, _, lse_T = _launch_forward(
+            logits_TE, ids_TK, method, scale, check_ids, None
+        )
         ctx.save_for_backward(logits_TE, ids_TK, lse_T)
         ctx.method, ctx.scale = method, scale
         return weights_TK
@@ -272,10 +471,60 @@ class _ReplayWeights(torch.autograd.Function):
         logits_TE, ids_TK, lse_T = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        grad_logits_TE = _launch_backward(
-            logits_TE, ids_TK, lse_T, grad_weights_TK, ctx.method, ctx.scale
+        grad_logits_TE, _ = _launch_backward(
+            logits_TE, ids_TK, lse_T, grad_weights_TK, ctx.method, ctx.scale, None
         )
         return grad_logits_TE, None, None, None, None
+
+
+class _ReplayTopK(torch.autograd.Function):
+    """Fused ``replay_topk``: saves logits, merged ids, the replay mask and (DEFAULT) the lse."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        logits_TE: torch.Tensor,
+        native_weights_TK: torch.Tensor,
+        native_ids_TK: torch.Tensor,
+        trace_ids_TK: torch.Tensor,
+        replay_T: torch.Tensor,
+        method: RoutingMethod,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        merge = _Merge(replay_T, native_ids_TK, native_weights_TK)
+        weights_TK, ids_TK, lse_T = _launch_forward(
+            logits_TE, trace_ids_TK, method, scale, False, merge
+        )
+        assert ids_TK is not None, "the merged launch writes ids"
+        ctx.save_for_backward(logits_TE, ids_TK, lse_T, replay_T)
+        ctx.method, ctx.scale = method, scale
+        ctx.native_dtype = native_weights_TK.dtype
+        ctx.mark_non_differentiable(ids_TK)
+        # The ids get no gradient; without this autograd would fill a zero tensor for them.
+        ctx.set_materialize_grads(False)
+        return weights_TK, ids_TK
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_weights_TK: torch.Tensor,
+        _grad_ids_TK: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        logits_TE, ids_TK, lse_T, replay_T = ctx.saved_tensors
+        if grad_weights_TK is None or not (
+            ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ):
+            return None, None, None, None, None, None, None
+        grad_logits_TE, grad_native_TK = _launch_backward(
+            logits_TE, ids_TK, lse_T, grad_weights_TK, ctx.method, ctx.scale,
+            (replay_T, ctx.native_dtype),
+        )  # fmt: skip
+        return (
+            grad_logits_TE if ctx.needs_input_grad[0] else None,
+            grad_native_TK if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None,
+        )  # fmt: skip
 
 
 def _block_rows(num_tokens: int, per_row: int, budget: int, cap: int) -> int:
@@ -290,18 +539,36 @@ def _launch_forward(
     method: RoutingMethod,
     scale: float,
     check_ids: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    merge: _Merge | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(weights, merged ids or None, lse). Without ``merge``: float32 (float64) weights at
+    ``ids_TK``; with it: ``replay_topk``'s weights (the native dtype) and ids."""
     num_tokens, num_experts = logits_TE.shape
     top_k = ids_TK.shape[1]
+    device = logits_TE.device
     cdtype = _compute_dtype(logits_TE)
-    weights_TK = torch.empty((num_tokens, top_k), dtype=cdtype, device=logits_TE.device)
     lse_rows = num_tokens if method is RoutingMethod.DEFAULT else 0
-    lse_T = torch.empty((lse_rows,), dtype=cdtype, device=logits_TE.device)
+    lse_T = torch.empty((lse_rows,), dtype=cdtype, device=device)
+    if merge is None:
+        weights_TK = torch.empty((num_tokens, top_k), dtype=cdtype, device=device)
+        ids_out_TK = None
+    else:
+        contiguous = torch.contiguous_format
+        weights_TK = torch.empty_like(merge.native_weights_TK, memory_format=contiguous)
+        ids_out_TK = torch.empty_like(merge.native_ids_TK, memory_format=contiguous)
     if num_tokens == 0:
-        return weights_TK, lse_T
-    bad_flag = torch.zeros((1,), dtype=torch.int32, device=logits_TE.device)
-    # Methods other than DEFAULT never touch lse; hand the kernel a real (non-null) pointer.
+        return weights_TK, ids_out_TK, lse_T
+    # Pointers a launch never touches still get real (non-null) tensors: the lse outside
+    # DEFAULT, the id check's flag when unchecked (the check is compiled out), the merge inputs
+    # without merge.
     lse_arg = lse_T if method is RoutingMethod.DEFAULT else weights_TK
+    bad_flag = (
+        torch.zeros((1,), dtype=torch.int32, device=device) if check_ids else weights_TK
+    )
+    native_ids_TK = ids_TK if merge is None else merge.native_ids_TK
+    native_w_TK = weights_TK if merge is None else merge.native_weights_TK
+    replay_T = ids_TK if merge is None else merge.replay_T.view(torch.uint8)
+    ids_out_arg = ids_TK if ids_out_TK is None else ids_out_TK
     block_k = max(2, triton.next_power_of_2(top_k))
     block_e = min(max(2, triton.next_power_of_2(num_experts)), 512)
     # The duplicate check holds a [rows, K, K] tile; DEFAULT also a [rows, E-chunk] tile.
@@ -309,16 +576,22 @@ def _launch_forward(
     block_t = _block_rows(num_tokens, per_row, budget=4096, cap=128)
     _replay_weights_fwd_kernel[(triton.cdiv(num_tokens, block_t),)](
         logits_TE, ids_TK, weights_TK, lse_arg, bad_flag,
+        replay_T, native_ids_TK, native_w_TK, ids_out_arg,
         num_tokens, num_experts, top_k,
         logits_TE.stride(0), logits_TE.stride(1), ids_TK.stride(0), ids_TK.stride(1),
+        native_ids_TK.stride(0), native_ids_TK.stride(1),
+        native_w_TK.stride(0), native_w_TK.stride(1),
         scale,
-        METHOD=_KERNEL_METHOD[method], BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_E=block_e,
+        METHOD=_KERNEL_METHOD[method], COMPUTE_F64=cdtype == torch.float64, CHECK=check_ids,
+        MERGE=merge is not None, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_E=block_e,
     )  # fmt: skip
     if check_ids and bool(bad_flag.item()):
         problem = _ids_problem(ids_TK, num_experts)
-        assert problem is not None, "the kernel flagged ids that the torch check accepts"
+        assert problem is not None, (
+            "the kernel flagged ids that the torch check accepts"
+        )
         raise ValueError(problem)
-    return weights_TK, lse_T
+    return weights_TK, ids_out_TK, lse_T
 
 
 def _launch_backward(
@@ -328,29 +601,41 @@ def _launch_backward(
     grad_weights_TK: torch.Tensor,
     method: RoutingMethod,
     scale: float,
-) -> torch.Tensor:
+    merge: tuple[torch.Tensor, torch.dtype] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dL/dlogits, dL/dnative_weights or None); ``merge`` is (replay mask, native dtype)."""
     num_tokens, num_experts = logits_TE.shape
     top_k = ids_TK.shape[1]
+    device = logits_TE.device
     grad_logits_TE = torch.empty(
-        (num_tokens, num_experts), dtype=logits_TE.dtype, device=logits_TE.device
+        (num_tokens, num_experts), dtype=logits_TE.dtype, device=device
+    )
+    grad_native_TK = (
+        None
+        if merge is None
+        else torch.empty((num_tokens, top_k), dtype=merge[1], device=device)
     )
     if num_tokens == 0:
-        return grad_logits_TE
-    # Autograd hands back the output's dtype, possibly with zero strides (e.g. after .sum()).
-    grad_weights_TK = grad_weights_TK.to(_compute_dtype(logits_TE))
+        return grad_logits_TE, grad_native_TK
+    # Autograd hands back the output's dtype (the native one under replay_topk), possibly with
+    # zero strides (e.g. after .sum()): the kernel reads it by strides and converts as it loads.
+    cdtype = _compute_dtype(logits_TE)
     block_k = max(2, triton.next_power_of_2(top_k))
     block_e = min(max(2, triton.next_power_of_2(num_experts)), 512)
     block_t = _block_rows(num_tokens, max(block_e, block_k), budget=4096, cap=64)
-    lse_arg = lse_T if method is RoutingMethod.DEFAULT else grad_weights_TK
+    lse_arg = lse_T if method is RoutingMethod.DEFAULT else grad_logits_TE
+    replay_T = ids_TK if merge is None else merge[0].view(torch.uint8)
+    grad_native_arg = grad_weights_TK if grad_native_TK is None else grad_native_TK
     _replay_weights_bwd_kernel[(triton.cdiv(num_tokens, block_t),)](
-        logits_TE, ids_TK, grad_weights_TK, lse_arg, grad_logits_TE,
+        logits_TE, ids_TK, grad_weights_TK, lse_arg, grad_logits_TE, replay_T, grad_native_arg,
         num_tokens, num_experts, top_k,
         logits_TE.stride(0), logits_TE.stride(1), ids_TK.stride(0), ids_TK.stride(1),
         grad_weights_TK.stride(0), grad_weights_TK.stride(1), grad_logits_TE.stride(0),
         scale,
-        METHOD=_KERNEL_METHOD[method], BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_E=block_e,
+        METHOD=_KERNEL_METHOD[method], COMPUTE_F64=cdtype == torch.float64,
+        MERGE=merge is not None, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_E=block_e,
     )  # fmt: skip
-    return grad_logits_TE
+    return grad_logits_TE, grad_native_TK
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +672,9 @@ def _row_lse(
             other=float("-inf"),
         ).to(cdtype)
         m_new_T = tl.maximum(m_T, tl.max(x_TE, axis=1))
-        l_T = l_T * tl.exp(m_T - m_new_T) + tl.sum(tl.exp(x_TE - m_new_T[:, None]), axis=1)
+        l_T = l_T * tl.exp(m_T - m_new_T) + tl.sum(
+            tl.exp(x_TE - m_new_T[:, None]), axis=1
+        )
         m_T = m_new_T
     return m_T + tl.log(l_T)
 
@@ -395,37 +682,63 @@ def _row_lse(
 @triton.jit
 def _replay_weights_fwd_kernel(
     logits_ptr, ids_ptr, weights_ptr, lse_ptr, bad_ptr,
+    replay_ptr, native_ids_ptr, native_w_ptr, ids_out_ptr,
     T, E, K,
-    stride_lt, stride_le, stride_it, stride_ik,
+    stride_lt, stride_le, stride_it, stride_ik, stride_nit, stride_nik, stride_nwt, stride_nwk,
     scale,
-    METHOD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    METHOD: tl.constexpr, COMPUTE_F64: tl.constexpr, CHECK: tl.constexpr, MERGE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    cdtype = weights_ptr.dtype.element_ty
+    if COMPUTE_F64:
+        cdtype = tl.float64
+    else:
+        cdtype = tl.float32
     rows_T = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok_T = rows_T < T
     # Rows past T re-read row T-1, so every loaded row is real data; their stores are masked.
     safe_T = tl.minimum(rows_T, T - 1).to(tl.int64)
     k_K = tl.arange(0, BLOCK_K)
     lane_ok_TK = tl.broadcast_to(k_K[None, :] < K, (BLOCK_T, BLOCK_K))
+    store_ok_TK = row_ok_T[:, None] & (k_K[None, :] < K)
+    out_TK = rows_T[:, None].to(tl.int64) * K + k_K[None, :]
     ids_TK = tl.load(
-        ids_ptr + safe_T[:, None] * stride_it + k_K[None, :] * stride_ik, mask=lane_ok_TK, other=0
+        ids_ptr + safe_T[:, None] * stride_it + k_K[None, :] * stride_ik,
+        mask=lane_ok_TK,
+        other=0,
     ).to(tl.int64)
+    if MERGE:
+        # replay_topk: trace ids on replayed rows, the router's own ids elsewhere.
+        replay_T = tl.load(replay_ptr + safe_T) != 0
+        native_TK = tl.load(
+            native_ids_ptr + safe_T[:, None] * stride_nit + k_K[None, :] * stride_nik,
+            mask=lane_ok_TK,
+            other=0,
+        ).to(tl.int64)
+        ids_TK = tl.where(replay_T[:, None], ids_TK, native_TK)
+        tl.store(
+            ids_out_ptr + out_TK,
+            ids_TK.to(ids_out_ptr.dtype.element_ty),
+            mask=store_ok_TK,
+        )
 
-    # Fused id check: out of [0, E) or repeated within the row. Bad ids are never dereferenced.
-    # The duplicate test runs on int32: a wrapped out-of-range id can only flag a row that the
-    # range test already flags.
     in_range_TK = (ids_TK >= 0) & (ids_TK < E)
     idx_TK = tl.where(in_range_TK, ids_TK, 0).to(tl.int32)
-    pair_KK = k_K[:, None] < k_K[None, :]
-    dup_TKK = (
-        (idx_TK[:, :, None] == idx_TK[:, None, :])
-        & pair_KK[None, :, :]
-        & lane_ok_TK[:, :, None]
-        & lane_ok_TK[:, None, :]
-    )
-    bad_TK = (lane_ok_TK & ~in_range_TK) | (tl.max(dup_TKK.to(tl.int32), axis=2) > 0)
-    num_bad = tl.sum(tl.sum(bad_TK.to(tl.int32), axis=1), axis=0)
-    tl.store(bad_ptr, 1, mask=num_bad > 0)
+    if CHECK:
+        # Fused id check: out of [0, E) or repeated within the row. Bad ids are never
+        # dereferenced. The duplicate test runs on int32: a wrapped out-of-range id can only
+        # flag a row that the range test already flags.
+        pair_KK = k_K[:, None] < k_K[None, :]
+        dup_TKK = (
+            (idx_TK[:, :, None] == idx_TK[:, None, :])
+            & pair_KK[None, :, :]
+            & lane_ok_TK[:, :, None]
+            & lane_ok_TK[:, None, :]
+        )
+        bad_TK = (lane_ok_TK & ~in_range_TK) | (
+            tl.max(dup_TKK.to(tl.int32), axis=2) > 0
+        )
+        num_bad = tl.sum(tl.sum(bad_TK.to(tl.int32), axis=1), axis=0)
+        tl.store(bad_ptr, 1, mask=num_bad > 0)
 
     x_TK = tl.load(
         logits_ptr + safe_T[:, None] * stride_lt + idx_TK * stride_le,
@@ -433,7 +746,9 @@ def _replay_weights_fwd_kernel(
         other=float("-inf"),
     ).to(cdtype)
     if METHOD == _FULL_SOFTMAX:
-        lse_T = _row_lse(logits_ptr, safe_T, E, stride_lt, stride_le, cdtype, BLOCK_T, BLOCK_E)
+        lse_T = _row_lse(
+            logits_ptr, safe_T, E, stride_lt, stride_le, cdtype, BLOCK_T, BLOCK_E
+        )
         tl.store(lse_ptr + rows_T, lse_T, mask=row_ok_T)
         w_TK = tl.exp(x_TK - lse_T[:, None])
     elif METHOD == _SOFTMAX_K:
@@ -443,29 +758,42 @@ def _replay_weights_fwd_kernel(
         w_TK = s_TK / (tl.sum(s_TK, axis=1) + _DEEPSEEK_DENOM_EPS_K)[:, None] * scale
     else:  # _SIGMOID
         w_TK = _sigmoid(x_TK)
-    tl.store(
-        weights_ptr + rows_T[:, None].to(tl.int64) * K + k_K[None, :],
-        w_TK,
-        mask=row_ok_T[:, None] & (k_K[None, :] < K),
-    )
+    if MERGE:
+        # Cast first, then select: native weights pass through bit for bit.
+        out_dtype = weights_ptr.dtype.element_ty
+        native_w_TK = tl.load(
+            native_w_ptr + safe_T[:, None] * stride_nwt + k_K[None, :] * stride_nwk,
+            mask=lane_ok_TK,
+            other=0.0,
+        )
+        w_TK = tl.where(
+            replay_T[:, None], w_TK.to(out_dtype), native_w_TK.to(out_dtype)
+        )
+    tl.store(weights_ptr + out_TK, w_TK, mask=store_ok_TK)
 
 
 @triton.jit
 def _replay_weights_bwd_kernel(
-    logits_ptr, ids_ptr, grad_w_ptr, lse_ptr, grad_logits_ptr,
+    logits_ptr, ids_ptr, grad_w_ptr, lse_ptr, grad_logits_ptr, replay_ptr, grad_native_ptr,
     T, E, K,
     stride_lt, stride_le, stride_it, stride_ik, stride_gwt, stride_gwk, stride_gt,
     scale,
-    METHOD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    METHOD: tl.constexpr, COMPUTE_F64: tl.constexpr, MERGE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    cdtype = grad_w_ptr.dtype.element_ty
+    if COMPUTE_F64:
+        cdtype = tl.float64
+    else:
+        cdtype = tl.float32
     rows_T = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok_T = rows_T < T
     safe_T = tl.minimum(rows_T, T - 1).to(tl.int64)
     k_K = tl.arange(0, BLOCK_K)
     lane_ok_TK = tl.broadcast_to(k_K[None, :] < K, (BLOCK_T, BLOCK_K))
     ids_TK = tl.load(
-        ids_ptr + safe_T[:, None] * stride_it + k_K[None, :] * stride_ik, mask=lane_ok_TK, other=0
+        ids_ptr + safe_T[:, None] * stride_it + k_K[None, :] * stride_ik,
+        mask=lane_ok_TK,
+        other=0,
     ).to(tl.int32)
     # With check_ids=False nobody validated the ids: an out-of-range id is never read here and
     # matches no column below, so it scatters nothing.
@@ -479,6 +807,16 @@ def _replay_weights_bwd_kernel(
         mask=lane_ok_TK,
         other=0.0,
     ).to(cdtype)
+    if MERGE:
+        # Rows not replayed pass their gradient to the native weights and none to the logits
+        # (every method's logits gradient below is linear in g, so g = 0 gives zero rows).
+        replay_T1 = (tl.load(replay_ptr + safe_T) != 0)[:, None]
+        tl.store(
+            grad_native_ptr + rows_T[:, None].to(tl.int64) * K + k_K[None, :],
+            tl.where(replay_T1, 0.0, g_TK).to(grad_native_ptr.dtype.element_ty),
+            mask=row_ok_T[:, None] & (k_K[None, :] < K),
+        )
+        g_TK = tl.where(replay_T1, g_TK, 0.0)
 
     # c_TK: what each replayed id scatters into its logit's gradient. For DEFAULT the dense row
     # is p_e * (c scattered to e - dot), p = softmax of the full row.
@@ -505,7 +843,7 @@ def _replay_weights_bwd_kernel(
     for e0 in range(0, E, BLOCK_E):
         cols_E = e0 + tl.arange(0, BLOCK_E)
         acc_TE = tl.zeros([BLOCK_T, BLOCK_E], cdtype)
-        for j in range(0, K):
+        for j in range(K):
             # Column j of the [T, K] tiles, as a [T] vector (Triton has no register indexing).
             pick_K = k_K[None, :] == j
             id_T = tl.sum(tl.where(pick_K, ids_TK, 0), axis=1)

@@ -9,8 +9,10 @@ Any other transition raises (contexts do not nest). The controller is attached t
 its state lives on it, never in a global, so two patched models never interfere.
 
 The one seam is ``ReplayController.select_topk``: every patched router runs its own forward and
-hands ``(logits, weights, ids)`` to it. In OFF, with no replayed forward still awaiting its
-backward, the router output is returned after one attribute check.
+hands ``(logits, weights, ids)`` to it. The seam is installed on the router instances only while
+the controller is engaged (a mode other than OFF, or a replayed forward whose outputs, and so a
+possible recompute, are still alive); otherwise the routers are exactly as unpatched, so OFF
+costs the routers nothing.
 
 Binding routing to the forward, not to the context: each forward of the model gets a binding
 chosen by the mode (native, replay, record). Activation checkpointing re-runs MoE layers inside
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import kernels
+from kernels.replay_weights import replay_topk
 from replay.discovery import MoELayer, MoEStructure, RoutingSpec
 from replay.layout import AlignedTraces, BatchLayout, align_traces, traces_from_aligned
 from replay.routed_experts import RoutedExperts
@@ -69,16 +71,18 @@ class ReplayController:
         self._context: ReplayContext | RecordContext | None = None
         # Binding of the model forward in progress; None between forwards.
         self._forward: _Binding | None = None
-        # True when routers must consult the controller: a mode other than OFF, or replayed
-        # forwards whose outputs (and so possible recomputes) are still alive.
+        # True when routers must consult the controller (their seams are installed): a mode
+        # other than OFF, or replayed forwards whose outputs (so possible recomputes) are alive.
         self._engaged = False
         self._pending_replays = 0
         # Autograd graph task id -> bindings of the forwards whose outputs it differentiates.
         self._task_bindings: dict[int, list[_Binding]] = {}
         self._native = _NativeBinding()
-        for position, layer in enumerate(structure.layers):
-            # Per instance: the class (and every other model) keeps its own forward.
-            layer.router.forward = _RouterSeam(self, position, layer.router.forward)
+        # Per instance: the class (and every other model) keeps its own forward.
+        self._seams = tuple(
+            _RouterSeam(self, position, layer.router)
+            for position, layer in enumerate(structure.layers)
+        )
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         model.register_forward_hook(self._after_forward, with_kwargs=True)
 
@@ -150,7 +154,9 @@ class ReplayController:
         this batch shape.
         """
         layout = BatchLayout.from_inputs(
-            attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
         )
         if layout is None:
             layout = _dense_layout_of(traces)
@@ -177,7 +183,9 @@ class ReplayController:
         sequence of the forward's length. Recomputation in backward is ignored.
         """
         layout = BatchLayout.from_inputs(
-            attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
         )
         return RecordContext(self, layout)
 
@@ -238,7 +246,11 @@ class ReplayController:
             self._forward = self._context._new_forward(_batch_shape(args, kwargs))
 
     def _after_forward(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
     ) -> None:
         if _graph_task() != _NO_GRAPH_TASK:
             return
@@ -292,7 +304,11 @@ class ReplayController:
         self._refresh_engaged()
 
     def _refresh_engaged(self) -> None:
-        self._engaged = self._mode is not Mode.OFF or self._pending_replays > 0
+        engaged = self._mode is not Mode.OFF or self._pending_replays > 0
+        if engaged is not self._engaged:
+            self._engaged = engaged
+            for seam in self._seams:
+                seam.install() if engaged else seam.remove()
 
     def _device(self) -> torch.device:
         weight = self._structure.layers[0].router.weight
@@ -328,7 +344,9 @@ class ReplayContext:
 
     def __enter__(self) -> ReplayContext:
         if self._entered:
-            raise RuntimeError("replay context: expected a fresh context, got one entered before")
+            raise RuntimeError(
+                "replay context: expected a fresh context, got one entered before"
+            )
         self._controller._enter(Mode.REPLAY, self)
         self._entered = True
         return self
@@ -360,7 +378,8 @@ class ReplayContext:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Trace ids on replayed tokens, with weights recomputed from the current logits by the
         model's method (cast like the router's own weights); native routing elsewhere."""
-        replay_T = self._aligned.replay_T
+        aligned = self._aligned
+        replay_T = aligned.replay_T
         if logits_TE.shape[0] != replay_T.shape[0]:
             layer = self._controller.layers[position]
             raise ValueError(
@@ -368,24 +387,25 @@ class ReplayContext:
                 f"tokens (batch {self._layout.batch_size} x seq_len {self._layout.seq_len} of "
                 f"the replay context), got {logits_TE.shape[0]}"
             )
-        trace_TK = self._aligned.ids_LTK[position]
-        if trace_TK.device != ids_TK.device:
-            trace_TK = trace_TK.to(ids_TK.device, non_blocking=True)
-            replay_T = replay_T.to(ids_TK.device, non_blocking=True)
-        replay_T1 = replay_T[:, None]
-        ids_TK = torch.where(replay_T1, trace_TK, ids_TK).to(ids_TK.dtype)
+        if aligned.num_replayed == 0:
+            # Decided on the host from the traces: no row replays, the router's output stands.
+            return weights_TK, ids_TK
+        trace_TK = aligned.ids_TLK[:, position]
+        if replay_T.device != logits_TE.device:
+            trace_TK = trace_TK.to(logits_TE.device, non_blocking=True)
+            replay_T = replay_T.to(logits_TE.device, non_blocking=True)
         routing = self._controller.routing
-        # Trace ids were validated by RoutedExperts and native ids come from top-k, so the
-        # per-layer id check (a host synchronization on CUDA) is skipped.
-        replayed_TK = kernels.replay_weights(
+        # One fused launch on CUDA; the trace ids were validated by RoutedExperts, so no id
+        # check (a host synchronization) runs here.
+        return replay_topk(
             logits_TE,
+            weights_TK,
             ids_TK,
+            trace_TK,
+            replay_T,
             routing.method,
             routed_scaling_factor=routing.routed_scaling_factor,
-            check_ids=False,
         )
-        weights_TK = torch.where(replay_T1, replayed_TK.to(weights_TK.dtype), weights_TK)
-        return weights_TK, ids_TK
 
 
 class RecordContext:
@@ -395,7 +415,9 @@ class RecordContext:
     have been recorded exactly once.
     """
 
-    def __init__(self, controller: ReplayController, layout: BatchLayout | None) -> None:
+    def __init__(
+        self, controller: ReplayController, layout: BatchLayout | None
+    ) -> None:
         self._controller = controller
         self._layout = layout
         self._forward: _RecordForward | None = None
@@ -409,8 +431,12 @@ class RecordContext:
         if self._traces is None:
             forward = self._forward
             if forward is None:
-                raise RuntimeError("record: expected a forward of the model inside the context")
-            _check_each_layer_once(self._controller.layers, [forward.consumed], "record")
+                raise RuntimeError(
+                    "record: expected a forward of the model inside the context"
+                )
+            _check_each_layer_once(
+                self._controller.layers, [forward.consumed], "record"
+            )
             assert self._layout is not None, "set by the forward"
             self._traces = traces_from_aligned(
                 torch.stack(forward.ids_LTK),
@@ -422,7 +448,9 @@ class RecordContext:
 
     def __enter__(self) -> RecordContext:
         if self._entered:
-            raise RuntimeError("record context: expected a fresh context, got one entered before")
+            raise RuntimeError(
+                "record context: expected a fresh context, got one entered before"
+            )
         self._controller._enter(Mode.RECORD, self)
         self._entered = True
         return self
@@ -465,7 +493,11 @@ class _NativeBinding:
     __slots__ = ()
 
     def forward(
-        self, position: int, logits_TE: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor
+        self,
+        position: int,
+        logits_TE: torch.Tensor,
+        weights_TK: torch.Tensor,
+        ids_TK: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return weights_TK, ids_TK
 
@@ -482,13 +514,21 @@ class _ReplayForward:
         self.consumed = [0] * num_layers
 
     def forward(
-        self, position: int, logits_TE: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor
+        self,
+        position: int,
+        logits_TE: torch.Tensor,
+        weights_TK: torch.Tensor,
+        ids_TK: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self.consumed[position] += 1
         return self.context._routed(position, logits_TE, weights_TK, ids_TK)
 
     def recompute(
-        self, position: int, logits_TE: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor
+        self,
+        position: int,
+        logits_TE: torch.Tensor,
+        weights_TK: torch.Tensor,
+        ids_TK: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.context._routed(position, logits_TE, weights_TK, ids_TK)
 
@@ -503,14 +543,22 @@ class _RecordForward:
         self.ids_LTK: list[torch.Tensor | None] = [None] * num_layers
 
     def forward(
-        self, position: int, logits_TE: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor
+        self,
+        position: int,
+        logits_TE: torch.Tensor,
+        weights_TK: torch.Tensor,
+        ids_TK: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self.consumed[position] += 1
         self.ids_LTK[position] = ids_TK.detach()
         return weights_TK, ids_TK
 
     def recompute(
-        self, position: int, logits_TE: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor
+        self,
+        position: int,
+        logits_TE: torch.Tensor,
+        weights_TK: torch.Tensor,
+        ids_TK: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return weights_TK, ids_TK
 
@@ -522,16 +570,55 @@ _Binding = _NativeBinding | _ReplayForward | _RecordForward
 
 
 class _RouterSeam:
-    """Installed as ``router.forward`` on one router instance: its own forward, then the
-    controller's ``select_topk``. A callable object (not a closure) so that ``copy.deepcopy``
-    of a patched model yields an independently patched copy."""
+    """The seam of one router instance: its own forward, then the controller's ``select_topk``.
 
-    __slots__ = ("controller", "native_forward", "position")
+    ``install`` sets it as the instance's ``forward`` (shadowing the class's, or a forward the
+    instance already had), ``remove`` restores what was there. A callable object (not a
+    closure) so that ``copy.deepcopy`` of a patched model yields an independently patched copy.
+    """
 
-    def __init__(self, controller: ReplayController, position: int, native_forward: Any) -> None:
+    __slots__ = (
+        "controller",
+        "installed",
+        "native_forward",
+        "position",
+        "previous",
+        "router",
+    )
+
+    def __init__(
+        self, controller: ReplayController, position: int, router: nn.Module
+    ) -> None:
         self.controller = controller
         self.position = position
-        self.native_forward = native_forward
+        self.router = router
+        self.installed = False
+        self.native_forward: Any = None
+        self.previous: Any = None
+        # Marks the router as patched (replay.patch refuses to patch it a second time).
+        router.__dict__[_SEAM_ATTR] = self
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        router = self.router
+        self.previous = router.__dict__.get("forward")
+        self.native_forward = router.forward
+        router.__dict__["forward"] = self
+        self.installed = True
+
+    def remove(self) -> None:
+        router = self.router
+        if not self.installed or router.__dict__.get("forward") is not self:
+            # Not installed, or someone wrapped the seam since: it stays inside their wrapper
+            # and passes the router output through while the controller is not engaged.
+            return
+        if self.previous is None:
+            del router.__dict__["forward"]
+        else:
+            router.__dict__["forward"] = self.previous
+        self.native_forward = self.previous = None
+        self.installed = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.native_forward(*args, **kwargs)
@@ -539,7 +626,9 @@ class _RouterSeam:
         if not controller._engaged:
             return out
         logits_TE, weights_TK, ids_TK = out
-        weights_TK, ids_TK = controller.select_topk(self.position, logits_TE, weights_TK, ids_TK)
+        weights_TK, ids_TK = controller.select_topk(
+            self.position, logits_TE, weights_TK, ids_TK
+        )
         return logits_TE, weights_TK, ids_TK
 
 
@@ -560,15 +649,14 @@ class _OutputMarker:
 # ---------------------------------------------------------------------- helpers
 
 _NO_GRAPH_TASK = -1
+# The router attribute holding its seam (whether installed or not).
+_SEAM_ATTR = "_routing_replay_seam"
 
 
-def _graph_task() -> int:
-    """Id of the autograd graph task running on this thread, -1 outside backward.
-
-    Activation checkpointing (reentrant or not) recomputes inside the backward, so this is how
-    a recompute is told from a forward.
-    """
-    return torch._C._current_graph_task_id()
+# Id of the autograd graph task running on this thread, -1 outside backward. Activation
+# checkpointing (reentrant or not) recomputes inside the backward, so this is how a recompute
+# is told from a forward. Bound directly: it runs on every forward and routed layer.
+_graph_task = torch._C._current_graph_task_id
 
 
 def _tensors_in(output: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -584,7 +672,9 @@ def _tensors_in(output: Any, depth: int = 0) -> Iterator[torch.Tensor]:
             yield from _tensors_in(value, depth + 1)
 
 
-def _batch_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+def _batch_shape(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[int, int] | None:
     """(batch, seq_len) of a forward's ``input_ids`` / ``inputs_embeds``, if it has them."""
     candidates = [kwargs.get("input_ids"), kwargs.get("inputs_embeds")]
     if args:
@@ -595,7 +685,9 @@ def _batch_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, in
     return None
 
 
-def _check_batch_shape(shape: tuple[int, int] | None, layout: BatchLayout, what: str) -> None:
+def _check_batch_shape(
+    shape: tuple[int, int] | None, layout: BatchLayout, what: str
+) -> None:
     expected = (layout.batch_size, layout.seq_len)
     if shape is not None and shape != expected:
         raise ValueError(
@@ -634,7 +726,9 @@ def _dense_layout_of(traces: Sequence[RoutedExperts]) -> BatchLayout:
         )
     for i, trace in enumerate(traces):
         if not isinstance(trace, RoutedExperts):
-            raise TypeError(f"traces[{i}]: expected RoutedExperts, got {type(trace).__name__}")
+            raise TypeError(
+                f"traces[{i}]: expected RoutedExperts, got {type(trace).__name__}"
+            )
     lengths = [trace.start + trace.num_rows + 1 for trace in traces]
     if not lengths or len(set(lengths)) != 1:
         raise ValueError(

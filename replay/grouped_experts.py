@@ -73,23 +73,32 @@ def grouped_experts_forward(
     _check_backend(backend)
     gate_up_E2IH, down_EHI = experts.gate_up_proj, experts.down_proj
     num_tokens, top_k = ids_TK.shape
+    num_experts = gate_up_E2IH.shape[0]
     flat_ids_S = ids_TK.reshape(-1)
     order_S = torch.argsort(flat_ids_S, stable=True)
     x_SH = hidden_TH[order_S // top_k]
-    counts_E = torch.bincount(flat_ids_S, minlength=gate_up_E2IH.shape[0])
+    # End offset of each expert's rows: how many sorted ids are <= e. Not bincount, which reads
+    # the ids' min and max back to the host on CUDA (two synchronizations per layer).
+    experts_E = torch.arange(
+        num_experts, device=flat_ids_S.device, dtype=flat_ids_S.dtype
+    )
+    ends_E = torch.searchsorted(flat_ids_S[order_S], experts_E, right=True)
 
     if _use_grouped_mm(backend, x_SH, gate_up_E2IH, down_EHI):
-        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        offsets_E = ends_E.to(torch.int32)
         gate_up_S2I = _grouped_linear(x_SH, gate_up_E2IH, offsets_E)
         gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
         out_SH = _grouped_linear(experts.act_fn(gate_SI) * up_SI, down_EHI, offsets_E)
     else:
-        counts = counts_E.tolist()  # one host sync: the fallback loops on the host anyway
+        # One host sync: the fallback loops on the host anyway.
+        counts = torch.diff(ends_E, prepend=ends_E.new_zeros(1)).tolist()
         parts = []
         for expert, x_NH in enumerate(torch.split(x_SH, counts)):
             if counts[expert]:
                 gate_NI, up_NI = F.linear(x_NH, gate_up_E2IH[expert]).chunk(2, dim=-1)
-                parts.append(F.linear(experts.act_fn(gate_NI) * up_NI, down_EHI[expert]))
+                parts.append(
+                    F.linear(experts.act_fn(gate_NI) * up_NI, down_EHI[expert])
+                )
         out_SH = torch.cat(parts) if parts else x_SH.new_zeros(0, down_EHI.shape[1])
 
     inverse_S = torch.empty_like(order_S)
@@ -126,7 +135,10 @@ def _grouped_mm_function() -> Any:
 
 
 def _use_grouped_mm(
-    backend: Backend, x_SH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor
+    backend: Backend,
+    x_SH: torch.Tensor,
+    gate_up_E2IH: torch.Tensor,
+    down_EHI: torch.Tensor,
 ) -> bool:
     if backend == "loop":
         return False
@@ -184,15 +196,21 @@ def _check_backend(backend: object) -> None:
 
 def _check_experts(experts: nn.Module, name: str) -> None:
     label = f"{name} ({type(experts).__name__})"
-    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    gate_up, down = (
+        getattr(experts, "gate_up_proj", None),
+        getattr(experts, "down_proj", None),
+    )
     if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
         raise ValueError(
             f"{label}: expected 3-D `gate_up_proj` and `down_proj` weights (HF fused experts), "
             f"got {type(gate_up).__name__} and {type(down).__name__}"
         )
     num_experts, hidden = gate_up.shape[0], gate_up.shape[-1]
-    if gate_up.ndim != 3 or down.ndim != 3 or gate_up.shape[1] != 2 * down.shape[2] or (
-        tuple(down.shape[:2]) != (num_experts, hidden)
+    if (
+        gate_up.ndim != 3
+        or down.ndim != 3
+        or gate_up.shape[1] != 2 * down.shape[2]
+        or (tuple(down.shape[:2]) != (num_experts, hidden))
     ):
         raise ValueError(
             f"{label}: expected gate_up_proj [E, 2I, H] and down_proj [E, H, I], got "
@@ -203,7 +221,10 @@ def _check_experts(experts: nn.Module, name: str) -> None:
         "has_gate": (getattr(experts, "has_gate", True), True),
         "is_transposed": (getattr(experts, "is_transposed", False), False),
         "is_concatenated": (getattr(experts, "is_concatenated", True), True),
-        "has_post_expert_norm": (getattr(experts, "has_post_expert_norm", False), False),
+        "has_post_expert_norm": (
+            getattr(experts, "has_post_expert_norm", False),
+            False,
+        ),
         "_is_expert_parallel": (getattr(experts, "_is_expert_parallel", False), False),
     }
     for field, (actual, expected) in layout.items():

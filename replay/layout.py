@@ -8,8 +8,9 @@ tokens in order; traces map onto those positions exactly as the input ids do (DE
 row ``r`` of a trace with start ``s`` is token ``s + r`` of its sequence; the last token has no
 row).
 
-``align_traces`` scatters one trace per sequence into per-layer id tensors for replay;
-``traces_from_aligned`` is the inverse for recording.
+``align_traces`` scatters one trace per sequence onto the batch's tokens for replay (one
+``[T, L, K]`` id tensor, a view per layer); ``traces_from_aligned`` is the inverse for
+recording.
 
 Legend: B batch rows, S tokens per row, T = B * S flat tokens, N tokens of all sequences,
 L MoE layers, K top_k, R trace rows.
@@ -17,12 +18,14 @@ L MoE layers, K top_k, R trace rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kernels.expert_ids import compact_id_dtype
 from replay.routed_experts import RoutedExperts
 
 __all__ = ["AlignedTraces", "BatchLayout", "align_traces", "traces_from_aligned"]
@@ -57,10 +60,14 @@ class BatchLayout:
         for name in ("token_index", "seq_offsets"):
             array = getattr(self, name)
             if not isinstance(array, np.ndarray) or array.dtype != np.int64:
-                raise TypeError(f"{name}: expected a numpy int64 array, got {array!r:.80}")
+                raise TypeError(
+                    f"{name}: expected a numpy int64 array, got {array!r:.80}"
+                )
         offsets = self.seq_offsets
         if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0:
-            raise ValueError(f"seq_offsets: expected [0, ...] (1-D), got {offsets.tolist()}")
+            raise ValueError(
+                f"seq_offsets: expected [0, ...] (1-D), got {offsets.tolist()}"
+            )
         if np.any(np.diff(offsets) < 0) or offsets[-1] != self.token_index.size:
             raise ValueError(
                 f"seq_offsets: expected non-decreasing offsets ending at {self.token_index.size} "
@@ -74,8 +81,13 @@ class BatchLayout:
                 f"token_index: expected flat positions in [0, {num_tokens}), got "
                 f"[{self.token_index.min()}, {self.token_index.max()}]"
             )
-        if np.unique(self.token_index).size != self.token_index.size:
-            raise ValueError("token_index: expected each flat position at most once, got repeats")
+        # O(N) instead of np.unique's sort: a layout is built for every training batch.
+        seen = np.zeros(num_tokens, dtype=bool)
+        seen[self.token_index] = True
+        if np.count_nonzero(seen) != self.token_index.size:
+            raise ValueError(
+                "token_index: expected each flat position at most once, got repeats"
+            )
         self.token_index.setflags(write=False)
         self.seq_offsets.setflags(write=False)
 
@@ -87,11 +99,16 @@ class BatchLayout:
         token_index = np.arange(batch_size * seq_len, dtype=np.int64)
         seq_offsets = np.arange(batch_size + 1, dtype=np.int64) * seq_len
         return cls(
-            batch_size=batch_size, seq_len=seq_len, token_index=token_index, seq_offsets=seq_offsets
+            batch_size=batch_size,
+            seq_len=seq_len,
+            token_index=token_index,
+            seq_offsets=seq_offsets,
         )
 
     @classmethod
-    def from_attention_mask(cls, attention_mask: torch.Tensor | np.ndarray) -> BatchLayout:
+    def from_attention_mask(
+        cls, attention_mask: torch.Tensor | np.ndarray
+    ) -> BatchLayout:
         """One sequence per row made of the row's unmasked tokens, in order.
 
         Right and left padding (and any other placement of the padding) are handled alike:
@@ -100,9 +117,14 @@ class BatchLayout:
         mask_BS = _as_mask("attention_mask", attention_mask)
         batch_size, seq_len = mask_BS.shape
         token_index = np.flatnonzero(mask_BS.reshape(-1)).astype(np.int64)
-        seq_offsets = np.concatenate([[0], np.cumsum(mask_BS.sum(axis=1))]).astype(np.int64)
+        seq_offsets = np.concatenate([[0], np.cumsum(mask_BS.sum(axis=1))]).astype(
+            np.int64
+        )
         return cls(
-            batch_size=batch_size, seq_len=seq_len, token_index=token_index, seq_offsets=seq_offsets
+            batch_size=batch_size,
+            seq_len=seq_len,
+            token_index=token_index,
+            seq_offsets=seq_offsets,
         )
 
     @classmethod
@@ -163,7 +185,12 @@ class BatchLayout:
         ``cu_seqlens[-1]`` are padding. A sequence may not cross a row boundary.
         """
         cu_N1 = _as_int_array("cu_seqlens", cu_seqlens)
-        if cu_N1.ndim != 1 or cu_N1.size < 1 or cu_N1[0] != 0 or np.any(np.diff(cu_N1) < 0):
+        if (
+            cu_N1.ndim != 1
+            or cu_N1.size < 1
+            or cu_N1[0] != 0
+            or np.any(np.diff(cu_N1) < 0)
+        ):
             raise ValueError(
                 f"cu_seqlens: expected a 1-D non-decreasing sequence starting at 0, "
                 f"got {cu_N1.tolist()}"
@@ -182,7 +209,9 @@ class BatchLayout:
                 f"{batch_size * seq_len}, got {total}"
             )
         starts, ends = cu_N1[:-1], cu_N1[1:]
-        crossing = (ends > starts) & (starts // max(seq_len, 1) != (ends - 1) // max(seq_len, 1))
+        crossing = (ends > starts) & (
+            starts // max(seq_len, 1) != (ends - 1) // max(seq_len, 1)
+        )
         if crossing.any():
             i = int(np.flatnonzero(crossing)[0])
             raise ValueError(
@@ -242,7 +271,9 @@ class BatchLayout:
 
     def positions(self, sequence: int) -> np.ndarray:
         """Flat positions of sequence ``sequence``'s tokens, in order."""
-        return self.token_index[self.seq_offsets[sequence] : self.seq_offsets[sequence + 1]]
+        return self.token_index[
+            self.seq_offsets[sequence] : self.seq_offsets[sequence + 1]
+        ]
 
 
 @dataclass(kw_only=True, frozen=True, slots=True, eq=False)
@@ -250,15 +281,27 @@ class AlignedTraces:
     """Traces scattered onto the flat tokens of a batch, ready for the MoE layers.
 
     Attributes:
-        ids_LTK: int32 ``[num_moe_layers, T, top_k]``; rows where ``replay_T`` is False hold 0
-            and are never read.
+        ids_TLK: ``[T, num_moe_layers, top_k]`` in the traces' compact id dtype
+            (``kernels.expert_ids.compact_id_dtype``), the traces' own layout (so aligning is
+            a contiguous copy per sequence); MoE layer ``l`` reads the view ``ids_TLK[:, l]``.
+            Rows where ``replay_T`` is False hold 0 and are never read.
         replay_T: bool ``[T]``: True where a trace row exists and is valid (the token replays);
             padding, the last token of each sequence, tokens before a trace's ``start`` and
             invalid rows are False (they route natively).
+        num_replayed: how many entries of ``replay_T`` are True, known on the host (deciding
+            on it never reads device memory).
     """
 
-    ids_LTK: torch.Tensor
+    ids_TLK: torch.Tensor
     replay_T: torch.Tensor
+    num_replayed: int
+
+    @property
+    def ids_LTK(self) -> torch.Tensor:
+        """int32 ``[num_moe_layers, T, top_k]``, contiguous: a copy made on each access."""
+        return self.ids_TLK.transpose(0, 1).to(
+            torch.int32, memory_format=torch.contiguous_format
+        )
 
 
 def align_traces(
@@ -275,6 +318,10 @@ def align_traces(
     Every trace must match the model (``moe_layers``, ``num_experts``, ``top_k``) and have
     ``N - 1 - start`` rows for its sequence of ``N`` tokens; otherwise ValueError naming the
     sequence, the expected and the actual value.
+
+    The ids and the mask are built in one host buffer (pinned for a CUDA ``device``) and reach
+    the device in one asynchronous copy: no host synchronization, so aligning the next batch
+    overlaps the device's work on the current one.
     """
     if isinstance(traces, RoutedExperts) or not isinstance(traces, Sequence):
         raise TypeError(
@@ -287,21 +334,41 @@ def align_traces(
             f"traces: expected {layout.num_sequences} (one per sequence of the batch), "
             f"got {len(traces)}"
         )
-    ids_TLK = np.zeros((layout.num_tokens, len(moe_layers), top_k), dtype=np.int32)
-    replay_T = np.zeros(layout.num_tokens, dtype=bool)
-    for i, (trace, length) in enumerate(zip(traces, layout.lengths.tolist(), strict=True)):
+    device = torch.device("cpu") if device is None else torch.device(device)
+    id_dtype = compact_id_dtype(num_experts)
+    shape_TLK = (layout.num_tokens, len(moe_layers), top_k)
+    ids_bytes = math.prod(shape_TLK) * id_dtype.itemsize
+    # One buffer: the ids, then the bool mask (the ids at offset 0 are aligned for any dtype).
+    host_B = torch.zeros(
+        ids_bytes + layout.num_tokens,
+        dtype=torch.uint8,
+        pin_memory=device.type == "cuda",
+    )
+    ids_TLK = host_B[:ids_bytes].view(id_dtype).view(shape_TLK).numpy()
+    replay_T = host_B[ids_bytes:].view(torch.bool).numpy()
+    for i, (trace, length) in enumerate(
+        zip(traces, layout.lengths.tolist(), strict=True)
+    ):
         _check_trace(i, trace, length, moe_layers, num_experts, top_k)
         positions_R = layout.positions(i)[trace.start : trace.start + trace.num_rows]
         ids_RLK = trace.ids
         if trace.valid is not None:
-            positions_R = positions_R[trace.valid]
-            ids_RLK = ids_RLK[trace.valid]
+            positions_R, ids_RLK = positions_R[trace.valid], ids_RLK[trace.valid]
+        if (
+            positions_R.size
+            and positions_R[-1] - positions_R[0] + 1 == positions_R.size
+        ):
+            # The common case (a padded or packed sequence's rows are one run of tokens): one
+            # contiguous copy instead of a fancy-index scatter.
+            positions_R = slice(int(positions_R[0]), int(positions_R[-1]) + 1)
         ids_TLK[positions_R] = ids_RLK
         replay_T[positions_R] = True
-    ids_LTK = np.ascontiguousarray(ids_TLK.transpose(1, 0, 2))
+    num_replayed = int(np.count_nonzero(replay_T))
+    device_B = host_B if device.type == "cpu" else host_B.to(device, non_blocking=True)
     return AlignedTraces(
-        ids_LTK=torch.from_numpy(ids_LTK).to(device),
-        replay_T=torch.from_numpy(replay_T).to(device),
+        ids_TLK=device_B[:ids_bytes].view(id_dtype).view(shape_TLK),
+        replay_T=device_B[ids_bytes:].view(torch.bool),
+        num_replayed=num_replayed,
     )
 
 
@@ -344,7 +411,9 @@ def _check_trace(
     top_k: int,
 ) -> None:
     if not isinstance(trace, RoutedExperts):
-        raise TypeError(f"traces[{index}]: expected RoutedExperts, got {type(trace).__name__}")
+        raise TypeError(
+            f"traces[{index}]: expected RoutedExperts, got {type(trace).__name__}"
+        )
     if trace.moe_layers != moe_layers:
         raise ValueError(
             f"traces[{index}].moe_layers: expected the model's {len(moe_layers)} MoE layers "
@@ -393,7 +462,7 @@ def _as_mask(name: str, value: object) -> np.ndarray:
     array = _as_array(name, value)
     if array.ndim != 2:
         raise ValueError(f"{name}: expected shape [batch, seq_len], got {array.shape}")
-    if not np.isin(array, (0, 1)).all():
+    if not ((array == 0) | (array == 1)).all():
         raise ValueError(
             f"{name}: expected values in {{0, 1}}, got {np.unique(array)[:8].tolist()}"
         )

@@ -1,8 +1,9 @@
 """``replay.patch``: make one HF transformers MoE model replayable.
 
-Patching is per instance: each MoE layer's router gets a small forward seam and the model a
-pre/post forward hook, all owned by one ``ReplayController`` attached to the model. Classes are
-never touched, so other models (patched or not) are unaffected.
+Patching is per instance: each MoE layer's router gets a small forward seam (installed only
+while a replay or record context, or a replayed forward awaiting its backward, needs it) and
+the model a pre/post forward hook, all owned by one ``ReplayController`` attached to the
+model. Classes are never touched, so other models (patched or not) are unaffected.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from kernels import RoutingMethod
-from replay.controller import ReplayController, _RouterSeam
+from replay.controller import _SEAM_ATTR, ReplayController
 from replay.discovery import RoutingSpec, discover
 
 __all__ = ["patch"]
@@ -45,7 +46,9 @@ def patch(
             a different routing.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(
+            f"model: expected a torch.nn.Module, got {type(model).__name__}"
+        )
     routing = None
     if method is not None:
         factor = 1.0 if routed_scaling_factor is None else routed_scaling_factor
@@ -58,7 +61,10 @@ def patch(
     existing = model.__dict__.get(_CONTROLLER_ATTR)
     if existing is not None:
         have = (existing.routing.method, existing.routing.routed_scaling_factor)
-        if routing is not None and (routing.method, routing.routed_scaling_factor) != have:
+        if (
+            routing is not None
+            and (routing.method, routing.routed_scaling_factor) != have
+        ):
             raise ValueError(
                 f"method: expected {have[0].name} with routed_scaling_factor {have[1]} (this "
                 f"model is already patched with them), got {routing.method.name} with "
@@ -67,7 +73,7 @@ def patch(
         return existing
     structure = discover(model, routing=routing, verify=verify)
     for layer in structure.layers:
-        if isinstance(layer.router.__dict__.get("forward"), _RouterSeam):
+        if _SEAM_ATTR in layer.router.__dict__:
             raise ValueError(
                 f"{layer.router_name}: expected an unpatched router, got one already patched "
                 f"by replay.patch on another module holding it"

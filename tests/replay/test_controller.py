@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -23,8 +24,8 @@ from tiny_moe import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
-from kernels.replay_weights import replay_weights_triton
+import replay.controller
+from kernels.replay_weights import replay_topk_triton
 from replay.controller import Mode
 from replay.patch import patch
 from replay.routed_experts import RoutedExperts
@@ -36,20 +37,27 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 def enable_checkpointing(model: nn.Module, *, reentrant: bool) -> None:
     """HF's gradient_checkpointing_enable (5.23 deprecates the name, 5.17 has only it)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`gradient_checkpointing_enable` is deprecated")
+        warnings.filterwarnings(
+            "ignore", "`gradient_checkpointing_enable` is deprecated"
+        )
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": reentrant}
         )
 
 
 def random_traces(
-    rng: torch.Generator, lengths: list[int], moe_layers: tuple[int, ...], start: int = 0
+    rng: torch.Generator,
+    lengths: list[int],
+    moe_layers: tuple[int, ...],
+    start: int = 0,
 ) -> list[RoutedExperts]:
     """One trace per sequence of ``lengths`` tokens: distinct random ids per (row, layer)."""
     traces = []
     for n in lengths:
         rows = n - 1 - start
-        ids = torch.rand(rows, len(moe_layers), NUM_EXPERTS, generator=rng).argsort(-1)[..., :TOP_K]
+        ids = torch.rand(rows, len(moe_layers), NUM_EXPERTS, generator=rng).argsort(-1)[
+            ..., :TOP_K
+        ]
         traces.append(RoutedExperts(ids.numpy(), moe_layers, NUM_EXPERTS, start=start))
     return traces
 
@@ -58,7 +66,9 @@ def tokens(rng: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=rng)
 
 
-def reference_weights(method: str, logits_TE: torch.Tensor, ids_TK: torch.Tensor, factor: float):
+def reference_weights(
+    method: str, logits_TE: torch.Tensor, ids_TK: torch.Tensor, factor: float
+):
     """Gate weights at given ids, as the HF routers compute them for their own ids."""
     x_TE = logits_TE.float()
     if method == "DEFAULT":
@@ -71,7 +81,9 @@ def reference_weights(method: str, logits_TE: torch.Tensor, ids_TK: torch.Tensor
     return s_TK / s_TK.sum(-1, keepdim=True) * factor
 
 
-def per_token_ids(traces: list[RoutedExperts], seq_len: int, position: int) -> dict[int, list]:
+def per_token_ids(
+    traces: list[RoutedExperts], seq_len: int, position: int
+) -> dict[int, list]:
     """Flat token -> trace ids at MoE layer ``position``, for one unpadded sequence per row."""
     out = {}
     for b, trace in enumerate(traces):
@@ -81,7 +93,9 @@ def per_token_ids(traces: list[RoutedExperts], seq_len: int, position: int) -> d
     return out
 
 
-def reference_model(model: nn.Module, family: str, traces: list[RoutedExperts], seq_len: int):
+def reference_model(
+    model: nn.Module, family: str, traces: list[RoutedExperts], seq_len: int
+):
     """An unpatched copy whose routers are overridden by forward hooks: trace ids where a row
     exists, weights from ``reference_weights`` of the router's logits."""
     reference = copy.deepcopy(model)
@@ -92,12 +106,20 @@ def reference_model(model: nn.Module, family: str, traces: list[RoutedExperts], 
         def hook(module, args, output, table=table):
             logits_TE, weights_TK, ids_TK = output
             ids_TK = ids_TK.clone()
-            replay_T = torch.zeros(ids_TK.shape[0], dtype=torch.bool, device=ids_TK.device)
+            replay_T = torch.zeros(
+                ids_TK.shape[0], dtype=torch.bool, device=ids_TK.device
+            )
             for token, ids in table.items():
                 ids_TK[token] = torch.tensor(ids, device=ids_TK.device)
                 replay_T[token] = True
-            replayed_TK = reference_weights(method, logits_TE, ids_TK, factor).to(weights_TK.dtype)
-            return logits_TE, torch.where(replay_T[:, None], replayed_TK, weights_TK), ids_TK
+            replayed_TK = reference_weights(method, logits_TE, ids_TK, factor).to(
+                weights_TK.dtype
+            )
+            return (
+                logits_TE,
+                torch.where(replay_T[:, None], replayed_TK, weights_TK),
+                ids_TK,
+            )
 
         router.register_forward_hook(hook)
     return reference
@@ -118,11 +140,15 @@ class ExpertsSpy:
         self.ids.append(args[1].detach().clone())
 
     def _on_router(self, module, args) -> None:
-        self.router_inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+        self.router_inputs.append(
+            args[0].detach().reshape(-1, args[0].shape[-1]).clone()
+        )
 
 
 def param_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def assert_grads_close(a: dict, b: dict, atol: float = 1e-5) -> None:
@@ -135,7 +161,9 @@ def assert_grads_close(a: dict, b: dict, atol: float = 1e-5) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_record_then_replay_reproduces_native_logits(family: str, rng: torch.Generator) -> None:
+def test_record_then_replay_reproduces_native_logits(
+    family: str, rng: torch.Generator
+) -> None:
     model = tiny_moe(family)
     spy = ExpertsSpy(model)
     ctl = patch(model)
@@ -171,7 +199,9 @@ def test_replay_forces_trace_ids_and_routes_the_rest_natively(
     traces = [random_traces(rng, [seq_len], moe_layers)[0]]
     # Sequence 1 starts its trace at token 2 and has an invalid row: those route natively.
     ids = random_traces(rng, [seq_len], moe_layers, start=2)[0].ids
-    traces.append(RoutedExperts(ids, moe_layers, NUM_EXPERTS, start=2, valid=[True, False, True]))
+    traces.append(
+        RoutedExperts(ids, moe_layers, NUM_EXPERTS, start=2, valid=[True, False, True])
+    )
     with ctl.replay(traces):
         model(tokens(rng, 2, seq_len))
 
@@ -199,12 +229,21 @@ def test_replay_gradients_equal_the_reference_formula(
 def test_replay_through_the_triton_kernel(
     family: str, triton_device: torch.device, rng: torch.Generator, monkeypatch
 ) -> None:
-    # On CPU the controller's kernels.replay_weights takes the reference path; force Triton.
-    monkeypatch.setattr(kernels, "replay_weights", replay_weights_triton)
+    # On CPU the controller's replay_topk takes the reference path; force the fused kernels.
+    launches = []
+
+    def triton_topk(*args, **kwargs):
+        launches.append(1)
+        return replay_topk_triton(*args, **kwargs)
+
+    monkeypatch.setattr(replay.controller, "replay_topk", triton_topk)
     check_gradients_against_reference(family, str(triton_device), rng)
+    assert len(launches) == len(EXPECTED[family][0])
 
 
-def check_gradients_against_reference(family: str, device: str, rng: torch.Generator) -> None:
+def check_gradients_against_reference(
+    family: str, device: str, rng: torch.Generator
+) -> None:
     """Replayed logits and every parameter's gradient equal those of the reference model."""
     model = tiny_moe(family).to(device)
     seq_len = 6
@@ -226,6 +265,64 @@ def check_gradients_against_reference(family: str, device: str, rng: torch.Gener
     router_grads = [n for n in grads if n.endswith(".mlp.gate.weight")]
     assert len(router_grads) == len(EXPECTED[family][0])
     assert all(grads[n].abs().sum() > 0 for n in router_grads)
+
+
+def test_traces_without_valid_rows_leave_the_router_output_alone(
+    rng: torch.Generator, monkeypatch
+) -> None:
+    """Decided on the host from the traces: nothing replays, so no replay kernel runs and the
+    forward is the native one (its consumption still counted)."""
+    model = tiny_moe("qwen3_moe")
+    ctl = patch(model)
+    calls = []
+    monkeypatch.setattr(
+        replay.controller, "replay_topk", lambda *a, **k: calls.append(a)
+    )
+    x = tokens(rng, 2, 5)
+    traces = random_traces(rng, [5, 5], EXPECTED["qwen3_moe"][0])
+    invalid = [
+        RoutedExperts(t.ids, t.moe_layers, NUM_EXPERTS, valid=np.zeros(4, dtype=bool))
+        for t in traces
+    ]
+    with ctl.replay(invalid):
+        logits = model(x).logits
+    assert calls == []
+    torch.testing.assert_close(logits, model(x).logits, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["off", "replay", "record"])
+def test_routers_never_synchronize_with_the_host(
+    mode: str, rng: torch.Generator
+) -> None:
+    """Every router call (its own forward plus the seam) runs under sync debug mode "error":
+    a host synchronization anywhere in the patched routing raises."""
+    model = tiny_moe("qwen3_moe").cuda().train()
+    ctl = patch(model)
+    x = tokens(rng, 2, 6).cuda()
+    traces = random_traces(rng, [6, 6], EXPECTED["qwen3_moe"][0])
+    contexts = {
+        "off": nullcontext,
+        "replay": lambda: ctl.replay(traces),
+        "record": ctl.record,
+    }
+
+    def step() -> None:
+        with contexts[mode]():
+            model(x).logits.sum().backward()
+
+    step()  # compiles the Triton kernels outside the check
+    for router in routers(model):
+        router.register_forward_pre_hook(
+            lambda m, a: torch.cuda.set_sync_debug_mode("error")
+        )
+        router.register_forward_hook(
+            lambda m, a, o: torch.cuda.set_sync_debug_mode("default")
+        )
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ---------------------------------------------------------------------- checkpointing
@@ -268,12 +365,18 @@ def test_checkpoint_recompute_after_exit_replays_the_same_ids(
     loss.backward()  # recomputes outside the context
 
     # CUDA's eager experts accumulate with atomics: equal up to summation order there.
-    assert_grads_close(param_grads(model), expected, atol=1e-6 if device == "cpu" else 1e-5)
-    assert any(not torch.allclose(native[n], expected[n]) for n in native)  # replay mattered
+    assert_grads_close(
+        param_grads(model), expected, atol=1e-6 if device == "cpu" else 1e-5
+    )
+    assert any(
+        not torch.allclose(native[n], expected[n]) for n in native
+    )  # replay mattered
 
 
 @pytest.mark.parametrize("second", ["replay", "native"])
-def test_checkpointed_forwards_keep_their_own_routing(second: str, rng: torch.Generator) -> None:
+def test_checkpointed_forwards_keep_their_own_routing(
+    second: str, rng: torch.Generator
+) -> None:
     model = tiny_moe("qwen3_moe").train()
     ctl = patch(model)
     moe_layers = EXPECTED["qwen3_moe"][0]
@@ -307,7 +410,9 @@ def test_checkpointed_forwards_keep_their_own_routing(second: str, rng: torch.Ge
     assert_grads_close(param_grads(model), expected_b, atol=1e-6)
 
 
-def test_one_backward_through_two_checkpointed_forwards_raises(rng: torch.Generator) -> None:
+def test_one_backward_through_two_checkpointed_forwards_raises(
+    rng: torch.Generator,
+) -> None:
     model = tiny_moe("qwen3_moe").train()
     enable_checkpointing(model, reentrant=True)
     ctl = patch(model)
@@ -361,7 +466,9 @@ def test_padded_batch_replays_and_records_like_single_sequences(
     with ctl.record(attention_mask=mask) as rec:
         model(x, attention_mask=mask)
     for b, (single_logits, trace) in enumerate(singles):
-        torch.testing.assert_close(logits[b, spans[b]], single_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            logits[b, spans[b]], single_logits, atol=1e-5, rtol=1e-5
+        )
         assert rec.traces[b] == trace
 
 
@@ -409,12 +516,21 @@ def test_traces_of_different_lengths_need_a_layout(rng: torch.Generator) -> None
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ("layer_count", r"traces\[1\]\.moe_layers: expected the model's 2 MoE layers .*got 3"),
+        (
+            "layer_count",
+            r"traces\[1\]\.moe_layers: expected the model's 2 MoE layers .*got 3",
+        ),
         ("moe_layers", r"traces\[1\]\.moe_layers: .*got 2 layers \[0, 2\]"),
         ("top_k", r"traces\[1\]\.top_k: expected 2 \(the model's\), got 3"),
         ("num_experts", r"traces\[1\]\.num_experts: expected 8 \(the model's\), got 9"),
-        ("too_few_rows", r"traces\[1\]: expected 5 rows \(sequence 1 has 6 tokens.*got 4"),
-        ("too_many_rows", r"traces\[1\]: expected 5 rows \(sequence 1 has 6 tokens.*got 6"),
+        (
+            "too_few_rows",
+            r"traces\[1\]: expected 5 rows \(sequence 1 has 6 tokens.*got 4",
+        ),
+        (
+            "too_many_rows",
+            r"traces\[1\]: expected 5 rows \(sequence 1 has 6 tokens.*got 6",
+        ),
         ("trace_count", r"traces: expected 2 \(one per sequence of the batch\), got 3"),
     ],
 )
@@ -442,12 +558,13 @@ def test_a_layer_that_did_not_consume_its_trace_raises(rng: torch.Generator) -> 
     traces = random_traces(rng, [5], (1, 2))
     model.config.num_hidden_layers = 2  # the forward now skips decoder layer 2
     not_consumed = r"layer 2 \(model\.layers\.2\.mlp\) 0 times in forward 0"
-    with pytest.raises(RuntimeError, match=not_consumed):
-        with ctl.replay(traces):
-            model(tokens(rng, 1, 5))
+    with pytest.raises(RuntimeError, match=not_consumed), ctl.replay(traces):
+        model(tokens(rng, 1, 5))
     assert ctl.mode is Mode.OFF
     model.config.num_hidden_layers = 3
-    with pytest.raises(RuntimeError, match=r"expected a forward of the model inside the context"):
+    with pytest.raises(
+        RuntimeError, match=r"expected a forward of the model inside the context"
+    ):
         with ctl.replay(traces):
             pass
 
@@ -477,14 +594,17 @@ def test_misuse_of_contexts_raises(rng: torch.Generator) -> None:
     traces = random_traces(rng, [5], EXPECTED["olmoe"][0])
     context = ctl.replay(traces)
     with ctl.record():
-        with pytest.raises(RuntimeError, match="mode: expected OFF to enter REPLAY, got RECORD"):
+        with pytest.raises(
+            RuntimeError, match="mode: expected OFF to enter REPLAY, got RECORD"
+        ):
             context.__enter__()
         model(tokens(rng, 1, 5))
     wrong_shape = r"replay: expected a forward of batch shape \(1, 5\).*got \(1, 6\)"
-    with pytest.raises(ValueError, match=wrong_shape):
-        with ctl.replay(traces):
-            model(tokens(rng, 1, 6))
-    with pytest.raises(RuntimeError, match="ran outside a forward of the patched model"):
+    with pytest.raises(ValueError, match=wrong_shape), ctl.replay(traces):
+        model(tokens(rng, 1, 6))
+    with pytest.raises(
+        RuntimeError, match="ran outside a forward of the patched model"
+    ):
         with ctl.replay(traces):
             model.model.layers[0].mlp(torch.randn(1, 5, 32))
     with pytest.raises(RuntimeError, match="expected one forward per record context"):
