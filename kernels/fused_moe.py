@@ -28,6 +28,13 @@ per-pair outputs are stored in the activation dtype, like HF's, and summed in fp
 Ids are expected in ``[0, E)``: they come from ``kernels.route``. The reference checks them;
 the Triton path does not (that would need a host sync) and leaves an out-of-range pair out,
 so its token's output is unspecified.
+
+Expert parallelism (``masked=True``): the weights hold a contiguous slice of the experts and
+a pair whose expert lives elsewhere carries the id ``MASKED_ID`` (-1). Such a pair contributes
+nothing: the reference skips it, and in the Triton path ``moe_align`` leaves it out of the
+layout while its per-pair output row starts at zero (one memset, only in this mode), so each
+token gets the sum over its local experts, and the sum of the outputs over all slices is the
+unsharded result.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import triton.language as tl
 from kernels.moe_align import MoeAlignment, moe_align
 
 __all__ = [
+    "MASKED_ID",
     "FusedMoeConfig",
     "GemmTiles",
     "default_config",
@@ -51,6 +59,9 @@ __all__ = [
 ]
 
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# The id of a pair whose expert is not among the given weights (``masked=True``).
+MASKED_ID = -1
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -80,7 +91,9 @@ class GemmTiles:
         if self.group_m < 1:
             raise ValueError(f"group_m: expected >= 1, got {self.group_m}")
         if not _is_power_of_two(self.num_warps):
-            raise ValueError(f"num_warps: expected a power of two, got {self.num_warps}")
+            raise ValueError(
+                f"num_warps: expected a power of two, got {self.num_warps}"
+            )
         if self.num_stages < 1:
             raise ValueError(f"num_stages: expected >= 1, got {self.num_stages}")
 
@@ -95,7 +108,9 @@ class FusedMoeConfig:
 
     def __post_init__(self) -> None:
         if not _is_power_of_two(self.block_m) or self.block_m < 16:
-            raise ValueError(f"block_m: expected a power of two >= 16, got {self.block_m}")
+            raise ValueError(
+                f"block_m: expected a power of two >= 16, got {self.block_m}"
+            )
 
 
 def default_config(
@@ -108,7 +123,9 @@ def default_config(
     GEMM. fp32 halves ``block_k`` to keep the shared-memory stages within budget.
     """
     pairs_per_expert = num_tokens * top_k / num_experts
-    if pairs_per_expert <= 2:  # decode of a few sequences: stream a few experts' weights
+    if (
+        pairs_per_expert <= 2
+    ):  # decode of a few sequences: stream a few experts' weights
         config = FusedMoeConfig(
             block_m=16,
             gate_up=GemmTiles(block_n=32, block_k=128, num_warps=4, num_stages=4),
@@ -138,7 +155,9 @@ def default_config(
             gate_up=dataclasses.replace(
                 config.gate_up, block_k=max(16, config.gate_up.block_k // 2)
             ),
-            down=dataclasses.replace(config.down, block_k=max(16, config.down.block_k // 2)),
+            down=dataclasses.replace(
+                config.down, block_k=max(16, config.down.block_k // 2)
+            ),
         )
     return config
 
@@ -149,6 +168,8 @@ def fused_experts(
     down_proj_EHI: torch.Tensor,
     topk_weights_TK: torch.Tensor,
     topk_ids_TK: torch.Tensor,
+    *,
+    masked: bool = False,
 ) -> torch.Tensor:
     """The routed experts' weighted sum per token, ``[T, H]`` in ``hidden_TH``'s dtype.
 
@@ -158,16 +179,28 @@ def fused_experts(
         down_proj_EHI: ``[E, H, I]``, ``hidden_TH``'s dtype.
         topk_weights_TK: routing weights (float32 from ``kernels.route``; any float dtype).
         topk_ids_TK: expert ids in ``[0, E)``, any integer dtype.
+        masked: ids may also be ``MASKED_ID``: pairs whose expert is not among these weights
+            (expert parallelism), which contribute nothing.
 
     CUDA tensors run ``fused_experts_triton`` (no host sync, CUDA-graph safe); others run
     ``fused_experts_reference``.
     """
     if isinstance(hidden_TH, torch.Tensor) and hidden_TH.is_cuda:
         return fused_experts_triton(
-            hidden_TH, gate_up_proj_EFH, down_proj_EHI, topk_weights_TK, topk_ids_TK
+            hidden_TH,
+            gate_up_proj_EFH,
+            down_proj_EHI,
+            topk_weights_TK,
+            topk_ids_TK,
+            masked=masked,
         )
     return fused_experts_reference(
-        hidden_TH, gate_up_proj_EFH, down_proj_EHI, topk_weights_TK, topk_ids_TK
+        hidden_TH,
+        gate_up_proj_EFH,
+        down_proj_EHI,
+        topk_weights_TK,
+        topk_ids_TK,
+        masked=masked,
     )
 
 
@@ -177,30 +210,41 @@ def fused_experts_reference(
     down_proj_EHI: torch.Tensor,
     topk_weights_TK: torch.Tensor,
     topk_ids_TK: torch.Tensor,
+    *,
+    masked: bool = False,
 ) -> torch.Tensor:
     """``fused_experts`` in plain torch, computed as HF's ``Qwen3MoeExperts.forward``.
 
     Same expert order, same pair order within an expert and the same ops as HF, so float32
     results agree with HF's to rounding; the only difference is that contributions accumulate
-    in float32 (HF adds them in the activation dtype). Checks that ids lie in ``[0, E)``, which
-    syncs with the host: this is the CPU path and the test oracle's structure.
+    in float32 (HF adds them in the activation dtype). Checks that ids lie in ``[0, E)`` (or
+    are ``MASKED_ID`` when ``masked``), which syncs with the host: this is the CPU path and the
+    test oracle's structure.
     """
     num_tokens, hidden, num_experts, _, _ = _check_inputs(
         hidden_TH, gate_up_proj_EFH, down_proj_EHI, topk_weights_TK, topk_ids_TK
     )
     ids_TK = topk_ids_TK.long()
+    lowest = MASKED_ID if masked else 0
     if ids_TK.numel():
         low, high = int(ids_TK.min()), int(ids_TK.max())
-        if low < 0 or high >= num_experts:
+        if low < lowest or high >= num_experts:
             raise ValueError(
-                f"topk_ids_TK: expected values in [0, {num_experts}), got min {low} and max {high}"
+                f"topk_ids_TK: expected values in [{lowest}, {num_experts}), got min {low} and "
+                f"max {high}"
             )
-    out_TH = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=hidden_TH.device)
+    out_TH = torch.zeros(
+        (num_tokens, hidden), dtype=torch.float32, device=hidden_TH.device
+    )
     # HF walks the hit experts in increasing order and, within one, the pairs slot-major.
     ids_KT = ids_TK.T
     for expert in torch.unique(ids_KT).tolist():
+        if expert == MASKED_ID:
+            continue
         slot_N, token_N = torch.where(ids_KT == expert)
-        gate_NI, up_NI = F.linear(hidden_TH[token_N], gate_up_proj_EFH[expert]).chunk(2, dim=-1)
+        gate_NI, up_NI = F.linear(hidden_TH[token_N], gate_up_proj_EFH[expert]).chunk(
+            2, dim=-1
+        )
         down_NH = F.linear(F.silu(gate_NI) * up_NI, down_proj_EHI[expert])
         weighted_NH = down_NH * topk_weights_TK[token_N, slot_N, None]
         out_TH.index_add_(0, token_N, weighted_NH.float())
@@ -215,11 +259,13 @@ def fused_experts_triton(
     topk_ids_TK: torch.Tensor,
     *,
     config: FusedMoeConfig | None = None,
+    masked: bool = False,
 ) -> torch.Tensor:
     """``fused_experts`` through the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
-    ``config`` overrides ``default_config`` (benchmarks, tests of other tile shapes). No host
-    sync and fixed-size buffers for a fixed ``T``: safe to capture in a CUDA graph.
+    ``config`` overrides ``default_config`` (benchmarks, tests of other tile shapes); ``masked``
+    as for ``fused_experts``. No host sync and fixed-size buffers for a fixed ``T``: safe to
+    capture in a CUDA graph.
     """
     num_tokens, hidden, num_experts, inter, top_k = _check_inputs(
         hidden_TH, gate_up_proj_EFH, down_proj_EHI, topk_weights_TK, topk_ids_TK
@@ -227,7 +273,9 @@ def fused_experts_triton(
     if config is None:
         config = default_config(num_tokens, top_k, num_experts, hidden_TH.dtype)
     elif not isinstance(config, FusedMoeConfig):
-        raise TypeError(f"config: expected a FusedMoeConfig or None, got {type(config).__name__}")
+        raise TypeError(
+            f"config: expected a FusedMoeConfig or None, got {type(config).__name__}"
+        )
     if num_tokens == 0:
         return hidden_TH.new_empty((0, hidden))
     num_pairs = num_tokens * top_k
@@ -249,9 +297,11 @@ def fused_experts_triton(
         rows_per_a_row=top_k,
         gated=True,
     )
-    out_TH = hidden_TH.new_empty((num_tokens, hidden))
+    # Masked pairs get no GEMM program: their output rows must read as zeros in the sum.
+    allocate = hidden_TH.new_zeros if masked else hidden_TH.new_empty
+    out_TH = allocate((num_tokens, hidden))
     # With one slot per token the weighted pair outputs are the result already.
-    out_PH = out_TH if top_k == 1 else hidden_TH.new_empty((num_pairs, hidden))
+    out_PH = out_TH if top_k == 1 else allocate((num_pairs, hidden))
     _grouped_gemm(
         act_PI,
         down_proj_EHI,
@@ -287,7 +337,9 @@ def _check_inputs(
     }
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+            raise TypeError(
+                f"{name}: expected a torch.Tensor, got {type(tensor).__name__}"
+            )
     for name, ndim, dims in (
         ("hidden_TH", 2, "[T, H]"),
         ("gate_up_proj_EFH", 3, "[E, 2*I, H]"),
@@ -341,13 +393,17 @@ def _check_inputs(
                 f"{name}: expected dtype {hidden_TH.dtype} (hidden_TH's), got {tensors[name].dtype}"
             )
     if not topk_weights_TK.dtype.is_floating_point:
-        raise ValueError(f"topk_weights_TK: expected a floating dtype, got {topk_weights_TK.dtype}")
+        raise ValueError(
+            f"topk_weights_TK: expected a floating dtype, got {topk_weights_TK.dtype}"
+        )
     if (
         topk_ids_TK.dtype.is_floating_point
         or topk_ids_TK.dtype.is_complex
         or topk_ids_TK.dtype == torch.bool
     ):
-        raise ValueError(f"topk_ids_TK: expected an integer dtype, got {topk_ids_TK.dtype}")
+        raise ValueError(
+            f"topk_ids_TK: expected an integer dtype, got {topk_ids_TK.dtype}"
+        )
     for name, tensor in tensors.items():
         if tensor.device != hidden_TH.device:
             raise ValueError(
@@ -460,13 +516,18 @@ def _grouped_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = (pair_ids // A_ROW_DIV).to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    b_ptrs = (
+        b_ptr
+        + expert * stride_be
+        + offs_bn[None, :] * stride_bn
+        + offs_k[:, None] * stride_bk
+    )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         up_ptrs = b_ptrs + N * stride_bn
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    for k_step in range(0, tl.cdiv(K, BLOCK_K)):
+    for k_step in range(tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=pair_mask[:, None], other=0.0)
             b = tl.load(b_ptrs)
@@ -488,8 +549,12 @@ def _grouped_gemm_kernel(
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     else:
-        weights = tl.load(weights_ptr + pair_ids, mask=pair_mask, other=0.0).to(tl.float32)
+        weights = tl.load(weights_ptr + pair_ids, mask=pair_mask, other=0.0).to(
+            tl.float32
+        )
         acc = acc * weights[:, None]
-    c_ptrs = c_ptr + pair_ids.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = (
+        c_ptr + pair_ids.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    )
     c_mask = pair_mask[:, None] & (offs_n[None, :] < N)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)

@@ -25,7 +25,9 @@ _DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
 def check_int(name: str, value: object, *, minimum: int) -> int:
     """Return ``value`` as an int, requiring ``value >= minimum`` (bools are rejected)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name}: expected an int, got {type(value).__name__} {value!r}"
+        )
     if value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value
@@ -41,7 +43,9 @@ def check_float(
 ) -> float:
     """Return ``value`` as a float in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name}: expected a float, got {type(value).__name__} {value!r}"
+        )
     value = float(value)
     above_low = value > low if low_open else value >= low
     # NaN fails both comparisons, so it is rejected here too.
@@ -54,14 +58,18 @@ def check_float(
 def check_bool(name: str, value: object) -> bool:
     """Return ``value`` if it is a bool."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name}: expected a bool, got {type(value).__name__} {value!r}"
+        )
     return value
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of the strings ``choices``."""
     if value not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise ValueError(
+            f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}"
+        )
     return value  # type: ignore[return-value]
 
 
@@ -101,7 +109,10 @@ class EngineConfig:
         data_parallel_size: engine ranks (processes) serving requests; 1 is the in-process
             engine (``rollout.engine.data_parallel`` runs more).
         data_parallel_mode: ``"replicas"`` (independent engines, requests spread across ranks)
-            or ``"dp_attention"`` (attention per rank, MoE layers over the tokens of all ranks).
+            or ``"dp_attention"`` (attention per rank, MoE layers over the tokens of all ranks,
+            each rank computing a 1/N slice of the experts: ``dp_attention``). With
+            ``data_parallel_size`` > 1, ``"dp_attention"`` runs eager: ``enforce_eager`` is set
+            to True (its collectives change shape every step, which CUDA graphs cannot replay).
     """
 
     model: str
@@ -162,6 +173,14 @@ class EngineConfig:
         check_bool("capture_routing", self.capture_routing)
         check_int("data_parallel_size", self.data_parallel_size, minimum=1)
         check_choice("data_parallel_mode", self.data_parallel_mode, DATA_PARALLEL_MODES)
+        if self.dp_attention:
+            object.__setattr__(self, "enforce_eager", True)
+
+    @property
+    def dp_attention(self) -> bool:
+        """Whether the ranks cooperate in the MoE layers (``data_parallel_mode="dp_attention"``
+        with more than one rank): every rank steps in lockstep with the others."""
+        return self.data_parallel_size > 1 and self.data_parallel_mode == "dp_attention"
 
     def resolve_max_model_len(self, max_position_embeddings: int) -> int:
         """The context length to use: ``max_model_len`` if set, else the model's limit.

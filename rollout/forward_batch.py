@@ -23,6 +23,9 @@ id dtype, owned by the capturer), MoE layer ``l`` (its index among MoE layers, n
 index) writes its top-k ids into ``routing_capture[:T, l]`` inside the routing kernel
 (``kernels.route(..., capture_out=...)``): no extra launch, and the buffer is a static input
 of CUDA graphs. ``None`` means capture off: nothing is written and nothing is allocated.
+Under ``data_parallel_mode="dp_attention"`` the MoE layers route the tokens of all ranks, and
+``routing_capture[:T, l]`` still receives this rank's own T tokens' rows, picked from the routed
+batch by the capturer's DP rule (``rollout.layers.moe.NaiveDispatch``).
 """
 
 from __future__ import annotations
@@ -97,7 +100,9 @@ class ForwardBatch:
         """B, the number of sequences in the step."""
         return self.seq_lens.shape[0]
 
-    def validate(self, *, num_moe_layers: int | None = None, top_k: int | None = None) -> None:
+    def validate(
+        self, *, num_moe_layers: int | None = None, top_k: int | None = None
+    ) -> None:
         """Check shapes and dtypes (not values, which would need a device sync).
 
         Meant for tests and for the runner's debug path; the model does not call it per step.
@@ -134,7 +139,9 @@ class ForwardBatch:
                     f"{name}: expected a CPU tensor, got device {getattr(self, name).device}"
                 )
         if self.is_decode and t != b:
-            raise ValueError(f"is_decode: expected T == B for a decode batch, got T={t}, B={b}")
+            raise ValueError(
+                f"is_decode: expected T == B for a decode batch, got T={t}, B={b}"
+            )
         if self.routing_capture is not None:
             cap = self.routing_capture
             if cap.dim() != 3 or cap.shape[0] < t or cap.dtype not in _CAPTURE_DTYPES:

@@ -6,6 +6,13 @@
         outs = llm.generate(["The answer is"], rollout.SamplingParams(max_tokens=32))
         outs[0].token_ids, outs[0].logprobs, outs[0].text
         llm.update_weights(trainer_model.named_parameters())   # between generate calls
+
+A trainer on the same GPU gets the KV cache's memory back between rollouts::
+
+    llm.sleep()                     # KV cache, CUDA graphs, attention workspaces released
+    ...train...
+    llm.update_weights(weights)     # works while asleep: the weights are kept
+    llm.wake_up()                   # same KV cache size, graphs captured again
 """
 
 from __future__ import annotations
@@ -61,8 +68,12 @@ class LLM:
         data_parallel_size: engine ranks. 1: the engine runs in this process. N > 1: N rank
             processes (``rollout.engine.data_parallel``), one GPU each on CUDA; requests are
             spread across them and each output carries the rows of the rank that served it.
-        data_parallel_mode: ``"replicas"`` (independent engines) or ``"dp_attention"`` (not
-            implemented yet: NotImplementedError when N > 1).
+        data_parallel_mode: ``"replicas"`` (independent engines) or ``"dp_attention"``
+            (attention per rank on its own requests; the MoE layers all-gather the tokens of
+            all ranks, each rank computes ``num_experts / N`` experts, a reduce-scatter sums
+            them: expert parallelism; ``num_experts`` must be a multiple of N). The ranks step
+            in lockstep and run eager (``enforce_eager`` is implied: no CUDA graphs). Outputs
+            and routed-expert rows are those of a single-rank engine either way.
 
     Raises:
         ValueError / TypeError: a bad argument, naming it.
@@ -111,7 +122,9 @@ class LLM:
             data_parallel_mode=data_parallel_mode,
         )
         self._engine: LLMEngine | DataParallelEngine | None = (
-            LLMEngine(self.config) if data_parallel_size == 1 else DataParallelEngine(self.config)
+            LLMEngine(self.config)
+            if data_parallel_size == 1
+            else DataParallelEngine(self.config)
         )
 
     # ------------------------------------------------------------------ properties
@@ -121,7 +134,9 @@ class LLM:
         """The engine, or the front end of the ranks with ``data_parallel_size`` > 1
         (RuntimeError after ``shutdown``)."""
         if self._engine is None:
-            raise RuntimeError("LLM: expected a live engine, got one that was shut down")
+            raise RuntimeError(
+                "LLM: expected a live engine, got one that was shut down"
+            )
         return self._engine
 
     @property
@@ -155,6 +170,11 @@ class LLM:
         """KV cache size, preemptions and prefix-cache counters so far."""
         return self.engine.stats
 
+    @property
+    def is_sleeping(self) -> bool:
+        """Whether ``sleep`` released the KV cache (until ``wake_up``)."""
+        return self.engine.is_sleeping
+
     # ------------------------------------------------------------------ generation
 
     def generate(
@@ -175,9 +195,14 @@ class LLM:
             ValueError: an empty prompt, a token id outside the vocabulary, a string without
                 a tokenizer, prompt + ``max_tokens`` beyond ``max_model_len``, or a sampling
                 list whose length differs from the prompts'. Nothing is generated then.
+            RuntimeError: the engine is asleep (``sleep``).
         """
         engine = self.engine
-        token_ids = [self._encode(i, prompt) for i, prompt in enumerate(self._as_list(prompts))]
+        if engine.is_sleeping:
+            raise RuntimeError("generate: engine is asleep: call wake_up()")
+        token_ids = [
+            self._encode(i, prompt) for i, prompt in enumerate(self._as_list(prompts))
+        ]
         params = self._sampling_list(sampling, len(token_ids))
         if isinstance(engine, DataParallelEngine):
             return engine.generate(token_ids, params, use_tqdm=use_tqdm)
@@ -205,7 +230,9 @@ class LLM:
             raise
         return [outputs[i] for i in request_ids]
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> set[str]:
         """Copy HF-named tensors (e.g. a trainer's ``named_parameters()``) into the model in
         place: no reallocation, CUDA graphs stay valid, the prefix cache is reset.
 
@@ -216,6 +243,24 @@ class LLM:
             ValueError: an unknown name or a mis-shaped tensor.
         """
         return self.engine.update_weights(named_tensors)
+
+    def sleep(self) -> None:
+        """Release the KV cache, the CUDA graphs and the attention workspaces (on every DP rank)
+        and return the memory to the device, e.g. while a trainer on the same GPU runs. The
+        weights stay (``update_weights`` works while asleep), and so does the routing store
+        (rows of finished requests stay readable); the prefix cache is forgotten. ``generate``
+        raises until ``wake_up``. A no-op when already asleep.
+
+        Raises:
+            RuntimeError: called while requests are unfinished.
+        """
+        self.engine.sleep()
+
+    def wake_up(self) -> None:
+        """Reallocate the KV cache with the same number of blocks and capture the CUDA graphs
+        again; outputs are then what they were before ``sleep`` (with the same weights). A
+        no-op when awake."""
+        self.engine.wake_up()
 
     def shutdown(self) -> None:
         """Release the KV cache, CUDA graphs and model (idempotent)."""
@@ -236,7 +281,9 @@ class LLM:
 
     @staticmethod
     def _as_list(prompts: SequenceOf[Prompt]) -> list[Prompt]:
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (SequenceOf, np.ndarray)):
+        if isinstance(prompts, (str, bytes)) or not isinstance(
+            prompts, (SequenceOf, np.ndarray)
+        ):
             raise TypeError(
                 "prompts: expected a list of str or of token-id lists, "
                 f"got {type(prompts).__name__}"
@@ -252,7 +299,9 @@ class LLM:
                     f"(tokenizer.json), got a str"
                 )
             tokens = self.engine.tokenizer.encode(prompt).ids
-        elif isinstance(prompt, (SequenceOf, np.ndarray)) and not isinstance(prompt, bytes):
+        elif isinstance(prompt, (SequenceOf, np.ndarray)) and not isinstance(
+            prompt, bytes
+        ):
             tokens = list(prompt)
             for token in tokens:
                 if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
@@ -292,5 +341,7 @@ class LLM:
             )
         for i, p in enumerate(sampling):
             if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling[{i}]: expected SamplingParams, got {type(p).__name__}")
+                raise TypeError(
+                    f"sampling[{i}]: expected SamplingParams, got {type(p).__name__}"
+                )
         return list(sampling)

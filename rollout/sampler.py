@@ -32,7 +32,14 @@ import torch
 
 from rollout.sampling_params import SamplingParams
 
-__all__ = ["Sampler", "SamplingInputs", "apply_top_k_top_p", "keyed_sample", "uniform_noise"]
+__all__ = [
+    "SampledTokens",
+    "Sampler",
+    "SamplingInputs",
+    "apply_top_k_top_p",
+    "keyed_sample",
+    "uniform_noise",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +72,17 @@ def _mix64_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def uniform_noise(seeds_S: torch.Tensor, counters_S: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def uniform_noise(
+    seeds_S: torch.Tensor, counters_S: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     """Uniform float32 noise [S, V] in (0, 1), a pure function of ``(seed, counter, column)``.
 
     Integer arithmetic only, so the same keys give bit-identical noise on every device and at
     every row of a batch.
     """
-    key_S = _mix64_(seeds_S.to(torch.int64) * _GOLDEN + _mix64_(counters_S.to(torch.int64) + 1))
+    key_S = _mix64_(
+        seeds_S.to(torch.int64) * _GOLDEN + _mix64_(counters_S.to(torch.int64) + 1)
+    )
     column_V = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds_S.device)
     bits_SV = _mix64_(key_S[:, None] + column_V[None, :] * _GOLDEN)
     bits_SV = _shift_right(bits_SV, 64 - _UNIFORM_BITS)
@@ -93,7 +104,9 @@ def apply_top_k_top_p(
     sorted_SV, order_SV = logits_SV.sort(dim=-1, descending=True, stable=True)
     if top_k_S is not None:
         rank_V = torch.arange(logits_SV.shape[-1], device=logits_SV.device)
-        sorted_SV = sorted_SV.masked_fill(rank_V[None, :] >= top_k_S[:, None], float("-inf"))
+        sorted_SV = sorted_SV.masked_fill(
+            rank_V[None, :] >= top_k_S[:, None], float("-inf")
+        )
     if top_p_S is not None:
         probs_SV = sorted_SV.softmax(dim=-1)
         mass_before_SV = probs_SV.cumsum(dim=-1) - probs_SV
@@ -148,6 +161,49 @@ class SamplingInputs:
     step_seed: int
 
 
+class SampledTokens:
+    """One step's sampled ids and logprobs on their way to the host, without waiting for them.
+
+    ``ids_S`` [S] int64 stays on the device: the next step, launched before these values reach
+    the host, reads its fed tokens from it there. The constructor enqueues the copies to pinned
+    host memory and an event on the device's current stream; ``tolist`` waits for that event
+    only. On CPU the host tensors are the sampled ones.
+
+    Args:
+        ids_S: the sampled ids [S] int64 (``Sampler``'s output).
+        logprobs_S: their logprobs [S] float32, on the same device.
+    """
+
+    __slots__ = ("_copied", "_host_ids_S", "_host_logprobs_S", "ids_S")
+
+    def __init__(self, ids_S: torch.Tensor, logprobs_S: torch.Tensor) -> None:
+        self.ids_S = ids_S
+        self._copied: torch.cuda.Event | None = None
+        if ids_S.device.type == "cuda":
+            # A non-blocking copy to the host lands in pinned memory: the host does not wait.
+            self._host_ids_S = ids_S.to("cpu", non_blocking=True)
+            self._host_logprobs_S = logprobs_S.to("cpu", non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(ids_S.device))
+        else:
+            self._host_ids_S, self._host_logprobs_S = ids_S, logprobs_S
+
+    @property
+    def num_rows(self) -> int:
+        """S, the sampling rows."""
+        return self.ids_S.shape[0]
+
+    def is_ready(self) -> bool:
+        """Whether the copies have landed (``tolist`` would not wait); never waits."""
+        return self._copied is None or self._copied.query()
+
+    def tolist(self) -> tuple[list[int], list[float]]:
+        """Wait for the copies; the ids and the logprobs as host lists."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host_ids_S.tolist(), self._host_logprobs_S.tolist()
+
+
 class Sampler:
     """Samples tokens and computes their logprobs (see the module docstring).
 
@@ -173,11 +229,14 @@ class Sampler:
         self._flashinfer_sampling: Any = None
         if use_flashinfer is None:
             use_flashinfer = (
-                self.device.type == "cuda" and importlib.util.find_spec("flashinfer") is not None
+                self.device.type == "cuda"
+                and importlib.util.find_spec("flashinfer") is not None
             )
         if use_flashinfer:
             if self.device.type != "cuda":
-                raise ValueError(f"use_flashinfer: expected a CUDA device, got {self.device}")
+                raise ValueError(
+                    f"use_flashinfer: expected a CUDA device, got {self.device}"
+                )
             import flashinfer.sampling
 
             self._flashinfer_sampling = flashinfer.sampling
@@ -222,13 +281,16 @@ class Sampler:
         vocab = self.vocab_size
         use_top_k = any(0 < p.top_k < vocab and not g for p, g in zip(params, greedy))
         use_top_p = any(p.top_p < 1.0 and not g for p, g in zip(params, greedy))
-        seeded = [i for i, p in enumerate(params) if p.seed is not None and not greedy[i]]
+        seeded = [
+            i for i, p in enumerate(params) if p.seed is not None and not greedy[i]
+        ]
         return SamplingInputs(
             num_rows=len(params),
             all_greedy=False,
             greedy_S=self._to_device(greedy, torch.bool) if any(greedy) else None,
             temperature_S=self._to_device(
-                [p.temperature if not g else 1.0 for p, g in zip(params, greedy)], torch.float32
+                [p.temperature if not g else 1.0 for p, g in zip(params, greedy)],
+                torch.float32,
             ),
             top_k_S=self._to_device(
                 [p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int32
@@ -241,7 +303,10 @@ class Sampler:
             seeded_rows=self._to_device(seeded, torch.int64) if seeded else None,
             seeds_S=self._to_device(
                 # Any non-negative int seed: its low 64 bits, as an int64.
-                [_signed(p.seed % (1 << 64)) if p.seed is not None else step_seed for p in params],
+                [
+                    _signed(p.seed % (1 << 64)) if p.seed is not None else step_seed
+                    for p in params
+                ],
                 torch.int64,
             ),
             counters_S=self._to_device(
@@ -275,14 +340,20 @@ class Sampler:
             ids_S = logits_SV.argmax(dim=-1)
         else:
             ids_S = self._sample(logits_SV, inputs)
-        logprobs_S = logits_SV.gather(1, ids_S[:, None])[:, 0] - logits_SV.logsumexp(dim=-1)
+        logprobs_S = logits_SV.gather(1, ids_S[:, None])[:, 0] - logits_SV.logsumexp(
+            dim=-1
+        )
         return ids_S, logprobs_S
 
     def _sample(self, logits_SV: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         scaled_SV = logits_SV / inputs.temperature_S[:, None]
         if self._flashinfer_sampling is None:
             ids_S = keyed_sample(
-                scaled_SV, inputs.seeds_S, inputs.counters_S, inputs.top_k_S, inputs.top_p_S
+                scaled_SV,
+                inputs.seeds_S,
+                inputs.counters_S,
+                inputs.top_k_S,
+                inputs.top_p_S,
             )
         else:
             ids_S = self._flashinfer_sample(scaled_SV, inputs)
@@ -299,7 +370,9 @@ class Sampler:
             ids_S = torch.where(inputs.greedy_S, logits_SV.argmax(dim=-1), ids_S)
         return ids_S
 
-    def _flashinfer_sample(self, scaled_SV: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+    def _flashinfer_sample(
+        self, scaled_SV: torch.Tensor, inputs: SamplingInputs
+    ) -> torch.Tensor:
         sampling = self._flashinfer_sampling
         # A scalar seed and offset: FlashInfer gives every row its own Philox subsequence.
         seed, offset = inputs.step_seed, 0

@@ -9,9 +9,9 @@ finishing to its rows being in its output, and reader throughput.
    Target (issue 4): on / off >= 0.99 at every batch.
 2. Finish-to-rows latency, measured in the capture-on runs: for each request that finishes, the
    host time from its finishing step's sampled tokens being known to its ``RequestOutput``
-   holding its rows, i.e. the routing recorder's ``on_finish`` save (which waits for the step's
-   asynchronous device-to-host copy and gathers the rows of the last positions) plus building
-   the output array.
+   holding its rows, i.e. the routing recorder's ``on_finish`` save (which gathers the rows of
+   its positions from the store, filing a pending step's copy first only when that step fed
+   one of them) plus building the output array.
 3. Reader throughput: a routing store of 256 requests x 8192 KV slots (48 MoE layers, top-8,
    uint8 ids: 805 MB of shared memory) filled with random ids; a second process attaches a
    ``RoutedExpertsReader`` and pulls every request's rows by its slots (16-slot blocks in a

@@ -45,6 +45,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from rollout import LLM, SamplingParams
 from rollout.layers.linear import Linear
 from rollout.models.decoder import MoECausalLM
+from rollout.sampler import SampledTokens
 
 BATCHES = (1, 16, 64, 256)
 HF_BATCHES = (1, 16)
@@ -131,6 +132,8 @@ def run_engine_decode(
     while engine.has_unfinished():
         context_per_step.append(sum(len(s) for s in scheduler.running))
         engine.step()
+    if engine.pipelined:
+        context_per_step.pop()  # the last step() only collected the batch in flight
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tokens = len(prompts) * OUTPUT_LEN - generated_before
@@ -141,9 +144,13 @@ def run_engine_decode(
 
 
 def profile_decode(llm: LLM, prompts: list[list[int]], steps: int = 32) -> None:
-    """Print where a decode step's time goes: host time per phase of the step (timed without
-    extra synchronisation; ``sample`` waits for the GPU) and the GPU kernels of ``steps``
-    decode steps (torch profiler), so host-bound and GPU-bound steps can be told apart."""
+    """Print where a decode step's time goes: host time per phase of ``engine.step()`` (each
+    phase's calls timed in place, without extra synchronisation) and the GPU kernels of
+    ``steps`` decode steps (torch profiler), so host-bound and GPU-bound steps can be told
+    apart. A step launches batch N+1 (schedule .. advance) before it waits for batch N's
+    tokens and postprocesses them; "wait for batch N" is its only wait for the GPU but one:
+    with routing capture, "run" files batch N's rows (waiting for N's forward, while N+1 is
+    queued). "other" is the rest of ``step()`` (outputs, engine overhead)."""
     engine, scheduler, runner = llm.engine, llm.engine.scheduler, llm.engine.runner
     params = SamplingParams(max_tokens=steps + 8, temperature=1.0, ignore_eos=True)
     for prompt in prompts:
@@ -153,30 +160,48 @@ def profile_decode(llm: LLM, prompts: list[list[int]], steps: int = 32) -> None:
     ):
         engine.step()
     torch.cuda.synchronize()
-    phases = dict.fromkeys(
-        ("schedule", "prepare", "run (launch)", "sample (+GPU wait)", "postprocess"),
-        0.0,
-    )
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CUDA]
-    ) as prof:
-        begin = time.perf_counter()
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            batch = scheduler.schedule()
-            t1 = time.perf_counter()
-            inputs = runner.prepare(batch)
-            t2 = time.perf_counter()
-            logits_SV = runner.run(inputs)
-            t3 = time.perf_counter()
-            token_ids, logprobs = runner.sample(logits_SV, inputs)
-            t4 = time.perf_counter()
-            scheduler.postprocess(batch, token_ids, logprobs)
-            t5 = time.perf_counter()
-            for name, d in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-                phases[name] += d
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - begin
+    timed = [
+        (scheduler, "schedule", "schedule"),
+        (runner, "prepare", "prepare"),
+        (runner, "run", "run (launch)"),
+        (runner, "sample_async", "sample (launch)"),
+        (scheduler, "advance", "advance"),
+        (SampledTokens, "tolist", "wait for batch N"),
+        (scheduler, "postprocess", "postprocess"),
+    ]
+    phases = dict.fromkeys([name for *_, name in timed], 0.0)
+
+    def timer(function, name):
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                phases[name] += time.perf_counter() - start
+
+        return timed_call
+
+    originals = [
+        (owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in timed
+    ]
+    for owner, attribute, name in timed:
+        setattr(owner, attribute, timer(getattr(owner, attribute), name))
+    try:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            begin = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - begin
+    finally:
+        for owner, attribute, original in originals:
+            if isinstance(owner, type):
+                setattr(owner, attribute, original)
+            else:
+                delattr(owner, attribute)  # the class's method shows again
+    phases["other"] = wall - sum(phases.values())
     kernels = [
         e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
     ]
@@ -200,6 +225,8 @@ def profile_decode(llm: LLM, prompts: list[list[int]], steps: int = 32) -> None:
     )
     for seq in list(scheduler.running) + list(scheduler.waiting):
         engine.abort_request(seq.seq_id)
+    while engine.has_unfinished():  # the batch in flight
+        engine.step()
 
 
 def hf_sharing_weights(

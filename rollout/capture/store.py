@@ -12,14 +12,17 @@ computed it). Per engine step:
    staging on a side stream behind it; the compute stream then waits (on the device, not the
    host) for that copy, so the next step cannot overwrite the buffer before it is read. No
    host synchronization. On CPU the copy is a plain synchronous copy.
-2. ``commit()`` before the step's outputs are built and before the next ``schedule()`` (which may
-   preempt, reading rows, and hand freed blocks to other requests): waits for the copy's event
-   (the step's sampled tokens were synchronized already, so this is short) and scatters the
-   rows into the store by slot; ``-1`` slots (padding) are skipped.
-3. ``read(slots)`` / ``RoutedExpertsReader.read(slots)``: a request's rows (a copy).
+2. ``commit()`` before the next step's ``after_forward`` (the staging buffer holds one step), and
+   before a read that needs the pending rows: waits for the copy's event (the end of that
+   step's forward on the device) and scatters the rows into the store by slot; ``-1`` slots
+   (padding) are skipped.
+3. ``read(slots)`` / ``RoutedExpertsReader.read(slots)``: a request's rows (a copy) as committed.
+   A pending copy's rows are in the staging buffer, not in the store, until ``commit()``: the
+   caller commits first when it needs them (``rollout.engine.routing`` does so only then, so
+   reading the rows of earlier steps never waits for the device).
 
-``commit()`` without a pending copy is a no-op. A second ``after_forward`` before ``commit()``,
-and ``read`` with a copy pending, raise RuntimeError (the staging buffer holds one step).
+``commit()`` without a pending copy is a no-op. A second ``after_forward`` before ``commit()``
+raises RuntimeError.
 """
 
 from __future__ import annotations
@@ -81,7 +84,9 @@ class RoutingStore:
         if dtype is None:
             dtype = torch.int16
         if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype: expected a torch.dtype or None, got {type(dtype).__name__}")
+            raise TypeError(
+                f"dtype: expected a torch.dtype or None, got {type(dtype).__name__}"
+            )
         self.spec = ReaderSpec(
             name=name,
             num_kv_slots=num_kv_slots,
@@ -89,8 +94,12 @@ class RoutingStore:
             top_k=top_k,
             dtype=id_dtype_name(dtype),
         )
-        if isinstance(max_num_tokens, bool) or not isinstance(max_num_tokens, numbers.Integral):
-            raise TypeError(f"max_num_tokens: expected an int, got {type(max_num_tokens).__name__}")
+        if isinstance(max_num_tokens, bool) or not isinstance(
+            max_num_tokens, numbers.Integral
+        ):
+            raise TypeError(
+                f"max_num_tokens: expected an int, got {type(max_num_tokens).__name__}"
+            )
         if max_num_tokens < 1:
             raise ValueError(f"max_num_tokens: expected >= 1, got {max_num_tokens}")
         self.max_num_tokens = int(max_num_tokens)
@@ -103,7 +112,9 @@ class RoutingStore:
         self._pending: _Pending | None = None
         self._rows_SLK: np.ndarray | None = None
         self._segment: shm.OwnedSharedMemory | None = shm.create_or_attach(
-            name, self.spec.nbytes, shm.default_lock_path() if lock_path is None else lock_path
+            name,
+            self.spec.nbytes,
+            shm.default_lock_path() if lock_path is None else lock_path,
         )
         try:
             self._rows_SLK = np.ndarray(
@@ -111,7 +122,9 @@ class RoutingStore:
             )
             # Pinned memory makes the device->host copy asynchronous to the host.
             self._staging_TLK = torch.empty(
-                (self.max_num_tokens, num_moe_layers, top_k), dtype=dtype, pin_memory=on_cuda
+                (self.max_num_tokens, num_moe_layers, top_k),
+                dtype=dtype,
+                pin_memory=on_cuda,
             )
             self._staging_np = self._staging_TLK.numpy()
             if on_cuda:
@@ -203,6 +216,11 @@ class RoutingStore:
             self._staging_TLK[:n].copy_(capture_buffer[:n])
         self._pending = _Pending(rows=keep_T, slots=slots_T[keep_T])
 
+    @property
+    def has_pending(self) -> bool:
+        """Whether a step's rows are on their way (``after_forward`` without ``commit``)."""
+        return self._pending is not None
+
     def commit(self) -> int:
         """Wait for the pending copy and scatter its rows by slot; return the rows written.
 
@@ -219,15 +237,14 @@ class RoutingStore:
         return int(pending.slots.size)
 
     def read(self, slots: npt.ArrayLike) -> np.ndarray:
-        """The rows [len(slots), L, K] stored at ``slots`` (a copy, in the given order).
+        """The rows [len(slots), L, K] stored at ``slots`` (a copy, in the given order), as
+        committed: the rows of a pending copy are not in the store before ``commit()``.
 
         Raises:
-            RuntimeError: a copy is pending (``commit()`` first) or the store is closed.
+            RuntimeError: the store is closed.
             ValueError: ``slots`` not 1-D integers in [0, num_kv_slots) (``-1`` included).
         """
         self._check_open("read")
-        if self._pending is not None:
-            raise RuntimeError("read: a step's rows are pending; call commit() first")
         return gather_rows(self._rows_SLK, slots)
 
     def close(self) -> None:
@@ -253,7 +270,9 @@ class RoutingStore:
 
     def _check_open(self, method: str) -> None:
         if self._segment is None:
-            raise RuntimeError(f"{method}: the routing store {self.spec.name!r} is closed")
+            raise RuntimeError(
+                f"{method}: the routing store {self.spec.name!r} is closed"
+            )
 
     def _check_buffer(self, capture_buffer: torch.Tensor, num_tokens: int) -> int:
         if not isinstance(capture_buffer, torch.Tensor):
@@ -261,7 +280,10 @@ class RoutingStore:
                 f"capture_buffer: expected a torch.Tensor, got {type(capture_buffer).__name__}"
             )
         _, layers, top_k = self.spec.shape
-        if capture_buffer.dim() != 3 or tuple(capture_buffer.shape[1:]) != (layers, top_k):
+        if capture_buffer.dim() != 3 or tuple(capture_buffer.shape[1:]) != (
+            layers,
+            top_k,
+        ):
             raise ValueError(
                 f"capture_buffer: expected shape [rows, {layers}, {top_k}] (L, K), "
                 f"got {tuple(capture_buffer.shape)}"
@@ -272,7 +294,9 @@ class RoutingStore:
                 f"got {capture_buffer.dtype} on {capture_buffer.device}"
             )
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral):
-            raise TypeError(f"num_tokens: expected an int, got {type(num_tokens).__name__}")
+            raise TypeError(
+                f"num_tokens: expected an int, got {type(num_tokens).__name__}"
+            )
         limit = min(self.max_num_tokens, capture_buffer.shape[0])
         if not 0 <= num_tokens <= limit:
             raise ValueError(
@@ -281,7 +305,9 @@ class RoutingStore:
             )
         return int(num_tokens)
 
-    def _host_slots(self, slot_mapping: npt.ArrayLike | torch.Tensor, n: int) -> np.ndarray:
+    def _host_slots(
+        self, slot_mapping: npt.ArrayLike | torch.Tensor, n: int
+    ) -> np.ndarray:
         """``slot_mapping`` as a new int64 array [n], checked to be in [-1, num_kv_slots)."""
         if isinstance(slot_mapping, torch.Tensor):
             if slot_mapping.device.type != "cpu":
@@ -299,7 +325,9 @@ class RoutingStore:
         if n == 0:
             return np.empty(0, dtype=np.int64)
         if slots.dtype.kind not in "iu":
-            raise ValueError(f"slot_mapping: expected integers, got dtype {slots.dtype}")
+            raise ValueError(
+                f"slot_mapping: expected integers, got dtype {slots.dtype}"
+            )
         low, high = int(slots.min()), int(slots.max())
         if low < -1 or high >= self.spec.num_kv_slots:
             raise ValueError(

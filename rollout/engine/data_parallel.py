@@ -6,21 +6,37 @@ KV cache and prefix cache; with ``capture_routing`` its own capture buffer and s
 segment ``rollout.shm.segment_name(instance_id, rank)``), joined in a ``torch.distributed``
 group (gloo on CPU, NCCL on CUDA, one GPU per rank). Each rank routes its own tokens (the local
 case of DESIGN.md "Data parallelism and capture"), so a request's rows are exactly those a
-single-rank engine computes for it. Mode ``"dp_attention"`` (MoE layers over the tokens of all
-ranks) is not implemented yet.
+single-rank engine computes for it.
+
+Mode ``"dp_attention"`` (the naive-dispatch case of DESIGN.md): each rank still runs its own
+scheduler, KV cache and attention on its own requests, but its MoE layers all-gather the tokens
+of all ranks, route them, compute this rank's 1/N slice of the experts and reduce-scatter the
+sum (``rollout.layers.moe.NaiveDispatch``); shared experts and everything outside the MoE blocks
+stay on the rank's own tokens. Each rank's capture buffer takes its own tokens' rows of the
+routed batch (the capturer's DP rule), so a request's rows are again those a single-rank engine
+computes for it. Every forward is collective, so the ranks step in lockstep: before each step
+they all-reduce "has work", and while any rank has work every rank forwards (one without work a
+padding token, ``ModelRunner.run_idle``). It runs eager (no CUDA graphs: the collectives change
+shape every step). ``num_experts`` must be a multiple of ``data_parallel_size`` (checked before
+any rank starts).
 
 The front end talks to each rank over a pipe, one command at a time per rank, all ranks in
 parallel::
 
     generate: assign requests (least loaded) -> "add" to every rank -> "run" on every rank
-              -> outputs in prompt order (each rank ships a request's rows with its output;
-              the rank's output path read them from its own store)
+              (replicas: the ranks that got requests; dp_attention: all, in lockstep until
+              none has work) -> outputs in prompt order (each rank ships a request's rows
+              with its output; the rank's output path read them from its own store)
     update_weights: "update_weights" to every rank; rank 0 gets the tensors and broadcasts
               them to the others through the process group
+    sleep / wake_up: "sleep" / "wake_up" to every rank (each releases / rebuilds its own KV
+              cache and CUDA graphs, ``LLMEngine.sleep``); ``generate`` refuses while asleep
 
 A rank replies ``("ok", value)`` or ``("error", exception, traceback text)``; the front end
 collects every rank's reply before raising the first error, so ranks stay in step. A rank that
-dies is reported by its exit code. ``shutdown`` (also on a failed start, on an interrupted
+dies is reported by its exit code. With dp_attention a rank's error during "run" shuts every
+rank down at once (the others may wait in a collective of the failed step forever); the
+exception is raised. ``shutdown`` (also on a failed start, on an interrupted
 ``generate``, on garbage collection and at exit) stops every rank: it shuts its engine down
 (unlinking its segment) and leaves the group; a rank that does not stop in time is terminated
 (its SIGTERM handler still runs that cleanup) and its segment name unlinked by the front end.
@@ -50,7 +66,9 @@ from rollout import shm
 from rollout.capture import ReaderSpec
 from rollout.config import EngineConfig
 from rollout.engine.llm_engine import LLMEngine
-from rollout.loader import load_tokenizer
+from rollout.layers.moe import expert_slice
+from rollout.loader import load_hf_config, load_tokenizer
+from rollout.models.registry import model_class
 from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
 from rollout.sampling_params import SamplingParams
 
@@ -84,7 +102,7 @@ class DataParallelEngine:
 
     Duck-types the parts of ``LLMEngine`` that ``rollout.LLM`` uses (``tokenizer``,
     ``vocab_size``, ``routing_spec``, ``routing_reader_spec``, ``stats``, ``update_weights``,
-    ``shutdown``) and adds ``generate``.
+    ``is_sleeping``, ``sleep``, ``wake_up``, ``shutdown``) and adds ``generate``.
 
     Args:
         config: the engine settings; ``data_parallel_size`` >= 2.
@@ -92,8 +110,8 @@ class DataParallelEngine:
             draws a fresh one.
 
     Raises:
-        ValueError: ``data_parallel_size`` < 2, or ``device`` naming one CUDA device.
-        NotImplementedError: ``data_parallel_mode="dp_attention"``.
+        ValueError: ``data_parallel_size`` < 2, ``device`` naming one CUDA device, or with
+            ``dp_attention`` a ``num_experts`` that is not a multiple of ``data_parallel_size``.
         RuntimeError / the rank's exception: a rank failed to start (every rank is stopped).
     """
 
@@ -103,21 +121,21 @@ class DataParallelEngine:
             raise ValueError(
                 f"data_parallel_size: expected >= 2 for DataParallelEngine, got {size}"
             )
-        if config.data_parallel_mode != "replicas":
-            raise NotImplementedError(
-                f"data_parallel_mode: {config.data_parallel_mode!r} is not implemented yet "
-                "(use 'replicas')"
-            )
         if config.device is not None and config.device.startswith("cuda:"):
             raise ValueError(
                 "device: expected None, 'cpu' or 'cuda' with data_parallel_size > 1 "
                 f"(rank r uses cuda:r), got {config.device!r}"
             )
+        if config.dp_attention:
+            _check_expert_split(config)
         self.config = config
         self.instance_id = shm.new_instance_id() if instance_id is None else instance_id
-        self.segment_names = tuple(shm.segment_name(self.instance_id, r) for r in range(size))
+        self.segment_names = tuple(
+            shm.segment_name(self.instance_id, r) for r in range(size)
+        )
         self.tokenizer = load_tokenizer(config.model)
         self._next_request_id = 0
+        self._sleeping = False
         self._rendezvous_dir = tempfile.mkdtemp(prefix=f"{shm.SEGMENT_PREFIX}-dp-")
         context = multiprocessing.get_context("spawn")
         self._processes: list[multiprocessing.process.BaseProcess] = []
@@ -182,7 +200,9 @@ class DataParallelEngine:
     def stats(self) -> EngineStats:
         """The ranks' counters summed (KV blocks, preemptions, prefix-cache tokens); block size,
         context length and CUDA graph sizes are rank 0's (the same on every rank)."""
-        per_rank: list[EngineStats] = self._command(range(self.data_parallel_size), ("stats",))
+        per_rank: list[EngineStats] = self._command(
+            range(self.data_parallel_size), ("stats",)
+        )
         return dataclasses.replace(
             per_rank[0],
             num_kv_blocks=sum(s.num_kv_blocks for s in per_rank),
@@ -210,10 +230,13 @@ class DataParallelEngine:
         Raises:
             ValueError: a request a rank refuses, as ``prompts[i]: ...`` (nothing is generated).
             Any rank's exception during the run, after every rank finished (the failing rank
-            aborted its requests). An interruption of the front end (KeyboardInterrupt) stops
-            every rank and leaves the engine shut down.
+            aborted its requests); with dp_attention at once, every rank being shut down. An
+            interruption of the front end (KeyboardInterrupt) stops every rank and leaves the
+            engine shut down.
         """
         assert len(prompt_token_ids) == len(params)
+        if self._sleeping:
+            raise RuntimeError("generate: engine is asleep: call wake_up()")
         size = self.data_parallel_size
         load = [0] * size
         assigned: list[list[int]] = [[] for _ in range(size)]
@@ -227,31 +250,43 @@ class DataParallelEngine:
                 batch = [(list(prompt_token_ids[i]), params[i]) for i in assigned[r]]
                 self._conns[r].send(("add", batch))
             added = dict(zip(busy, self._gather(busy), strict=True))
-            refused = {r: reply for r, reply in added.items() if isinstance(reply, _BadRequest)}
+            refused = {
+                r: reply for r, reply in added.items() if isinstance(reply, _BadRequest)
+            }
             if refused:
                 kept = [r for r in busy if r not in refused]
                 for r in kept:
                     self._conns[r].send(("abort", added[r]))
                 self._gather(kept)
-                rank, bad = min(refused.items(), key=lambda kv: assigned[kv[0]][kv[1].position])
+                rank, bad = min(
+                    refused.items(), key=lambda kv: assigned[kv[0]][kv[1].position]
+                )
                 index = assigned[rank][bad.position]
                 raise ValueError(f"prompts[{index}]: {bad.error}") from bad.error
-            for r in busy:
+            # dp_attention: every rank steps, in lockstep, until none has work.
+            runners = list(range(size)) if self.config.dp_attention else busy
+            for r in runners:
                 self._conns[r].send(("run",))
-            with tqdm(total=len(params), desc="generate", unit="req", disable=not use_tqdm) as bar:
-                finished = self._gather(busy, on_reply=lambda r: bar.update(len(assigned[r])))
+            with tqdm(
+                total=len(params), desc="generate", unit="req", disable=not use_tqdm
+            ) as bar:
+                finished = self._gather_run(
+                    runners, lambda r: bar.update(len(assigned[r]))
+                )
         except (KeyboardInterrupt, EOFError, OSError):
             self.shutdown()
             raise
         outputs: list[RequestOutput | None] = [None] * len(params)
         first_id = self._next_request_id
         self._next_request_id += len(params)
-        for r, rank_outputs in zip(busy, finished, strict=True):
+        for r, rank_outputs in zip(runners, finished, strict=True):
             for i, out in zip(assigned[r], rank_outputs, strict=True):
                 outputs[i] = dataclasses.replace(out, request_id=first_id + i)
         return outputs  # type: ignore[return-value]
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> set[str]:
         """Copy HF-named tensors into every rank's model (rank 0 broadcasts them through the
         process group) and reset every rank's prefix cache.
 
@@ -270,13 +305,40 @@ class DataParallelEngine:
                     f"named_tensors[{i}]: expected a str name, got {type(name).__name__}"
                 )
             if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+                raise TypeError(
+                    f"{name}: expected a torch.Tensor, got {type(tensor).__name__}"
+                )
             # Through the pipe as host memory: CUDA IPC handles would tie rank 0 to our device.
             items.append((name, tensor.detach().to("cpu").contiguous()))
         self._conns[0].send(("update_weights", items))
         for r in range(1, self.data_parallel_size):
             self._conns[r].send(("update_weights", None))
         return self._gather(range(self.data_parallel_size))[0]
+
+    @property
+    def is_sleeping(self) -> bool:
+        """Whether ``sleep`` released the ranks' KV caches (until ``wake_up``)."""
+        return self._sleeping
+
+    def sleep(self) -> None:
+        """Every rank releases its KV cache, CUDA graphs and attention workspaces
+        (``LLMEngine.sleep``). A no-op when already asleep. After a rank's error the engine
+        counts as awake; calling again is safe (a rank already asleep does nothing).
+
+        Raises:
+            RuntimeError: a rank holds unfinished requests (never between ``generate`` calls).
+        """
+        if not self._sleeping:
+            self._command(range(self.data_parallel_size), ("sleep",))
+            self._sleeping = True
+
+    def wake_up(self) -> None:
+        """Every rank rebuilds its KV cache and CUDA graphs (``LLMEngine.wake_up``). A no-op
+        when awake. After a rank's error (e.g. out of memory) the engine counts as asleep;
+        calling again is safe (a rank already awake does nothing)."""
+        if self._sleeping:
+            self._command(range(self.data_parallel_size), ("wake_up",))
+            self._sleeping = False
 
     def shutdown(self) -> None:
         """Stop every rank: engines shut down, segments unlinked, group left (idempotent)."""
@@ -290,9 +352,23 @@ class DataParallelEngine:
             self._conns[r].send(message)
         return self._gather(ranks)
 
-    def _gather(self, ranks: Iterable[int], on_reply=None) -> list[Any]:
+    def _gather_run(self, ranks: list[int], on_reply) -> list[Any]:
+        """The replies to "run". With dp_attention a rank's error stops every rank at once:
+        the others may wait in a collective of the failed step forever."""
+        if not self.config.dp_attention:
+            return self._gather(ranks, on_reply=on_reply)
+        try:
+            return self._gather(ranks, on_reply=on_reply, fail_fast=True)
+        except Exception:
+            logger.error("a rank failed in a dp_attention step: stopping every rank")
+            self.shutdown()
+            raise
+
+    def _gather(
+        self, ranks: Iterable[int], on_reply=None, fail_fast: bool = False
+    ) -> list[Any]:
         """One reply from each of ``ranks`` (as they come); the first rank error is raised once
-        all replied."""
+        all replied, or as soon as it comes with ``fail_fast``."""
         ranks = list(ranks)
         replies: dict[int, tuple[Any, ...]] = {}
         waiting = {self._conns[r]: r for r in ranks}
@@ -309,13 +385,19 @@ class DataParallelEngine:
                         f"code {self._processes[r].exitcode}"
                     )
                 replies[r] = conn.recv()
+                if fail_fast:
+                    _raise_if_error(r, replies[r])
                 if on_reply is not None:
                     on_reply(r)
         for r in ranks:
-            if replies[r][0] == "error":
-                _, error, trace = replies[r]
-                raise error from RuntimeError(f"data parallel rank {r}:\n{trace}")
+            _raise_if_error(r, replies[r])
         return [replies[r][1] for r in ranks]
+
+
+def _raise_if_error(rank: int, reply: tuple[Any, ...]) -> None:
+    if reply[0] == "error":
+        _, error, trace = reply
+        raise error from RuntimeError(f"data parallel rank {rank}:\n{trace}")
 
 
 def _stop_ranks(
@@ -333,7 +415,9 @@ def _stop_ranks(
     for rank, process in enumerate(processes):
         process.join(_STOP_TIMEOUT_S)
         if process.is_alive():
-            logger.warning("data parallel rank %d did not stop in time: terminating it", rank)
+            logger.warning(
+                "data parallel rank %d did not stop in time: terminating it", rank
+            )
             process.terminate()
             process.join(_STOP_TIMEOUT_S)
         if process.exitcode != 0:
@@ -358,7 +442,9 @@ def _rank_main(
     # SIGTERM (terminate) unwinds through the finally blocks: the engine unlinks its segment.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     size = config.data_parallel_size
-    on_cuda = config.device == "cuda" or (config.device is None and torch.cuda.is_available())
+    on_cuda = config.device == "cuda" or (
+        config.device is None and torch.cuda.is_available()
+    )
     engine: LLMEngine | None = None
     try:
         if on_cuda:
@@ -407,9 +493,13 @@ def _serve(
     handlers = {
         "add": lambda batch: _add(engine, batch),
         "abort": lambda ids: _abort(engine, ids),
-        "run": lambda: _run(engine),
+        "run": lambda: _run(engine, device),
         "stats": lambda: engine.stats,
-        "update_weights": lambda items: engine.update_weights(_broadcast(items, device)),
+        "update_weights": lambda items: engine.update_weights(
+            _broadcast(items, device)
+        ),
+        "sleep": engine.sleep,
+        "wake_up": engine.wake_up,
     }
     while True:
         command, *args = conn.recv()
@@ -441,11 +531,18 @@ def _abort(engine: LLMEngine, request_ids: list[int]) -> None:
         engine.abort_request(request_id)
 
 
-def _run(engine: LLMEngine) -> list[RequestOutput]:
-    """Step until every queued request finished; outputs in the order they were added."""
+def _run(engine: LLMEngine, device: torch.device) -> list[RequestOutput]:
+    """Step until every queued request finished; outputs in the order they were added.
+
+    With dp_attention every rank steps until no rank has work: a rank whose own requests are
+    done (or that got none) runs idle steps, joining the MoE layers' collectives of the others.
+    """
     outputs: dict[int, RequestOutput] = {}
     try:
-        while engine.has_unfinished():
+        while _has_work(engine, device):
+            if not engine.has_unfinished():
+                engine.runner.run_idle()
+                continue
             for out in engine.step():
                 outputs[out.request_id] = out
     except BaseException:
@@ -453,6 +550,25 @@ def _run(engine: LLMEngine) -> list[RequestOutput]:
             engine.abort_request(seq.seq_id)
         raise
     return [outputs[i] for i in sorted(outputs)]
+
+
+def _has_work(engine: LLMEngine, device: torch.device) -> bool:
+    """Whether to step again: this rank has unfinished requests; with dp_attention whether any
+    rank has (an all-reduce that every rank makes before each step)."""
+    busy = engine.has_unfinished()
+    if not engine.config.dp_attention:
+        return busy
+    flag = torch.tensor([int(busy)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _check_expert_split(config: EngineConfig) -> None:
+    """Raise before any rank starts what every rank would: with dp_attention each rank computes
+    ``num_experts / data_parallel_size`` experts (``rollout.layers.moe.expert_slice``)."""
+    hf_config = load_hf_config(config.model)
+    routing = model_class(hf_config.architectures).args_from_config(hf_config).routing
+    expert_slice(routing.num_experts, 0, config.data_parallel_size)
 
 
 def _broadcast(
@@ -474,7 +590,9 @@ def _broadcast(
     return received
 
 
-def _reply_error(conn: multiprocessing.connection.Connection, exc: BaseException) -> None:
+def _reply_error(
+    conn: multiprocessing.connection.Connection, exc: BaseException
+) -> None:
     trace = traceback.format_exc()
     try:
         conn.send(("error", exc, trace))

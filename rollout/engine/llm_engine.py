@@ -1,8 +1,29 @@
-"""The engine: a scheduler and a model runner driven one step at a time.
+"""The engine: a scheduler and a model runner driven one step at a time, one batch ahead.
 
-``step()`` is the data flow, one line per stage::
+``step()`` is the data flow::
 
-    schedule -> prepare inputs -> run (forward, logits) -> sample -> postprocess
+    schedule N+1 -> prepare inputs -> run (forward, logits) -> sample -> advance N+1
+                 -> wait for batch N's tokens -> postprocess N
+
+Pipelining: batch N+1 is scheduled, prepared and launched while batch N still runs on the
+device, so the host work of a step (scheduling, staging, attention planning, launches, then
+applying the previous tokens and building outputs) overlaps the device's work instead of
+adding to it. Nothing on the way to the launch waits for the device: N+1's sampled tokens
+stay on the device and their copy to the host is started (``runner.sample_async``); the
+scheduler appends placeholders for them (``Scheduler.advance``), and N+1's decode entries,
+which feed N's tokens, get them on the device from N's sampled ids (``runner.prepare(batch,
+previous)``). Then the step waits for N's tokens, and ``postprocess`` fills the placeholders
+and applies the stop rules (dropping the placeholder a stopped sequence got in N+1).
+
+The batches are those of a synchronous step (``pipelined=False``: launch, then wait for that
+batch at once), and so are all outputs, bit for bit, unless a sequence stops on a stop token
+(the lookahead has scheduled it once more; the result is dropped) or the KV cache is full (a
+finishing sequence keeps its blocks until its last token arrives, one schedule longer, which
+can change a preemption). Then tokens (greedy and seeded), finish reasons and routed-expert
+rows are still the same, logprobs equal up to the float rounding of a differently composed
+batch, and unseeded samples (keyed by batch row) may differ.
+One batch is in flight between two steps (``has_unfinished`` counts it); ``update_weights``,
+``sleep`` and ``shutdown`` wait for it.
 
 Routed-expert capture (``capture_routing=True``, ``rollout.engine.routing``) rides along
 inside it without a stage of its own: its device buffer is a static input of the runner
@@ -11,12 +32,21 @@ asynchronous copy of a step's rows into the shared-memory store, the scheduler's
 ``on_preempt`` and ``on_finish`` hooks save a sequence's rows before its blocks are freed, and
 ``_output`` attaches a finished request's rows to its ``RequestOutput``. With capture off none
 of it exists: no buffer, no hook, no segment.
+
+``data_parallel_mode="dp_attention"`` (``config.dp_attention``): this engine is one rank of a
+``torch.distributed`` group and its runner gets a ``rollout.layers.moe.NaiveDispatch``, so its
+MoE layers run over the tokens of all ranks and compute this rank's slice of the experts. Every
+forward is then collective: the ranks build their engines together and step in lockstep, a rank
+without work running ``runner.run_idle()`` (``rollout.engine.data_parallel`` drives this). Such
+an engine steps synchronously: a pipelined step without a new batch would skip a collective
+forward, and each lockstep round waits for the device anyway.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -25,10 +55,12 @@ from rollout.capture import ReaderSpec
 from rollout.config import EngineConfig, EngineState, check_int
 from rollout.engine.model_runner import ModelRunner
 from rollout.engine.routing import RoutingRecorder
-from rollout.engine.scheduler import Scheduler
+from rollout.engine.scheduler import ScheduledBatch, Scheduler
 from rollout.engine.sequence import Sequence as EngineSequence
+from rollout.layers.moe import NaiveDispatch
 from rollout.loader import load_checkpoint
 from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
+from rollout.sampler import SampledTokens
 from rollout.sampling_params import SamplingParams
 
 __all__ = ["LLMEngine"]
@@ -40,6 +72,13 @@ logger = logging.getLogger(__name__)
 _RANK_SEED_STRIDE = 1_000_003
 
 
+class _InFlight(NamedTuple):
+    """A launched batch and its sampled tokens, on their way to the host."""
+
+    batch: ScheduledBatch
+    sampled: SampledTokens
+
+
 class LLMEngine:
     """Loads a checkpoint and generates for the requests added to it, step by step.
 
@@ -47,19 +86,44 @@ class LLMEngine:
         config: the engine settings (``rollout.LLM``'s keyword arguments).
         instance_id: names this engine's shared-memory segments
             (``rollout.shm.segment_name(instance_id, dp_rank)``); None draws a fresh one.
-        dp_rank: this engine's data-parallel rank (its capturer's slice of a DP batch).
+        dp_rank: this engine's data-parallel rank (its capturer's slice of a DP batch); with
+            ``config.dp_attention`` also its rank in the default process group, which must be
+            initialized with ``data_parallel_size`` ranks that build their engines at the same
+            time (the memory profile's forward is collective).
+        pipelined: launch each step's batch before waiting for the previous one's tokens (see
+            the module docstring); None: unless ``config.dp_attention``, which needs
+            synchronous steps. False is the synchronous reference (same outputs).
 
     Attributes:
         config, state (KV blocks, context length, eos ids), runner, scheduler,
         tokenizer (``tokenizers.Tokenizer`` or None), routing_spec, vocab_size, instance_id,
-        dp_rank, routing (the ``RoutingRecorder`` with ``capture_routing``, else None).
+        dp_rank, routing (the ``RoutingRecorder`` with ``capture_routing``, else None),
+        pipelined.
     """
 
     def __init__(
-        self, config: EngineConfig, *, instance_id: str | None = None, dp_rank: int = 0
+        self,
+        config: EngineConfig,
+        *,
+        instance_id: str | None = None,
+        dp_rank: int = 0,
+        pipelined: bool | None = None,
     ) -> None:
         self.instance_id = shm.new_instance_id() if instance_id is None else instance_id
         self.dp_rank = check_int("dp_rank", dp_rank, minimum=0)
+        if pipelined is None:
+            pipelined = not config.dp_attention
+        if not isinstance(pipelined, bool):
+            raise TypeError(
+                f"pipelined: expected None or a bool, got {type(pipelined).__name__}"
+            )
+        if pipelined and config.dp_attention:
+            raise ValueError(
+                "pipelined: expected None or False with data_parallel_mode='dp_attention' "
+                "(its ranks step in lockstep), got True"
+            )
+        self.pipelined = pipelined
+        self._in_flight: _InFlight | None = None
         # Checks the id's characters before anything is loaded.
         segment = shm.segment_name(self.instance_id, self.dp_rank)
         checkpoint = load_checkpoint(
@@ -70,9 +134,13 @@ class LLMEngine:
             seed=config.seed,
         )
         model = checkpoint.model
-        max_model_len = config.resolve_max_model_len(checkpoint.hf_config.max_position_embeddings)
+        max_model_len = config.resolve_max_model_len(
+            checkpoint.hf_config.max_position_embeddings
+        )
         self.config = config
-        self.routing_spec = RoutingSpec.from_model(model.moe_layers, model.routing_params)
+        self.routing_spec = RoutingSpec.from_model(
+            model.moe_layers, model.routing_params
+        )
         # The capture buffer exists before the runner: it is a static input of its CUDA graphs
         # and counts in its memory profile.
         routing = (
@@ -94,6 +162,17 @@ class LLMEngine:
             # Data-parallel ranks share the weights' seed but not the sampling stream:
             # otherwise the same unseeded prompt on two ranks would draw the same answer.
             sampler_seed=config.seed + self.dp_rank * _RANK_SEED_STRIDE,
+            dispatch=(
+                NaiveDispatch(
+                    num_experts=model.routing_params.num_experts,
+                    rank=self.dp_rank,
+                    world_size=config.data_parallel_size,
+                    device=checkpoint.device,
+                    capturer=None if routing is None else routing.capturer,
+                )
+                if config.dp_attention
+                else None
+            ),
         )
         self.state = EngineState(
             num_kv_blocks=self.runner.num_kv_blocks,
@@ -127,7 +206,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> int:
+    def add_request(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> int:
         """Queue a request; return its id.
 
         Raises:
@@ -135,16 +216,22 @@ class LLMEngine:
                 ``max_tokens`` beyond ``max_model_len`` (or the KV cache),
                 ``return_routed_experts`` without ``capture_routing``, or
                 ``routed_experts_start`` beyond the prompt.
+            RuntimeError: the engine is asleep.
         """
+        self._check_awake("add_request")
         if not isinstance(params, SamplingParams):
-            raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
+            raise TypeError(
+                f"params: expected SamplingParams, got {type(params).__name__}"
+            )
         if params.return_routed_experts and self.routing is None:
             raise ValueError(
                 "return_routed_experts: expected False on an engine built with "
                 "capture_routing=False (set capture_routing=True to record routed experts), "
                 "got True"
             )
-        if prompt_token_ids and not all(0 <= t < self.vocab_size for t in prompt_token_ids):
+        if prompt_token_ids and not all(
+            0 <= t < self.vocab_size for t in prompt_token_ids
+        ):
             bad = next(t for t in prompt_token_ids if not 0 <= t < self.vocab_size)
             raise ValueError(
                 f"prompt_token_ids: expected token ids in [0, {self.vocab_size}), got {bad}"
@@ -156,34 +243,65 @@ class LLMEngine:
         self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        """Whether any request is waiting or running."""
-        return self.scheduler.has_unfinished()
+        """Whether any request is waiting or running, or a batch is in flight (``step``
+        until it is False)."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; return the outputs of the requests that finished in it."""
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        inputs = self.runner.prepare(batch)
-        logits_SV = self.runner.run(inputs)
-        token_ids, logprobs = self.runner.sample(logits_SV, inputs)
-        finished = self.scheduler.postprocess(batch, token_ids, logprobs)
+        """Launch the next batch, then apply the previous one's tokens; return the outputs of
+        the requests that finished (RuntimeError while asleep)."""
+        self._check_awake("step")
+        batch = self.scheduler.schedule()  # N+1, built while batch N runs on the device
+        launched = None if batch is None else self._launch(batch)
+        previous, self._in_flight = self._in_flight, launched
+        finished = self._complete(previous)  # waits for batch N's tokens
+        if not self.pipelined:
+            finished += self._drain()
         return [self._output(seq) for seq in finished]
 
+    def _launch(self, batch: ScheduledBatch) -> _InFlight:
+        """Enqueue ``batch`` on the device without waiting for it: its inputs (placeholders
+        from the batch in flight's sampled ids), forward and sampling; the scheduler then
+        counts its tokens as placeholders."""
+        previous = None if self._in_flight is None else self._in_flight.sampled
+        inputs = self.runner.prepare(batch, previous)
+        sampled = self.runner.sample_async(self.runner.run(inputs), inputs)
+        self.scheduler.advance(batch)
+        return _InFlight(batch, sampled)
+
+    def _complete(self, step: _InFlight | None) -> list[EngineSequence]:
+        """Wait for a launched batch's tokens and apply them; the sequences that finished."""
+        if step is None:
+            return []
+        return self.scheduler.postprocess(step.batch, *step.sampled.tolist())
+
+    def _drain(self) -> list[EngineSequence]:
+        """Complete the batch in flight, if any (the device is then done with it)."""
+        step, self._in_flight = self._in_flight, None
+        return self._complete(step)
+
     def _output(self, seq: EngineSequence) -> RequestOutput:
-        text = None if self.tokenizer is None else self.tokenizer.decode(seq.generated_token_ids)
+        text = (
+            None
+            if self.tokenizer is None
+            else self.tokenizer.decode(seq.generated_token_ids)
+        )
         routed_experts = (
             self.routing.rows(seq)
             if self.routing is not None and seq.params.return_routed_experts
             else None
         )
-        return RequestOutput.from_sequence(seq, text=text, routed_experts=routed_experts)
+        return RequestOutput.from_sequence(
+            seq, text=text, routed_experts=routed_experts
+        )
 
     # ------------------------------------------------------------------ weights, state
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> set[str]:
         """Copy HF-named tensors into the model in place and forget the prefix cache.
 
         Returns the names of the model parameters written completely.
@@ -195,11 +313,53 @@ class LLMEngine:
         """
         unfinished = self.scheduler.num_unfinished
         if unfinished:
-            raise RuntimeError(f"update_weights: expected no unfinished requests, got {unfinished}")
+            raise RuntimeError(
+                f"update_weights: expected no unfinished requests, got {unfinished}"
+            )
+        self._drain()  # a batch of finished requests may still read the weights
         try:
             return self.runner.update_weights(named_tensors)
         finally:
             self.scheduler.block_manager.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ sleep
+
+    @property
+    def is_sleeping(self) -> bool:
+        """Whether ``sleep`` released the KV cache (until ``wake_up``)."""
+        return self.runner.is_sleeping
+
+    def sleep(self) -> None:
+        """Release the KV cache, the CUDA graphs and the attention workspaces
+        (``ModelRunner.sleep``) and forget the prefix cache (its KV is gone). The weights stay,
+        so ``update_weights`` works while asleep; so does the routing store: the rows of
+        finished requests stay readable. A no-op when already asleep.
+
+        Raises:
+            RuntimeError: a request is unfinished (its KV would be lost).
+        """
+        unfinished = self.scheduler.num_unfinished
+        if unfinished:
+            raise RuntimeError(
+                f"sleep: expected no unfinished requests, got {unfinished}"
+            )
+        if self.is_sleeping:
+            return
+        self._drain()  # a batch of finished requests may still use the KV cache
+        if self.routing is not None:
+            # File the last step's rows now: the store is read by slot while we sleep.
+            self.routing.commit()
+        self.scheduler.block_manager.reset_prefix_cache()
+        self.runner.sleep()
+
+    def wake_up(self) -> None:
+        """Reallocate the KV cache (same number of blocks, empty prefix cache) and recapture the
+        CUDA graphs (``ModelRunner.wake_up``). A no-op when awake."""
+        self.runner.wake_up()
+
+    def _check_awake(self, name: str) -> None:
+        if self.runner.is_sleeping:
+            raise RuntimeError(f"{name}: engine is asleep: call wake_up()")
 
     @property
     def routing_reader_spec(self) -> ReaderSpec | None:
@@ -226,6 +386,9 @@ class LLMEngine:
         routing store's segment."""
         for seq in [*self.scheduler.waiting, *self.scheduler.running]:
             self.scheduler.abort(seq.seq_id)
-        self.runner.shutdown()
-        if self.routing is not None:
-            self.routing.close()
+        try:
+            self._drain()  # the device finishes the last batch before its memory goes
+        finally:
+            self.runner.shutdown()
+            if self.routing is not None:
+                self.routing.close()

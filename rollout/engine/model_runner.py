@@ -4,18 +4,24 @@ CUDA graphs for decode, and the sampler.
 Legend: T tokens fed in a step, B sequences in it, S sampling rows, M KV blocks per sequence
 (the block-table width), H hidden size, V vocabulary.
 
-One step is three calls, each the engine's line of the same name:
+One step is three calls, each the engine's line of the same name; none waits for the device,
+so the engine launches a step while the previous one still runs (``rollout.engine.llm_engine``):
 
-- ``prepare(batch)`` writes the ``ScheduledBatch`` lists into pinned host buffers, copies them
-  into the static device inputs (non-blocking), plans attention once and builds the sampling
-  inputs. A decode batch of a captured size is padded to its CUDA-graph bucket (padding rows:
-  token 0, position 0, slot -1, length 0, no blocks).
+- ``prepare(batch, previous)`` writes the ``ScheduledBatch`` lists into pinned host buffers,
+  copies them into the static device inputs (non-blocking), plans attention once and builds
+  the sampling inputs. A decode batch of a captured size is padded to its CUDA-graph bucket
+  (padding rows: token 0, position 0, slot -1, length 0, no blocks). The tokens the previous
+  step samples are not on the host yet: the batch feeds placeholders there, and ``prepare``
+  copies the real tokens from ``previous`` (that step's ``SampledTokens``) into the static
+  ``input_ids`` on the device (``batch.placeholder_indices`` / ``placeholder_rows``), before
+  the forward on the same stream. The pinned buffers are rewritten only once the previous
+  ``prepare``'s copies have run (an event: by then the device is on that step's forward).
 - ``run(inputs)`` runs the forward (eager, or the bucket's graph replay), then the
-  ``after_forward`` hook (routing capture enqueues its asynchronous device-to-host copy of
-  ``routing_capture[:T]`` there, on its own stream: no synchronisation), and returns the
-  float32 logits of the sampling rows only (``batch.logits_indices``).
-- ``sample(logits, inputs)`` draws the tokens and returns them with their logprobs as host
-  lists: the step's one synchronisation.
+  ``after_forward`` hook (routing capture files the previous step's rows and enqueues its
+  asynchronous device-to-host copy of ``routing_capture[:T]`` there, on its own stream), and
+  returns the float32 logits of the sampling rows only (``batch.logits_indices``).
+- ``sample_async(logits, inputs)`` draws the tokens on the device and starts their copy to the
+  host: ``SampledTokens.tolist()`` waits for it. ``sample`` does both (tests and tools).
 
 Static inputs live in one place, ``StepBuffers``: the device tensors every step (eager or
 graph) reads, so a CUDA graph captured over views of them replays whatever ``prepare`` last
@@ -29,6 +35,17 @@ peak of torch allocations plus memory used outside torch (CUDA context, other pr
 CUDA graphs are captured after the cache and take memory beyond that budget (a few hundred MB:
 hence the default utilisation 0.85). On CPU the cache holds ``max_num_seqs`` sequences of
 ``max_model_len`` tokens, capped at ``CPU_KV_CACHE_BYTES``.
+
+``data_parallel_mode="dp_attention"`` (``dispatch``, a ``rollout.layers.moe.NaiveDispatch`` the
+runner sets on the model's MoE blocks): every forward is collective across the ranks.
+``prepare`` exchanges the step's token counts first (``dispatch.begin_step``), a rank without
+work calls ``run_idle`` (a forward of one padding token, outputs discarded) whenever another
+rank steps, and everything runs eager (no CUDA graphs). The memory profile runs on every rank at
+once, so its MoE layers see the tokens of all ranks, as real steps do.
+
+Sleep (a trainer colocated on the GPU): ``sleep()`` frees the KV cache, the CUDA graphs and the
+attention backend's workspaces and empties the CUDA caching allocator; ``wake_up()`` allocates
+a zeroed cache of the same number of blocks, a fresh backend and captures the graphs again.
 """
 
 from __future__ import annotations
@@ -49,13 +66,15 @@ from rollout.engine.scheduler import ScheduledBatch, ScheduledEntry
 from rollout.engine.sequence import Sequence as EngineSequence
 from rollout.forward_batch import ForwardBatch
 from rollout.layers.attention import (
+    AttentionBackend,
     FlashInferAttentionBackend,
     allocate_kv_cache,
     kv_cache_bytes_per_block,
     make_attention_backend,
 )
+from rollout.layers.moe import NaiveDispatch, SparseMoeBlock
 from rollout.loader import LoadedCheckpoint
-from rollout.sampler import Sampler, SamplingInputs
+from rollout.sampler import SampledTokens, Sampler, SamplingInputs
 from rollout.sampling_params import SamplingParams
 
 __all__ = [
@@ -108,7 +127,10 @@ class StepBuffers:
             for name, (n, dtype) in sizes.items()
         }
         self.device = (
-            {name: torch.zeros(n, dtype=dtype, device=device) for name, (n, dtype) in sizes.items()}
+            {
+                name: torch.zeros(n, dtype=dtype, device=device)
+                for name, (n, dtype) in sizes.items()
+            }
             if pinned
             else self.host
         )
@@ -136,7 +158,9 @@ class StepBuffers:
         table.fill(-1)
         total = int(lengths.sum())
         if total:
-            flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=table.dtype, count=total)
+            flat = np.fromiter(
+                itertools.chain.from_iterable(rows), dtype=table.dtype, count=total
+            )
             row_ids = np.repeat(np.arange(len(rows)), lengths)
             starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
             table[row_ids, np.arange(total) - starts] = flat
@@ -180,10 +204,13 @@ class ModelRunner:
             id dtype on the model's device, or None (capture off: nothing is written).
         after_forward: called with each step's batch right after its forward is enqueued, on
             the current stream (not for the memory-profiling step); it must not synchronise.
+        dispatch: the ``NaiveDispatch`` of a ``dp_attention`` rank (set on every MoE block
+            here, before the memory profile), or None.
 
     Attributes:
         model, kv_cache, backend, sampler, num_kv_blocks, max_blocks_per_seq,
-        graph_sizes (empty when no CUDA graphs are used).
+        graph_sizes (empty when no CUDA graphs are used), is_sleeping (``sleep`` released the
+        KV cache, graphs and backend: ``kv_cache`` and ``backend`` are None until ``wake_up``).
     """
 
     def __init__(
@@ -195,28 +222,44 @@ class ModelRunner:
         routing_capture: torch.Tensor | None = None,
         after_forward: Callable[[ScheduledBatch], None] | None = None,
         sampler_seed: int | None = None,
+        dispatch: NaiveDispatch | None = None,
     ) -> None:
         self.config = config
         self.model = checkpoint.model
+        self.dispatch = dispatch
+        for module in self.model.modules():
+            if isinstance(module, SparseMoeBlock):
+                module.dispatch = dispatch
         self.dtype = checkpoint.dtype
         self.device = checkpoint.device
         self.max_model_len = max_model_len
         self.vocab_size = self.model.args.vocab_size
         self.after_forward = after_forward
         self.max_blocks_per_seq = math.ceil(max_model_len / config.block_size)
-        use_graphs = self.device.type == "cuda" and not config.enforce_eager
-        max_graph = min(config.max_num_seqs, config.max_num_batched_tokens, MAX_CUDA_GRAPH_SIZE)
+        # Naive dispatch changes the collectives' shapes every step: eager only.
+        use_graphs = (
+            self.device.type == "cuda" and not config.enforce_eager and dispatch is None
+        )
+        max_graph = min(
+            config.max_num_seqs, config.max_num_batched_tokens, MAX_CUDA_GRAPH_SIZE
+        )
         self.spec = self.model.attention_spec
-        self.backend = make_attention_backend(
-            self.spec,
+        # Kept for wake_up, which rebuilds the backend that sleep released.
+        self._backend_kwargs = dict(
             block_size=config.block_size,
             dtype=self.dtype,
             device=self.device,
             cuda_graph_max_batch_size=max_graph if use_graphs else 0,
             max_blocks_per_seq=self.max_blocks_per_seq,
         )
+        self.backend: AttentionBackend | None = make_attention_backend(
+            self.spec, **self._backend_kwargs
+        )
         if use_graphs and not isinstance(self.backend, FlashInferAttentionBackend):
-            logger.info("no CUDA graphs: the attention backend is %s", type(self.backend).__name__)
+            logger.info(
+                "no CUDA graphs: the attention backend is %s",
+                type(self.backend).__name__,
+            )
             use_graphs = False
         self.sampler = Sampler(
             vocab_size=self.vocab_size,
@@ -233,20 +276,18 @@ class ModelRunner:
                 "seq_lens": (seqs, torch.int32),
                 "block_tables": (seqs * self.max_blocks_per_seq, torch.int32),
                 "logits_indices": (seqs, torch.int64),
+                # Placeholder positions in input_ids, then their rows in the previous step's ids.
+                "placeholders": (2 * seqs, torch.int64),
             },
             self.device,
             routing_capture=self._check_capture(routing_capture),
         )
-        self.bytes_per_block = kv_cache_bytes_per_block(self.spec, config.block_size, self.dtype)
-        self.num_kv_blocks = self._num_kv_blocks()
-        self.kv_cache = allocate_kv_cache(
-            self.spec,
-            num_blocks=self.num_kv_blocks,
-            block_size=config.block_size,
-            dtype=self.dtype,
-            device=self.device,
+        self.bytes_per_block = kv_cache_bytes_per_block(
+            self.spec, config.block_size, self.dtype
         )
-        self.model.bind_kv_cache(self.kv_cache)
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.kv_cache: torch.Tensor | None = None
+        self._allocate_kv_cache()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
             self.num_kv_blocks,
@@ -254,39 +295,61 @@ class ModelRunner:
             self.num_kv_blocks * config.block_size,
             self.num_kv_blocks * self.bytes_per_block / 2**30,
         )
+        # Recorded after a step's input copies were enqueued: the pinned host buffers they
+        # read (ours and FlashInfer's plan workspace) are rewritten only once it completed.
+        self._staged: torch.cuda.Event | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = []
+        self.is_sleeping = False
+        # The buckets sleep released, recaptured by wake_up.
+        self._slept_graph_sizes: list[int] = []
         if use_graphs:
             self._capture_cuda_graphs(cuda_graph_sizes(max_graph))
 
     # ------------------------------------------------------------------ the step
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Stage ``batch`` into the static inputs, plan attention and build sampling inputs."""
+    def prepare(
+        self, batch: ScheduledBatch, previous: SampledTokens | None = None
+    ) -> StepInputs:
+        """Stage ``batch`` into the static inputs, plan attention and build sampling inputs.
+
+        ``previous``: the sampled tokens of the step in flight, which the batch's placeholders
+        stand for (required when it has any).
+        """
+        assert not self.is_sleeping, "prepare: the runner is asleep (wake_up first)"
+        self._wait_staging_reusable()
+        if self.dispatch is not None:
+            self.dispatch.begin_step(len(batch.input_ids))
         graph_size = self._graph_size(batch)
         sampling_seqs = [batch.entries[i].seq for i in batch.sample_indices]
         _, logits_indices = self.buffers.stage(
             "logits_indices", batch.logits_indices, len(batch.logits_indices), 0
         )
-        return StepInputs(
+        forward = self._forward_batch(
+            input_ids=batch.input_ids,
+            positions=batch.positions,
+            slot_mapping=batch.slot_mapping,
+            query_start_loc=batch.query_start_loc,
+            seq_lens=batch.seq_lens,
+            block_tables=batch.block_tables,
+            is_decode=batch.is_decode,
+            graph_size=graph_size,
+        )
+        self._fill_placeholders(batch, forward.input_ids, previous)
+        inputs = StepInputs(
             batch=batch,
-            forward=self._forward_batch(
-                input_ids=batch.input_ids,
-                positions=batch.positions,
-                slot_mapping=batch.slot_mapping,
-                query_start_loc=batch.query_start_loc,
-                seq_lens=batch.seq_lens,
-                block_tables=batch.block_tables,
-                is_decode=batch.is_decode,
-                graph_size=graph_size,
-            ),
+            forward=forward,
             logits_indices=logits_indices,
+            # A placeholder counts as generated: seeded rows get the counter a synchronous
+            # step gives them.
             sampling=self.sampler.prepare(
                 [seq.params for seq in sampling_seqs],
                 [seq.num_generated_tokens for seq in sampling_seqs],
             ),
             graph_size=graph_size,
         )
+        self._staging_enqueued()
+        return inputs
 
     @torch.no_grad()
     def run(self, inputs: StepInputs) -> torch.Tensor:
@@ -298,26 +361,154 @@ class ModelRunner:
         return self._logits(hidden_TH, inputs)
 
     @torch.no_grad()
-    def sample(self, logits_SV: torch.Tensor, inputs: StepInputs) -> tuple[list[int], list[float]]:
-        """Sampled token ids and their logprobs, one per sampling row, as host lists."""
-        ids_S, logprobs_S = self.sampler(logits_SV, inputs.sampling)
-        return ids_S.tolist(), logprobs_S.tolist()
+    def sample_async(
+        self, logits_SV: torch.Tensor, inputs: StepInputs
+    ) -> SampledTokens:
+        """Sample one token per sampling row on the device and start copying the ids and
+        their logprobs to the host (no synchronisation)."""
+        return SampledTokens(*self.sampler(logits_SV, inputs.sampling))
+
+    def sample(
+        self, logits_SV: torch.Tensor, inputs: StepInputs
+    ) -> tuple[list[int], list[float]]:
+        """Sampled token ids and their logprobs, one per sampling row, as host lists (waits)."""
+        return self.sample_async(logits_SV, inputs).tolist()
+
+    @torch.no_grad()
+    def run_idle(self) -> None:
+        """``dp_attention`` only: a step without work of this rank's while another rank steps.
+        Forwards one padding token (token 0, position 0, slot -1: no KV written, length 0) so
+        that this rank joins the MoE layers' collectives; the output is discarded, nothing is
+        sampled and no hook runs."""
+        assert self.dispatch is not None, (
+            "run_idle: only a dp_attention rank steps without work"
+        )
+        assert not self.is_sleeping, "run_idle: the runner is asleep (wake_up first)"
+        self._wait_staging_reusable()
+        self.dispatch.begin_step(1)
+        forward = self._forward_batch(
+            input_ids=[0],
+            positions=[0],
+            slot_mapping=[-1],
+            query_start_loc=[0, 1],
+            seq_lens=[0],
+            block_tables=[[]],
+            is_decode=True,
+            graph_size=None,
+        )
+        self._staging_enqueued()
+        self.model(forward)
 
     # ------------------------------------------------------------------ weights
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> set[str]:
         """Copy HF-named tensors into the model in place (storage kept: graphs stay valid);
         return the names of the parameters written completely."""
         return self.model.load_weights(named_tensors)
 
     def shutdown(self) -> None:
-        """Drop the CUDA graphs and the KV cache (the engine is unusable afterwards)."""
-        self._graphs.clear()
-        self.graph_sizes = []
-        self.kv_cache = None
-        self._unbind_kv_cache()
+        """Drop the CUDA graphs, the KV cache and the attention backend (the engine is unusable
+        afterwards)."""
+        self._release()
+
+    # ------------------------------------------------------------------ sleep
+
+    def sleep(self) -> None:
+        """Release the device memory that ``wake_up`` can rebuild: the KV cache, the CUDA graphs
+        (their memory pool with them) and the attention backend (FlashInfer's float workspace,
+        each wrapper's index workspace, the graphs' static page-index buffers). The weights, the
+        step buffers, the sampler and the routing capture buffer stay. On CUDA the freed memory
+        is returned to the device (``torch.cuda.empty_cache``), for a trainer on the same GPU.
+
+        The KV contents are lost: the caller must hold no sequence and forget its prefix cache.
+        A no-op when already asleep.
+        """
+        if self.is_sleeping:
+            return
+        kv_bytes = 0 if self.kv_cache is None else self.kv_cache.nbytes
+        reserved = self._reserved_bytes()
+        self._slept_graph_sizes = self.graph_sizes
+        self._release()
+        self.is_sleeping = True
+        self._return_memory()
+        logger.info(
+            "asleep: released the KV cache (%.2f GiB), %d CUDA graphs and the attention backend; "
+            "%.2f GiB returned to the device",
+            kv_bytes / 2**30,
+            len(self._slept_graph_sizes),
+            (reserved - self._reserved_bytes()) / 2**30,
+        )
+
+    def wake_up(self) -> None:
+        """Rebuild what ``sleep`` released: the attention backend, a zeroed KV cache of the same
+        ``num_kv_blocks`` (so the scheduler's block manager stays valid) bound to the model, and
+        the CUDA graphs of the same buckets (captured again: the cache and the workspaces have
+        new addresses). A no-op when awake.
+
+        Raises:
+            torch.OutOfMemoryError (or any error of the capture): whatever was rebuilt is
+            released again and the runner stays asleep.
+        """
+        if not self.is_sleeping:
+            return
+        start = time.perf_counter()
+        try:
+            self.backend = make_attention_backend(self.spec, **self._backend_kwargs)
+            self._allocate_kv_cache()
+            if self._slept_graph_sizes:
+                self._capture_cuda_graphs(self._slept_graph_sizes)
+        except BaseException:
+            self._release()
+            self._return_memory()
+            raise
+        self.is_sleeping = False
+        logger.info(
+            "awake: KV cache and CUDA graphs rebuilt in %.1f s",
+            time.perf_counter() - start,
+        )
 
     # ------------------------------------------------------------------ internals
+
+    def _fill_placeholders(
+        self,
+        batch: ScheduledBatch,
+        input_ids: torch.Tensor,
+        previous: SampledTokens | None,
+    ) -> None:
+        """Copy the previous step's sampled ids into the placeholder positions of the staged
+        ``input_ids`` (the static buffer a graph replays), on the device, before the forward."""
+        count = len(batch.placeholder_indices)
+        if count == 0:
+            return
+        assert (
+            previous is not None and max(batch.placeholder_rows) < previous.num_rows
+        ), (
+            f"prepare: {count} placeholders without their source rows "
+            f"(previous step: {None if previous is None else previous.num_rows} rows)"
+        )
+        _, index = self.buffers.stage(
+            "placeholders",
+            batch.placeholder_indices + batch.placeholder_rows,
+            2 * count,
+            0,
+        )
+        positions, rows = index.view(2, count)
+        input_ids.index_copy_(0, positions, previous.ids_S.index_select(0, rows))
+
+    def _wait_staging_reusable(self) -> None:
+        """Wait until the copies of the previous step's staged inputs have run (on CUDA the
+        device is then past them, on that step's forward: the wait is short)."""
+        if self._staged is not None:
+            self._staged.synchronize()
+
+    def _staging_enqueued(self) -> None:
+        """Mark the end of this step's input copies on the stream (``_wait_staging_reusable``)."""
+        if self.device.type == "cuda":
+            if self._staged is None:
+                self._staged = torch.cuda.Event()
+            self._staged.record(torch.cuda.current_stream(self.device))
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [T, H] of the step: the bucket's graph replay, or an eager forward."""
@@ -329,6 +520,38 @@ class ModelRunner:
 
     def _logits(self, hidden_TH: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         return self.model.compute_logits(hidden_TH[inputs.logits_indices]).float()
+
+    def _allocate_kv_cache(self) -> None:
+        """A zeroed cache of ``num_kv_blocks`` blocks, bound to the model's attention layers."""
+        self.kv_cache = allocate_kv_cache(
+            self.spec,
+            num_blocks=self.num_kv_blocks,
+            block_size=self.config.block_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.model.bind_kv_cache(self.kv_cache)
+
+    def _release(self) -> None:
+        """Drop the CUDA graphs, the KV cache and the attention backend."""
+        for graph, _ in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+        self.graph_sizes = []
+        self.kv_cache = None
+        self._unbind_kv_cache()
+        self.backend = None
+
+    def _return_memory(self) -> None:
+        """Hand the caching allocator's free blocks back to the device (on CUDA)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def _reserved_bytes(self) -> int:
+        return (
+            torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
+        )
 
     def _unbind_kv_cache(self) -> None:
         # The attention layers hold views of the cache: drop them so that its memory is freed.
@@ -378,7 +601,10 @@ class ModelRunner:
         num_tokens = graph_size or len(input_ids)
         # A padding row feeds one token, so its query range is one past the previous row's.
         last = query_start_loc[-1]
-        query_start = [*query_start_loc, *range(last + 1, last + 1 + num_seqs - len(seq_lens))]
+        query_start = [
+            *query_start_loc,
+            *range(last + 1, last + 1 + num_seqs - len(seq_lens)),
+        ]
         _, ids = buf.stage("input_ids", input_ids, num_tokens, 0)
         _, pos = buf.stage("positions", positions, num_tokens, 0)
         _, slots = buf.stage("slot_mapping", slot_mapping, num_tokens, -1)
@@ -399,7 +625,9 @@ class ModelRunner:
             attn_backend=self.backend,
             routing_capture=buf.routing_capture,
         )
-        forward.attn_state = self.backend.plan(forward, cuda_graph=graph_size is not None)
+        forward.attn_state = self.backend.plan(
+            forward, cuda_graph=graph_size is not None
+        )
         return forward
 
     @torch.no_grad()
@@ -493,7 +721,9 @@ class ModelRunner:
         # Not run(): its hook files rows by slot, and these slots are the temporary cache's.
         self.sample(self._logits(self._forward(inputs), inputs), inputs)
         rows = config.max_num_seqs
-        logits_SV = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=device)
+        logits_SV = torch.zeros(
+            rows, self.vocab_size, dtype=torch.float32, device=device
+        )
         self.sampler(logits_SV, self.sampler.prepare([params] * rows, [0] * rows))
         torch.cuda.synchronize(device)
         peak_torch = torch.cuda.max_memory_allocated(device) - temporary_kv.numel() * (

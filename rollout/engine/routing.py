@@ -9,8 +9,9 @@ The recorder rides along the engine step without a stage of its own:
 
 - run: each MoE layer writes the step's ids into ``buffer[:T, layer]`` inside its routing kernel
   (the buffer is a static input of the runner and its CUDA graphs); the runner's
-  ``after_forward`` hook starts the asynchronous copy of those rows to the host, where the
-  store files them by KV slot.
+  ``after_forward`` hook files the previous step's rows into the store by KV slot (its copy is
+  done once that step's forward is: by then this step is queued behind it, so the device stays
+  busy) and starts the asynchronous copy of this step's rows to the host.
 - schedule and postprocess: the scheduler's ``on_preempt`` and ``on_finish`` hooks
   (``save_rows``) copy the rows of a sequence that asked for them out of the store into
   ``seq.saved_routing`` before its blocks are freed, from where the previous save ended up to
@@ -23,8 +24,16 @@ Rows are read by KV slot, so a prefix-cache hit reads the rows of the forward th
 cached block. A step feeds (and so writes rows into) only slots of blocks its sequences
 allocated afresh: a cached block is shared, never recomputed (a hit never covers the last
 prompt token, which is fed into a block of the sequence's own), and a reallocated block is
-written by its new owner's forward before anything reads it. The store holds one step in flight: ``commit`` runs before every read
-and before the next step's copy, so each read sees every forward that preceded it.
+written by its new owner's forward before anything reads it.
+
+The store holds one step's copy pending, whose rows reach the store at the next step's
+``after_forward`` (or a commit). The engine runs one batch ahead (``rollout.engine.llm_engine``):
+when batch N's tokens finish a sequence, batch N+1 is launched and its copy is the pending one,
+and it holds no row the finished sequence reads (it feeds at most the finished sequence's last
+token, whose row is not returned); all of batch N's rows were filed at N+1's ``after_forward``.
+So ``save_rows`` commits only when the pending batch feeds the sequence a position below the
+end it reads, which happens when the next schedule preempts a sequence of the batch in flight:
+it then waits for that batch's copy, and the saved rows are the sampling-time rows.
 """
 
 from __future__ import annotations
@@ -32,7 +41,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rollout.capture import ReaderSpec, RoutedExpertsCapturer, RoutingStore, compact_id_dtype
+from rollout.capture import (
+    ReaderSpec,
+    RoutedExpertsCapturer,
+    RoutingStore,
+    compact_id_dtype,
+)
 from rollout.engine.scheduler import ScheduledBatch
 from rollout.engine.sequence import Sequence
 from rollout.outputs import RoutingSpec
@@ -74,6 +88,10 @@ class RoutingRecorder:
             dtype=compact_id_dtype(spec.num_experts),
         )
         self.store: RoutingStore | None = None
+        # The batch whose rows the store's pending copy holds, and its entries' first positions
+        # by sequence id (built when a read first asks).
+        self._pending_batch: ScheduledBatch | None = None
+        self._pending_starts: dict[int, int] | None = None
 
     @property
     def buffer(self) -> torch.Tensor:
@@ -82,8 +100,12 @@ class RoutingRecorder:
 
     def open_store(self, *, name: str, num_kv_slots: int) -> None:
         """Create the shared-memory store ``name`` with a row per KV slot."""
-        assert self.store is None, f"open_store: store {self.store.name!r} is open already"
-        self.store = RoutingStore.for_capturer(self.capturer, name=name, num_kv_slots=num_kv_slots)
+        assert self.store is None, (
+            f"open_store: store {self.store.name!r} is open already"
+        )
+        self.store = RoutingStore.for_capturer(
+            self.capturer, name=name, num_kv_slots=num_kv_slots
+        )
 
     def reader_spec(self) -> ReaderSpec:
         """What a ``RoutedExpertsReader`` in another process needs to attach to the store."""
@@ -97,9 +119,16 @@ class RoutingRecorder:
         ``batch`` holds the real tokens only (a CUDA-graph replay's padding rows come after
         them and are not copied).
         """
-        store = self._store()
-        store.commit()  # the previous step's rows, when no hook has read since
-        store.after_forward(self.capturer.buffer, batch.num_tokens, batch.slot_mapping)
+        self.commit()  # the previous step's rows, when no read needed them earlier
+        self._store().after_forward(
+            self.capturer.buffer, batch.num_tokens, batch.slot_mapping
+        )
+        self._pending_batch = batch
+
+    def commit(self) -> None:
+        """File the pending step's rows into the store (waits for that step's forward)."""
+        self._store().commit()
+        self._pending_batch = self._pending_starts = None
 
     def save_rows(self, seq: Sequence) -> None:
         """The scheduler's ``on_preempt`` and ``on_finish`` hook: copy the rows of positions
@@ -110,9 +139,24 @@ class RoutingRecorder:
             return
         start, end = _saved_end(seq), seq.num_computed_tokens
         if end > start:
-            store = self._store()
-            store.commit()
-            seq.saved_routing[start] = store.read(seq.slots(start, end))
+            if self._pending_rows_needed(seq, end):
+                self.commit()
+            seq.saved_routing[start] = self._store().read(seq.slots(start, end))
+
+    def _pending_rows_needed(self, seq: Sequence, end: int) -> bool:
+        """Whether the pending copy holds rows of ``seq`` below position ``end``: its batch has
+        an entry for ``seq`` starting there. (Rows of a block shared through the prefix cache
+        and computed by that batch come with such an entry: the sharing sequence was admitted
+        into the same batch.)"""
+        batch = self._pending_batch
+        if batch is None:
+            return False
+        if self._pending_starts is None:
+            self._pending_starts = {
+                entry.seq.seq_id: entry.start for entry in batch.entries
+            }
+        start = self._pending_starts.get(seq.seq_id)
+        return start is not None and start < end
 
     def rows(self, seq: Sequence) -> np.ndarray:
         """The rows ``s .. N-2`` of a sequence that finished (stop or length): [N - 1 - s, L,
@@ -125,7 +169,9 @@ class RoutingRecorder:
             else np.empty((0, spec.num_moe_layers, spec.top_k), dtype=spec.dtype)
         )
         start = seq.params.routed_experts_start
-        assert (not saved or saved[0][0] == start) and rows.shape[0] == len(seq) - 1 - start, (
+        assert (not saved or saved[0][0] == start) and rows.shape[0] == len(
+            seq
+        ) - 1 - start, (
             f"{seq}: saved routing rows {[(p, len(b)) for p, b in saved]}, expected positions "
             f"[{start}, {len(seq) - 1})"
         )

@@ -1,4 +1,4 @@
-"""Continuous batching with chunked prefill and preemption by recompute.
+"""Continuous batching with chunked prefill and preemption by recompute, one batch ahead.
 
 Each ``schedule()`` builds one batch under ``max_num_batched_tokens`` tokens:
 
@@ -16,13 +16,43 @@ blocks are freed and it goes back to the front of the waiting queue with
 still count towards ``max_tokens``. A request that could never fit in the cache is refused
 by ``add``, so the oldest running sequence can always progress and ``schedule`` never stalls.
 
-``postprocess`` takes the tokens sampled for the entries whose chunk reached the sequence's
-last token (``ScheduledBatch.sample_indices``), appends them, applies the stop rules and
-frees finished sequences. Every finish (stop, length or ``abort``) first calls
-``on_finish(seq)`` with ``seq.finish_reason`` set and the block table still intact: after a
+A batch's life is ``schedule`` -> ``advance`` -> ``postprocess``. The engine schedules batch
+N+1 while batch N still runs on the device (its host work overlaps the device's), so batch N is
+*in flight* (advanced, not yet postprocessed) when batch N+1 is built; one batch at most.
+
+- ``advance(batch)``, right after the runner launched it: each entry's sequence has
+  ``num_computed_tokens = entry.end``, and each sampling sequence gets a placeholder token
+  (``sequence.PLACEHOLDER``, logprob NaN) for the token the batch samples, with the batch row
+  that holds it (``seq.pending_rows``). The count of tokens is known before their values: a
+  decode entry of the next batch feeds the placeholder (``ScheduledBatch.placeholder_indices``
+  and ``placeholder_rows`` tell the runner which row of the in-flight batch's sampled ids to
+  put there, on the device), a sequence whose placeholder reaches ``max_tokens`` is not
+  scheduled again (it finishes when the token arrives; nor does it count towards
+  ``max_num_seqs``), and a block completed by a placeholder is hashed for the prefix cache
+  when the token arrives.
+- ``postprocess(batch, tokens, logprobs)`` takes the tokens sampled for the entries whose chunk
+  reached the sequence's last token (``ScheduledBatch.sample_indices``), fills the
+  placeholders (also of a sequence preempted meanwhile: its recompute feeds the real token),
+  applies the stop rules and frees finished sequences. A sequence that stops on a stop token
+  was usually scheduled in the next batch already: its trailing placeholder is dropped, so its
+  tokens, logprobs and ``num_computed_tokens`` are those of a synchronous step, and the next
+  batch's postprocess skips it like any sequence finished while its batch was in flight.
+  Called on a batch that was never advanced, ``postprocess`` advances it first: the
+  synchronous step (``schedule`` -> run -> ``postprocess``).
+
+The lookahead schedules a sequence that stops on a stop token once more (one wasted entry), and
+a finishing sequence keeps its KV blocks until its last token arrives, one schedule longer than
+synchronously: so the schedule differs from a synchronous one after a stop token, and where
+the held blocks change a preemption; otherwise it is the same. A sequence of the in-flight
+batch may be preempted by the next schedule: its blocks are reused only by later batches,
+which the runner runs after batch N on the same device stream.
+
+Every finish (stop, length or ``abort``) first calls ``on_finish(seq)`` with
+``seq.finish_reason`` set, the placeholders dropped and the block table still intact (a
+sequence preempted while in flight finishes from the waiting queue, holding no blocks): after a
 stop or length finish, positions ``[0, len(seq) - 1)`` (all but the newest token) have their
-KV, and so their routing rows, at ``seq.slots(0, len(seq) - 1)``; capture reads them there
-before the blocks return to the pool.
+KV, and so their routing rows, at ``seq.slots(0, len(seq) - 1)``, and ``num_computed_tokens
+<= len(seq) - 1``; capture reads them there before the blocks return to the pool.
 """
 
 from __future__ import annotations
@@ -84,6 +114,9 @@ class ScheduledBatch:
         is_decode: every entry feeds exactly one token (``num_tokens == len(entries)``):
             decode kernels and CUDA graphs apply. Usually all of them sample; a one-token
             chunk in the middle of a prompt does not, so always sample by ``sample_indices``.
+        placeholder_indices: indices into ``input_ids`` that hold a placeholder (a token the
+            batch in flight samples): the runner writes the real token there on the device.
+        placeholder_rows: for each, its row in the in-flight batch's sampled tokens.
     """
 
     entries: tuple[ScheduledEntry, ...]
@@ -96,6 +129,8 @@ class ScheduledBatch:
     sample_indices: list[int]
     logits_indices: list[int]
     is_decode: bool
+    placeholder_indices: list[int]
+    placeholder_rows: list[int]
 
     @classmethod
     def build(cls, entries: Iterable[ScheduledEntry]) -> ScheduledBatch:
@@ -105,11 +140,23 @@ class ScheduledBatch:
         positions: list[int] = []
         slot_mapping: list[int] = []
         query_start_loc = [0]
+        placeholder_indices: list[int] = []
+        placeholder_rows: list[int] = []
         for entry in entries:
-            input_ids.extend(entry.seq.token_ids[entry.start : entry.end])
+            seq = entry.seq
+            input_ids.extend(seq.token_ids[entry.start : entry.end])
             positions.extend(range(entry.start, entry.end))
-            slot_mapping.extend(entry.seq.slots(entry.start, entry.end))
+            slot_mapping.extend(seq.slots(entry.start, entry.end))
             query_start_loc.append(query_start_loc[-1] + entry.num_new_tokens)
+            if entry.end > seq.num_resolved_tokens:
+                # Only the batch in flight has unresolved tokens, and only a decode entry
+                # feeds one: its single token, whose source row is then known.
+                assert entry.num_new_tokens == 1 and len(seq.pending_rows) == 1, (
+                    entry,
+                    seq,
+                )
+                placeholder_indices.append(query_start_loc[-1] - 1)
+                placeholder_rows.append(seq.pending_rows[0])
         sample_indices = [i for i, entry in enumerate(entries) if entry.samples]
         return cls(
             entries=entries,
@@ -122,6 +169,8 @@ class ScheduledBatch:
             sample_indices=sample_indices,
             logits_indices=[query_start_loc[i + 1] - 1 for i in sample_indices],
             is_decode=all(entry.num_new_tokens == 1 for entry in entries),
+            placeholder_indices=placeholder_indices,
+            placeholder_rows=placeholder_rows,
         )
 
     @property
@@ -179,7 +228,10 @@ class Scheduler:
         self.num_preemptions = 0
         self._unfinished: dict[int, Sequence] = {}
         self._next_id = itertools.count()
-        self._in_flight: ScheduledBatch | None = None
+        # The batch returned by schedule and not yet advanced; the advanced batches not yet
+        # postprocessed, oldest first (at most one when the next batch is scheduled).
+        self._scheduled: ScheduledBatch | None = None
+        self._in_flight: deque[ScheduledBatch] = deque()
 
     # ------------------------------------------------------------------ requests
 
@@ -189,7 +241,9 @@ class Scheduler:
         Raises ValueError for an empty prompt, prompt + ``max_tokens`` beyond
         ``max_model_len``, or a request needing more KV blocks than the cache has.
         """
-        seq = Sequence(next(self._next_id), prompt_token_ids, params, block_size=self.block_size)
+        seq = Sequence(
+            next(self._next_id), prompt_token_ids, params, block_size=self.block_size
+        )
         total = len(seq) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -232,16 +286,24 @@ class Scheduler:
     # ------------------------------------------------------------------ steps
 
     def schedule(self) -> ScheduledBatch | None:
-        """Build the next batch; None only when no sequence is unfinished.
+        """Build the next batch (allowed while one batch is in flight); None when there is
+        nothing to feed: no sequence is unfinished, or the unfinished ones wait for the tokens
+        of the batch in flight.
 
-        Raises RuntimeError if the previous batch was not given to ``postprocess``.
+        Raises RuntimeError if the previous batch was neither advanced nor postprocessed, or
+        two batches are in flight.
         """
-        if self._in_flight is not None:
-            raise RuntimeError("schedule: the previous batch has not been postprocessed")
+        if self._scheduled is not None or len(self._in_flight) > 1:
+            raise RuntimeError(
+                "schedule: the previous batch has not been advanced or postprocessed "
+                f"({len(self._in_flight)} in flight)"
+            )
         bm = self.block_manager
         entries: list[ScheduledEntry] = []
         scheduled: set[int] = set()
         preemptions_before = self.num_preemptions
+        # Running sequences whose last token is in flight: they take no entry and no seat.
+        finishing = 0
 
         budget = self.max_num_batched_tokens
 
@@ -259,6 +321,9 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding:
                 continue
+            if _finishes_in_flight(seq):
+                finishing += 1
+                continue
             if self._make_room(seq, 1, scheduled):
                 bm.may_append(seq, 1)
                 take(seq, 1)
@@ -268,7 +333,11 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.seq_id in scheduled:
+            if (
+                seq.status is not SequenceStatus.RUNNING
+                or seq.seq_id in scheduled
+                or _finishes_in_flight(seq)
+            ):
                 continue
             num_new = min(len(seq) - seq.num_computed_tokens, budget)
             if not self._make_room(seq, num_new, scheduled):
@@ -279,10 +348,12 @@ class Scheduler:
             bm.may_append(seq, num_new)
             take(seq, num_new)
 
+        # No admission after a preemption also keeps out a sequence preempted in flight,
+        # whose tokens are not all known yet; `finishing` is exact when nothing was preempted.
         while (
             self.waiting
             and self.num_preemptions == preemptions_before
-            and len(self.running) < self.max_num_seqs
+            and len(self.running) - finishing < self.max_num_seqs
             and budget > 0
         ):
             seq = self.waiting[0]
@@ -298,10 +369,35 @@ class Scheduler:
             take(seq, num_tokens - seq.num_computed_tokens)
 
         if not entries:
-            assert not self._unfinished, "schedule: unfinished sequences but nothing scheduled"
+            # Without a batch in flight every unfinished sequence has something to feed.
+            assert not self._unfinished or self._in_flight, (
+                "schedule: unfinished sequences but nothing scheduled"
+            )
             return None
-        self._in_flight = ScheduledBatch.build(entries)
-        return self._in_flight
+        self._scheduled = ScheduledBatch.build(entries)
+        return self._scheduled
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """Mark the batch returned by the last ``schedule`` as launched (its tokens are not
+        known yet): its entries count as computed and each sampling sequence gets a
+        placeholder for the token it samples (see the module docstring).
+
+        Raises RuntimeError for any other batch.
+        """
+        if batch is not self._scheduled:
+            raise RuntimeError(
+                "advance: expected the batch returned by the last schedule"
+            )
+        self._scheduled = None
+        self._in_flight.append(batch)
+        # Sequences aborted since schedule are finished: nothing to record for them.
+        for entry in batch.entries:
+            if entry.seq.status is SequenceStatus.RUNNING:
+                entry.seq.num_computed_tokens = entry.end
+        for row, index in enumerate(batch.sample_indices):
+            seq = batch.entries[index].seq
+            if seq.status is SequenceStatus.RUNNING:
+                seq.append_placeholder(row)
 
     def postprocess(
         self,
@@ -309,54 +405,72 @@ class Scheduler:
         sampled_token_ids: SequenceOf[int],
         logprobs: SequenceOf[float],
     ) -> list[Sequence]:
-        """Apply a step's results; return the sequences that finished in it.
+        """Apply a batch's sampled tokens; return the sequences that finished.
 
         Args:
-            batch: the batch returned by the last ``schedule``.
+            batch: the oldest batch in flight, or the batch returned by the last ``schedule``
+                and not advanced (it is advanced first: the synchronous step).
             sampled_token_ids: one token per entry of ``batch.sample_indices``, in order.
             logprobs: the log-probability of each of those tokens.
         """
-        if batch is not self._in_flight:
-            raise RuntimeError("postprocess: expected the batch returned by the last schedule")
+        if batch is self._scheduled:
+            self.advance(batch)
+        if not self._in_flight or batch is not self._in_flight[0]:
+            raise RuntimeError(
+                "postprocess: expected the oldest batch in flight (or the batch returned by the "
+                "last schedule)"
+            )
         expected = len(batch.sample_indices)
-        for name, values in (("sampled_token_ids", sampled_token_ids), ("logprobs", logprobs)):
+        for name, values in (
+            ("sampled_token_ids", sampled_token_ids),
+            ("logprobs", logprobs),
+        ):
             if len(values) != expected:
                 raise ValueError(
                     f"{name}: expected one value per sampling entry ({expected}), got {len(values)}"
                 )
-        self._in_flight = None
-        for entry in batch.entries:
-            if entry.seq.status is SequenceStatus.RUNNING:
-                entry.seq.num_computed_tokens = entry.end
+        self._in_flight.popleft()
+        bs = self.block_size
         finished: list[Sequence] = []
-        for index, token_id, logprob in zip(batch.sample_indices, sampled_token_ids, logprobs):
+        for index, token_id, logprob in zip(
+            batch.sample_indices, sampled_token_ids, logprobs
+        ):
             seq = batch.entries[index].seq
             if seq.is_finished:
-                continue  # aborted while the batch was in flight
+                continue  # aborted, or stopped by the batch before, while this one was in flight
             token_id = int(token_id)
-            seq.append_token(token_id, float(logprob))
-            reason = self._stop_reason(seq, token_id)
+            position = seq.resolve_placeholder(token_id, float(logprob))
+            reason = self._stop_reason(seq, token_id, position)
             if reason is not None:
                 self._finish(seq, reason)
                 finished.append(seq)
+            elif seq.num_computed_tokens > position and (position + 1) % bs == 0:
+                # The batch since scheduled feeds this token and completes its block: hash it.
+                self.block_manager.cache_full_blocks(seq, position, position + 1)
         return finished
 
     # ------------------------------------------------------------------ internals
 
-    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+    def _stop_reason(
+        self, seq: Sequence, token_id: int, position: int
+    ) -> FinishReason | None:
         if token_id in seq.params.stop_token_ids or (
             not seq.params.ignore_eos and token_id in self.eos_token_ids
         ):
             return "stop"
         # add() ensured prompt + max_tokens <= max_model_len, so this also bounds the length.
-        if seq.num_generated_tokens >= seq.params.max_tokens:
+        if position + 1 - seq.num_prompt_tokens >= seq.params.max_tokens:
             return "length"
         return None
 
-    def _make_room(self, seq: Sequence, num_new_tokens: int, scheduled: set[int]) -> bool:
+    def _make_room(
+        self, seq: Sequence, num_new_tokens: int, scheduled: set[int]
+    ) -> bool:
         """Preempt newer unscheduled sequences until ``seq`` can grow; False if it cannot."""
         while not self.block_manager.can_append(seq, num_new_tokens):
-            victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
+            victim = next(
+                s for s in reversed(self.running) if s.seq_id not in scheduled
+            )
             if victim is seq:
                 return False
             self._preempt(victim)
@@ -372,9 +486,14 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
-        logger.debug("preempted %s (free blocks: %d)", seq, self.block_manager.num_free_blocks)
+        logger.debug(
+            "preempted %s (free blocks: %d)", seq, self.block_manager.num_free_blocks
+        )
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        # Tokens sampled after the finishing one were never asked for; nor is their KV kept.
+        seq.drop_placeholders()
+        seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq) - 1)
         seq.finish_reason = reason
         if self.on_finish is not None:
             self.on_finish(seq)
@@ -385,3 +504,10 @@ class Scheduler:
             self.running.remove(seq)
         seq.status = SequenceStatus.FINISHED
         del self._unfinished[seq.seq_id]
+
+
+def _finishes_in_flight(seq: Sequence) -> bool:
+    """Whether the placeholder of the batch in flight is the sequence's last token (it reaches
+    ``max_tokens``): nothing is left to feed. (Without placeholders such a sequence has
+    finished already.)"""
+    return seq.num_generated_tokens >= seq.params.max_tokens

@@ -8,16 +8,26 @@ step samples one new token. So a decoding sequence has ``num_computed_tokens == 
 resets ``num_computed_tokens`` to 0) re-feeds its generated tokens like a prompt and then
 samples the next one: nothing is generated twice.
 
+Placeholders. The engine schedules a step before the previous step's sampled tokens reach the
+host (``rollout.engine.scheduler``): the count of a sequence's tokens is known before their
+values. So a token that is sampled but not yet seen is appended as a placeholder
+(``PLACEHOLDER``, logprob NaN), with the row of its batch's sampled tokens that holds it
+(``pending_rows``); the runner feeds it from that row on the device, and the scheduler fills it
+in when the row arrives. Placeholders are always the trailing tokens, filled oldest first, and
+never hashed for the prefix cache. A finished sequence has none.
+
 Status transitions (all made by the ``Scheduler``)::
 
     WAITING --scheduled--> RUNNING --stop/length--> FINISHED
     RUNNING --preempted--> WAITING          (blocks freed, num_computed_tokens = 0)
+    WAITING --stop/length--> FINISHED       (preempted while its last token was in flight)
     WAITING | RUNNING --abort--> FINISHED
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable
 from typing import Literal
 
@@ -25,6 +35,9 @@ from rollout.config import check_int, check_token_ids
 from rollout.sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
+
+# The token id of a placeholder: outside every vocabulary, so it can never pass for a token.
+PLACEHOLDER = -1
 
 
 class SequenceStatus(enum.Enum):
@@ -53,7 +66,10 @@ class Sequence:
         block_table: KV block ids, block ``i`` holding tokens ``[i * bs, (i + 1) * bs)``.
         block_hashes: chained prefix-cache hashes of the full blocks hashed so far (owned by
             the ``BlockManager``; they depend on the tokens only, so they survive preemption).
-        logprobs: log-probability of each generated token (one per generated token).
+        logprobs: log-probability of each generated token (one per generated token; NaN for
+            a placeholder).
+        pending_rows: one per trailing placeholder token, oldest first: its row in the sampled
+            tokens of the batch that samples it.
         status, finish_reason: see ``SequenceStatus``; ``finish_reason`` is None until the
             sequence finishes (it is set just before the scheduler's ``on_finish`` hook runs).
         num_preemptions: how often the sequence was preempted.
@@ -73,6 +89,7 @@ class Sequence:
         "num_preemptions",
         "num_prompt_tokens",
         "params",
+        "pending_rows",
         "saved_routing",
         "seq_id",
         "status",
@@ -88,7 +105,9 @@ class Sequence:
         block_size: int,
     ) -> None:
         if not isinstance(params, SamplingParams):
-            raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
+            raise TypeError(
+                f"params: expected SamplingParams, got {type(params).__name__}"
+            )
         prompt = check_token_ids("prompt_token_ids", prompt_token_ids)
         if not prompt:
             raise ValueError("prompt_token_ids: expected at least 1 token, got 0")
@@ -107,6 +126,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
         self.logprobs: list[float] = []
+        self.pending_rows: list[int] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
@@ -126,6 +146,11 @@ class Sequence:
     def num_generated_tokens(self) -> int:
         """Tokens generated so far (those re-fed after a preemption included)."""
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_resolved_tokens(self) -> int:
+        """Tokens whose values are known: all but the trailing placeholders."""
+        return len(self.token_ids) - len(self.pending_rows)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -189,3 +214,26 @@ class Sequence:
         """Record a sampled token and its log-probability."""
         self.token_ids.append(token_id)
         self.logprobs.append(logprob)
+
+    def append_placeholder(self, row: int) -> None:
+        """Append a placeholder for the token that row ``row`` of a batch in flight samples."""
+        self.token_ids.append(PLACEHOLDER)
+        self.logprobs.append(math.nan)
+        self.pending_rows.append(row)
+
+    def resolve_placeholder(self, token_id: int, logprob: float) -> int:
+        """Fill the oldest placeholder with its sampled token; return its position."""
+        assert self.pending_rows, f"{self}: no placeholder to fill"
+        position = self.num_resolved_tokens
+        self.token_ids[position] = token_id
+        self.logprobs[position - self.num_prompt_tokens] = logprob
+        del self.pending_rows[0]
+        return position
+
+    def drop_placeholders(self) -> None:
+        """Remove the placeholders (their tokens would follow a finish)."""
+        count = len(self.pending_rows)
+        if count:
+            del self.token_ids[-count:]
+            del self.logprobs[-count:]
+            self.pending_rows.clear()

@@ -1,7 +1,11 @@
 """The sparse MoE block: router -> ``kernels.route`` (ids captured in-kernel) -> fused experts,
-plus optional shared experts, overlapped on a side CUDA stream when that is right and useful.
+plus optional shared experts, overlapped on a side CUDA stream when that is right and useful;
+and ``NaiveDispatch``, the expert parallelism across data-parallel ranks that the engine
+attaches to the blocks from outside for ``data_parallel_mode="dp_attention"``.
 
-Legend: T tokens, H hidden size, E experts, K top-k, I expert intermediate size.
+Legend: T tokens (of this rank), H hidden size, E experts, K top-k, I expert intermediate size;
+under ``NaiveDispatch``: N ranks, X tokens of all ranks (the routed batch), M the largest
+per-rank token count of the step.
 
 Expert weights use HF transformers v5's fused layout: ``gate_up_proj`` [E, 2I, H] (gate rows
 then up rows) and ``down_proj`` [E, H, I]. The routing semantics are those of
@@ -14,32 +18,57 @@ capturable in CUDA graphs; the same kernels on the same data, so the result is i
 PR 39222: off on CPU; off with expert-placement load balancing (EPLB) under an all-to-all
 backend other than allgather/reduce-scatter (a correctness hazard there); off with two-sided
 all-to-all kernels (no gain: they already overlap communication); on otherwise.
+
+Naive dispatch (DESIGN.md "Data parallelism and capture"): each rank runs attention on its own
+tokens; in every MoE layer the ranks all-gather the hidden states of all ranks' tokens (padded
+to the step's largest count M for the collective, then compacted to the X = sum(n) real ones in
+rank order), route all X tokens, compute the contribution of this rank's experts only (a
+contiguous 1/N slice: pairs of other experts carry ``kernels.fused_moe.MASKED_ID`` and are
+skipped) and reduce-scatter the sum, so each rank gets the full routed output of its own tokens.
+Shared experts stay on the rank's own tokens. The capture buffer takes this rank's rows of the
+routed batch, chosen by the capturer's DP rule (``RoutedExpertsCapturer.rank_rows``). Shapes
+change every step and ``begin_step`` reads the counts on the host: eager only, no CUDA graphs.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fused_moe import fused_experts
+from kernels.fused_moe import MASKED_ID, fused_experts
 from kernels.route import route
 from kernels.routing_method import RoutingMethod
+from rollout.capture.capturer import DPMetadata
 from rollout.layers.linear import Linear
 from rollout.layers.mlp import GatedMLP
+
+if TYPE_CHECKING:
+    from rollout.capture.capturer import RoutedExpertsCapturer
 
 __all__ = [
     "ALL2ALL_BACKENDS",
     "Experts",
     "MoEParallelConfig",
+    "NaiveDispatch",
     "Router",
     "RoutingParams",
     "SparseMoeBlock",
+    "expert_slice",
     "shared_experts_overlap",
 ]
+
+# torch 2.13 renamed the tensor collectives (the old names warn there); older torch has only them.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = (
+    getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+)
 
 ALL2ALL_BACKENDS = (
     "allgather_reducescatter",
@@ -73,9 +102,13 @@ class RoutingParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, RoutingMethod):
-            raise TypeError(f"method: expected a RoutingMethod, got {type(self.method).__name__}")
+            raise TypeError(
+                f"method: expected a RoutingMethod, got {type(self.method).__name__}"
+            )
         if not isinstance(self.num_experts, int) or self.num_experts <= 0:
-            raise ValueError(f"num_experts: expected a positive int, got {self.num_experts!r}")
+            raise ValueError(
+                f"num_experts: expected a positive int, got {self.num_experts!r}"
+            )
         if not isinstance(self.top_k, int) or not 0 < self.top_k <= self.num_experts:
             raise ValueError(
                 f"top_k: expected an int in [1, {self.num_experts}], got {self.top_k!r}"
@@ -132,7 +165,9 @@ class MoEParallelConfig:
             )
 
 
-def shared_experts_overlap(*, device: torch.device | str, parallel: MoEParallelConfig) -> bool:
+def shared_experts_overlap(
+    *, device: torch.device | str, parallel: MoEParallelConfig
+) -> bool:
     """Whether shared experts should run on a side stream, overlapped with the routed experts."""
     if torch.device(device).type != "cuda":
         return False
@@ -141,12 +176,152 @@ def shared_experts_overlap(*, device: torch.device | str, parallel: MoEParallelC
     return not parallel.use_two_sided_all2all_kernels
 
 
+def expert_slice(num_experts: int, rank: int, world_size: int) -> range:
+    """The experts that rank ``rank`` of ``world_size`` computes under expert parallelism: the
+    contiguous slice ``[rank * E / N, (rank + 1) * E / N)``.
+
+    Raises:
+        ValueError: ``num_experts`` not a multiple of ``world_size`` (the message names
+            ``num_experts`` and ``data_parallel_size``), or ``rank`` not in ``[0, world_size)``.
+    """
+    if world_size < 1 or num_experts % world_size:
+        raise ValueError(
+            f"num_experts: expected a multiple of data_parallel_size={world_size} with "
+            f"data_parallel_mode='dp_attention' (each rank computes num_experts / "
+            f"data_parallel_size experts), got {num_experts}"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected an int in [0, {world_size}), got {rank}")
+    per_rank = num_experts // world_size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+class NaiveDispatch:
+    """Expert parallelism over the data-parallel ranks by naive dispatch (module docstring),
+    set as ``SparseMoeBlock.dispatch`` on every MoE block of a rank's model.
+
+    Every rank calls ``begin_step(n_r)`` once per forward (a collective: it all-gathers the
+    token counts) and then runs a forward over its ``n_r`` tokens; the MoE blocks' ``gather``
+    and ``combine`` are collectives too, so every rank must run every forward (a rank without
+    work feeds a padding token). The collectives use the default ``torch.distributed`` process
+    group (gloo on CPU, NCCL on CUDA) on tensors on ``device``.
+
+    Args:
+        num_experts: E, a multiple of ``world_size``.
+        rank: this rank in the default process group.
+        world_size: N, the size of the default process group.
+        device: the model's device.
+        capturer: this rank's routed-expert capturer with capture on, else None; its
+            ``rank_rows`` rule picks the rows of the routed batch that the MoE layers capture.
+
+    Attributes:
+        rank, world_size, experts (this rank's ``expert_slice``), dp (the step's
+        ``DPMetadata``; None before the first step), capture_rows (``[start, stop)`` of the
+        routed batch that are this rank's, by the capturer's rule; None without a capturer).
+
+    Raises:
+        ValueError: E not a multiple of N, or no default process group of N ranks with this
+            rank.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        capturer: RoutedExpertsCapturer | None = None,
+    ) -> None:
+        self.experts = expert_slice(num_experts, rank, world_size)
+        group = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else None
+        )
+        if group != (rank, world_size):
+            raise ValueError(
+                f"data_parallel_size: expected rank {rank} of an initialized default process "
+                f"group of {world_size} ranks, got {'none' if group is None else group}"
+            )
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self._capturer = capturer
+        # Global expert id -> index among this rank's experts, MASKED_ID for the others.
+        local_E = torch.full((num_experts,), MASKED_ID, dtype=torch.int32)
+        local_E[self.experts.start : self.experts.stop] = torch.arange(
+            len(self.experts), dtype=torch.int32
+        )
+        self._local_E = local_E.to(self.device)
+        self.dp: DPMetadata | None = None
+        self.capture_rows: tuple[int, int] | None = None
+        self._longest = 0
+        # Rows of the padded gather [N * M] that hold real tokens; None when none is padding.
+        self._rows_X: torch.Tensor | None = None
+
+    def begin_step(self, num_tokens: int) -> DPMetadata:
+        """Exchange this step's token counts with the other ranks (collective; reads them on
+        the host) and return them as ``DPMetadata``."""
+        mine = torch.tensor([num_tokens], dtype=torch.int64, device=self.device)
+        counts_N = torch.empty(self.world_size, dtype=torch.int64, device=self.device)
+        _all_gather(counts_N, mine)
+        counts = counts_N.tolist()
+        self.dp = DPMetadata(num_tokens_across_dp=counts)
+        longest = max(counts)
+        self._longest = longest
+        if all(count == longest for count in counts):
+            self._rows_X = None
+        else:
+            rows = np.concatenate(
+                [q * longest + np.arange(c) for q, c in enumerate(counts)]
+            )
+            self._rows_X = torch.from_numpy(rows).to(self.device)
+        if self._capturer is not None:
+            self.capture_rows = self._capturer.rank_rows(sum(counts), self.dp)
+        return self.dp
+
+    def gather(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """[X, H]: the step's tokens of every rank, in rank order (collective)."""
+        assert self.dp is not None, "begin_step must run before the forward"
+        assert x_TH.shape[0] == self.dp.num_tokens_across_dp[self.rank], (
+            f"rank {self.rank}: {x_TH.shape[0]} tokens, begin_step said {self.dp}"
+        )
+        padding = self._longest - x_TH.shape[0]
+        x_MH = (F.pad(x_TH, (0, 0, 0, padding)) if padding else x_TH).contiguous()
+        gathered_NMH = x_TH.new_empty((self.world_size * self._longest, x_TH.shape[1]))
+        _all_gather(gathered_NMH, x_MH)
+        return gathered_NMH if self._rows_X is None else gathered_NMH[self._rows_X]
+
+    def combine(self, partial_XH: torch.Tensor) -> torch.Tensor:
+        """[T, H]: the sum over the ranks of their partial outputs for this rank's tokens
+        (collective)."""
+        assert self.dp is not None, "begin_step must run before the forward"
+        padded_NMH = partial_XH
+        if self._rows_X is not None:
+            padded_NMH = partial_XH.new_zeros(
+                (self.world_size * self._longest, partial_XH.shape[1])
+            )
+            padded_NMH[self._rows_X] = partial_XH
+        out_MH = partial_XH.new_empty((self._longest, partial_XH.shape[1]))
+        _reduce_scatter(out_MH, padded_NMH.contiguous())
+        return out_MH[: self.dp.num_tokens_across_dp[self.rank]]
+
+    def local_ids(self, ids_XK: torch.Tensor) -> torch.Tensor:
+        """Expert ids as indices into this rank's slice of the experts; ``MASKED_ID`` for the
+        experts of other ranks."""
+        return self._local_E[ids_XK]
+
+
 class Router(nn.Module):
     """Router logits ``x @ weight.T`` [T, E], optionally in float32 (GLM4-MoE's router is);
     holds DEEPSEEK_V3's ``e_score_correction_bias`` [E] (float32) when the family has one."""
 
     def __init__(
-        self, hidden_size: int, num_experts: int, *, float32: bool, correction_bias: bool
+        self,
+        hidden_size: int,
+        num_experts: int,
+        *,
+        float32: bool,
+        correction_bias: bool,
     ) -> None:
         super().__init__()
         self.float32 = float32
@@ -155,7 +330,9 @@ class Router(nn.Module):
             torch.empty(num_experts, hidden_size, dtype=dtype), requires_grad=False
         )
         self.e_score_correction_bias = (
-            nn.Parameter(torch.empty(num_experts, dtype=torch.float32), requires_grad=False)
+            nn.Parameter(
+                torch.empty(num_experts, dtype=torch.float32), requires_grad=False
+            )
             if correction_bias
             else None
         )
@@ -167,15 +344,19 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """Routed experts' weights (HF v5): ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size),
+            requires_grad=False,
         )
         self.down_proj = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False
+            torch.empty(num_experts, hidden_size, intermediate_size),
+            requires_grad=False,
         )
 
 
@@ -194,6 +375,11 @@ class SparseMoeBlock(nn.Module):
         shared_gate: Qwen2-MoE's ``shared_expert_gate``: the shared output is scaled by
             ``sigmoid(x @ shared_expert_gate.T)``.
         overlap: run the shared experts on a side CUDA stream (``shared_experts_overlap``).
+
+    Attributes:
+        dispatch: None (the block routes and computes its own tokens), or the ``NaiveDispatch``
+            the engine sets for ``dp_attention``: the routed experts then run over the tokens of
+            all ranks, this rank's expert slice only, and the shared experts over its own.
     """
 
     def __init__(
@@ -221,7 +407,9 @@ class SparseMoeBlock(nn.Module):
         self.experts = Experts(routing.num_experts, hidden_size, intermediate_size)
         self._shared_name = shared_name if shared_intermediate_size else None
         if shared_intermediate_size:
-            self.add_module(shared_name, GatedMLP(hidden_size, shared_intermediate_size))
+            self.add_module(
+                shared_name, GatedMLP(hidden_size, shared_intermediate_size)
+            )
         if shared_gate and not shared_intermediate_size:
             raise ValueError(
                 "shared_gate: expected shared experts (shared_intermediate_size > 0), got none"
@@ -231,6 +419,7 @@ class SparseMoeBlock(nn.Module):
         # Set by the model (one side stream shared by its MoE layers); events made on first use.
         self.aux_stream: torch.cuda.Stream | None = None
         self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self.dispatch: NaiveDispatch | None = None
 
     @property
     def shared_experts_overlap(self) -> bool:
@@ -243,11 +432,12 @@ class SparseMoeBlock(nn.Module):
             out_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * out_TH
         return out_TH
 
-    def _routed(self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None) -> torch.Tensor:
+    def _route(
+        self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         routing = self.routing
-        logits_TE = self.gate(x_TH)
-        weights_TK, ids_TK = route(
-            logits_TE,
+        return route(
+            self.gate(x_TH),
             routing.top_k,
             routing.method,
             correction_bias=self.gate.e_score_correction_bias,
@@ -256,12 +446,44 @@ class SparseMoeBlock(nn.Module):
             routed_scaling_factor=routing.routed_scaling_factor,
             capture_out=capture_TK,
         )
-        return fused_experts(
-            x_TH, self.experts.gate_up_proj, self.experts.down_proj, weights_TK, ids_TK
-        )
 
-    def forward(self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None = None) -> torch.Tensor:
-        """MoE output [T, H]; the top-k ids are also written to ``capture_TK`` when given."""
+    def _routed(
+        self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None
+    ) -> torch.Tensor:
+        dispatch = self.dispatch
+        if dispatch is None:
+            weights_TK, ids_TK = self._route(x_TH, capture_TK)
+            return fused_experts(
+                x_TH,
+                self.experts.gate_up_proj,
+                self.experts.down_proj,
+                weights_TK,
+                ids_TK,
+            )
+        x_XH = dispatch.gather(x_TH)
+        weights_XK, ids_XK = self._route(x_XH, None)
+        if capture_TK is not None:
+            assert dispatch.capture_rows is not None, (
+                "capture on, but the dispatch has no capturer"
+            )
+            start, stop = dispatch.capture_rows
+            capture_TK.copy_(ids_XK[start:stop])
+        mine = slice(dispatch.experts.start, dispatch.experts.stop)
+        partial_XH = fused_experts(
+            x_XH,
+            self.experts.gate_up_proj[mine],
+            self.experts.down_proj[mine],
+            weights_XK,
+            dispatch.local_ids(ids_XK),
+            masked=True,
+        )
+        return dispatch.combine(partial_XH)
+
+    def forward(
+        self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """MoE output [T, H]; the top-k ids of these T tokens are also written to ``capture_TK``
+        [T, K] when given (under ``dispatch``: this rank's rows of the routed batch)."""
         if self._shared_name is None:
             return self._routed(x_TH, capture_TK)
         if not (self._overlap and x_TH.is_cuda):

@@ -11,7 +11,11 @@ from typing import Any
 
 from rollout.layers.rotary import rope_theta_from_parameters
 from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu, head_dim_of
-from rollout.models.qwen2_moe import check_no_sliding_window, qwen_moe_layers, qwen_routing
+from rollout.models.qwen2_moe import (
+    check_no_sliding_window,
+    qwen_moe_layers,
+    qwen_routing,
+)
 
 __all__ = ["Qwen3MoeForCausalLM"]
 

@@ -1,0 +1,298 @@
+"""Expert parallelism of the MoE block under ``dp_attention`` (``rollout.layers.moe``).
+
+In one process: the fused experts over a slice of the experts (other experts' pairs masked with
+``MASKED_ID``), summed over the slices, equal the unsharded experts, on the reference path and
+the Triton path; ``expert_slice`` partitions the experts and rejects what does not split.
+
+Across two gloo ranks (spawned processes): ``SparseMoeBlock`` with a ``NaiveDispatch`` gives
+each rank the unsharded block's output for its own tokens (uneven counts, a rank with none,
+equal counts), for a block without shared experts and two with them, and its capture buffer
+holds exactly what the capturer's DP rule takes from the routed batch of all ranks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import traceback
+
+import pytest
+import torch
+
+from kernels.fused_moe import (
+    MASKED_ID,
+    fused_experts_reference,
+    fused_experts_triton,
+)
+from kernels.route import route
+from kernels.routing_method import RoutingMethod
+from rollout.capture import DPMetadata, RoutedExpertsCapturer
+from rollout.layers.moe import (
+    NaiveDispatch,
+    RoutingParams,
+    SparseMoeBlock,
+    expert_slice,
+)
+
+HIDDEN, INTER, EXPERTS = 32, 16, 8
+
+# Block configurations: (routing, block keyword arguments).
+BLOCKS = {
+    "renormalize": (
+        RoutingParams(method=RoutingMethod.RENORMALIZE, top_k=2, num_experts=EXPERTS),
+        {},
+    ),
+    "shared_gate": (
+        RoutingParams(method=RoutingMethod.DEFAULT, top_k=4, num_experts=EXPERTS),
+        {
+            "shared_intermediate_size": 24,
+            "shared_name": "shared_expert",
+            "shared_gate": True,
+        },
+    ),
+    "deepseek_shared": (
+        RoutingParams(
+            method=RoutingMethod.DEEPSEEK_V3,
+            top_k=2,
+            num_experts=EXPERTS,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+        ),
+        {"shared_intermediate_size": 24, "router_float32": True},
+    ),
+}
+# Token counts of the two ranks in successive steps: uneven, one rank without tokens, equal.
+STEPS = ([5, 3], [0, 4], [2, 2], [1, 6])
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as each rank uses (same float rounding)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _random_experts(num_tokens, top_k, num_experts, rng):
+    ids = torch.stack(
+        [torch.randperm(num_experts, generator=rng)[:top_k] for _ in range(num_tokens)]
+    )
+    weights = torch.rand(num_tokens, top_k, generator=rng)
+    return weights, ids.to(torch.int32)
+
+
+def _expert_inputs(num_tokens, top_k, rng):
+    hidden = torch.randn(num_tokens, HIDDEN, generator=rng)
+    gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=rng) / HIDDEN**0.5
+    down = torch.randn(EXPERTS, HIDDEN, INTER, generator=rng) / INTER**0.5
+    return hidden, gate_up, down, *_random_experts(num_tokens, top_k, EXPERTS, rng)
+
+
+def _sliced_sum(experts_fn, hidden, gate_up, down, weights, ids, num_slices):
+    total = torch.zeros_like(hidden)
+    for rank in range(num_slices):
+        mine = expert_slice(EXPERTS, rank, num_slices)
+        local = torch.full((EXPERTS,), MASKED_ID, dtype=torch.int32)
+        local[mine.start : mine.stop] = torch.arange(len(mine), dtype=torch.int32)
+        total += experts_fn(
+            hidden,
+            gate_up[mine.start : mine.stop],
+            down[mine.start : mine.stop],
+            weights,
+            local[ids.long()],
+            masked=True,
+        )
+    return total
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+@pytest.mark.parametrize("num_slices", [2, 4])
+def test_reference_expert_slices_sum_to_the_unsharded_experts(top_k, num_slices, rng):
+    inputs = _expert_inputs(13, top_k, rng)
+    want = fused_experts_reference(*inputs)
+    got = _sliced_sum(fused_experts_reference, *inputs, num_slices)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_triton_expert_slices_sum_to_the_unsharded_experts(top_k, triton_device, rng):
+    inputs = [t.to(triton_device) for t in _expert_inputs(13, top_k, rng)]
+    want = fused_experts_reference(*[t.cpu() for t in inputs])
+    got = _sliced_sum(fused_experts_triton, *inputs, 2)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_masked_ids_only_with_masked(rng):
+    hidden, gate_up, down, weights, ids = _expert_inputs(4, 2, rng)
+    ids[1, 0] = MASKED_ID
+    with pytest.raises(
+        ValueError, match=r"topk_ids_TK: expected values in \[0, 8\), got min -1"
+    ):
+        fused_experts_reference(hidden, gate_up, down, weights, ids)
+    ids[2, 1] = -2
+    with pytest.raises(ValueError, match=r"expected values in \[-1, 8\), got min -2"):
+        fused_experts_reference(hidden, gate_up, down, weights, ids, masked=True)
+    ids[2, 1] = MASKED_ID
+    ids[3] = MASKED_ID  # a token with no local expert gets zeros
+    out = fused_experts_reference(hidden, gate_up, down, weights, ids, masked=True)
+    assert torch.equal(out[3], torch.zeros(HIDDEN))
+
+
+def test_expert_slice_partitions_the_experts():
+    for world in (1, 2, 4, 8):
+        slices = [expert_slice(16, rank, world) for rank in range(world)]
+        assert [e for s in slices for e in s] == list(range(16))
+        assert {len(s) for s in slices} == {16 // world}
+    with pytest.raises(
+        ValueError,
+        match=r"num_experts: expected a multiple of data_parallel_size=3 .*got 8",
+    ):
+        expert_slice(8, 0, 3)
+    with pytest.raises(ValueError, match=r"rank: expected an int in \[0, 2\), got 2"):
+        expert_slice(8, 2, 2)
+
+
+def test_dispatch_needs_its_process_group():
+    with pytest.raises(
+        ValueError, match="data_parallel_size: expected rank 0 of an initialized"
+    ):
+        NaiveDispatch(
+            num_experts=EXPERTS, rank=0, world_size=2, device=torch.device("cpu")
+        )
+    with pytest.raises(ValueError, match="num_experts: expected a multiple of"):
+        NaiveDispatch(
+            num_experts=EXPERTS, rank=0, world_size=3, device=torch.device("cpu")
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Two gloo ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def _block(name: str, seed: int) -> SparseMoeBlock:
+    routing, kwargs = BLOCKS[name]
+    block = SparseMoeBlock(
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        routing=routing,
+        moe_index=1,
+        **kwargs,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.copy_(
+                torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5
+            )
+    return block
+
+
+def _tokens(counts: list[int], seed: int) -> torch.Tensor:
+    return torch.randn(
+        sum(counts), HIDDEN, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def _rank_worker(rank: int, world: int, init_method: str, conn) -> None:
+    """Run every block over every step as rank ``rank``; send back outputs and captured rows."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=init_method, rank=rank, world_size=world
+        )
+        results = {}
+        for b, name in enumerate(BLOCKS):
+            block = _block(name, seed=b)
+            top_k = block.routing.top_k
+            capturer = RoutedExpertsCapturer(8, 2, top_k, device="cpu", dp_rank=rank)
+            block.dispatch = NaiveDispatch(
+                num_experts=EXPERTS,
+                rank=rank,
+                world_size=world,
+                device=torch.device("cpu"),
+                capturer=capturer,
+            )
+            for s, counts in enumerate(STEPS):
+                start = sum(counts[:rank])
+                x_TH = _tokens(counts, seed=s)[start : start + counts[rank]]
+                capturer.buffer.fill_(255)
+                assert block.dispatch.begin_step(
+                    counts[rank]
+                ).num_tokens_across_dp == tuple(counts)
+                with torch.no_grad():
+                    out_TH = block(x_TH, capturer.layer_view(1, counts[rank]))
+                # As numpy arrays: pickled by value (tensors would go as file descriptors that
+                # die with this process).
+                results[name, s] = (out_TH.numpy(), capturer.buffer.numpy().copy())
+        conn.send(("ok", results))
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - the parent reports the rank's failure
+        conn.send(("error", traceback.format_exc()))
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    """What each of two gloo ranks computed, by (block, step)."""
+    init_method = f"file://{tmp_path_factory.mktemp('rendezvous') / 'file'}"
+    context = multiprocessing.get_context("spawn")
+    conns, processes = [], []
+    for rank in range(2):
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=_rank_worker, args=(rank, 2, init_method, child)
+        )
+        process.start()
+        child.close()
+        conns.append(parent)
+        processes.append(process)
+    try:
+        replies = [conn.recv() for conn in conns]
+    finally:
+        for process in processes:
+            process.join(60)
+            if process.is_alive():
+                process.kill()
+    for rank, reply in enumerate(replies):
+        assert reply[0] == "ok", f"rank {rank}:\n{reply[1]}"
+    return [reply[1] for reply in replies]
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_two_ranks_equal_the_unsharded_block(name, rank_results, one_thread):
+    block = _block(name, seed=list(BLOCKS).index(name))
+    routing = block.routing
+    for s, counts in enumerate(STEPS):
+        x_XH = _tokens(counts, seed=s)
+        with torch.no_grad():
+            want_XH = block(x_XH)
+        _, ids_XK = route(
+            block.gate(x_XH),
+            routing.top_k,
+            routing.method,
+            correction_bias=block.gate.e_score_correction_bias,
+            n_group=routing.n_group,
+            topk_group=routing.topk_group,
+            routed_scaling_factor=routing.routed_scaling_factor,
+        )
+        dp = DPMetadata(num_tokens_across_dp=counts)
+        for rank in range(2):
+            out_TH, buffer = map(torch.from_numpy, rank_results[rank][name, s])
+            start, mine = sum(counts[:rank]), counts[rank]
+            torch.testing.assert_close(
+                out_TH, want_XH[start : start + mine], rtol=1e-5, atol=1e-5
+            )
+            # The capture entry's DP rule on the routed batch of all ranks gives the same rows.
+            entry = RoutedExpertsCapturer(
+                8, 2, routing.top_k, device="cpu", dp_rank=rank
+            )
+            entry.buffer.fill_(255)
+            assert entry.capture(1, ids_XK, dp) == mine
+            assert torch.equal(buffer, entry.buffer), (name, counts, rank)
+            assert torch.equal(
+                buffer[:mine, 1], ids_XK[start : start + mine].to(buffer.dtype)
+            )
