@@ -30,8 +30,19 @@ from replay.trainer.grpo import LossTerms, group_advantages, policy_loss, token_
 from replay.trainer.learner import Learner
 from replay.trainer.loop import GRPOTrainer, train
 from replay.trainer.metrics_log import MetricsLog, read_metrics
-from replay.trainer.tasks import AdditionModelSpec, AdditionTask, Problem, make_addition_model
-from replay.trainer.workers import RolloutWorker, RolloutWorkers, TrainerWorker, start_trainer
+from replay.trainer.tasks import (
+    AdditionModelSpec,
+    AdditionTask,
+    Problem,
+    make_addition_model,
+)
+from replay.trainer.workers import (
+    RolloutWorker,
+    RolloutWorkers,
+    TrainerGroup,
+    TrainerWorker,
+    start_trainer,
+)
 
 __all__ = [
     "AdditionModelSpec",
@@ -51,6 +62,7 @@ __all__ = [
     "TrainBatch",
     "TrainConfig",
     "TrainerConfig",
+    "TrainerGroup",
     "TrainerWorker",
     "group_advantages",
     "load_config",

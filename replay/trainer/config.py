@@ -39,6 +39,7 @@ __all__ = [
     "TaskConfig",
     "TrainConfig",
     "TrainerConfig",
+    "WeightSync",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
@@ -48,6 +49,8 @@ __all__ = [
 
 RoutingMode = Literal["none", "r3", "r2"]
 Device = Literal["cpu", "cuda"]
+# How updated weights reach the rollout workers (``replay.trainer.weight_sync``).
+WeightSync = Literal["object_store", "cuda_ipc"]
 
 
 # ---------------------------------------------------------------------- field checking
@@ -74,34 +77,50 @@ def _check_value(name: str, value: Any, hint: Any) -> Any:
     if origin is tuple:
         item_hint = typing.get_args(hint)[0]
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise TypeError(f"{name}: expected a list, got {type(value).__name__} {value!r}")
-        return tuple(_check_value(f"{name}[{i}]", v, item_hint) for i, v in enumerate(value))
+            raise TypeError(
+                f"{name}: expected a list, got {type(value).__name__} {value!r}"
+            )
+        return tuple(
+            _check_value(f"{name}[{i}]", v, item_hint) for i, v in enumerate(value)
+        )
     if hint is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+            raise TypeError(
+                f"{name}: expected a bool, got {type(value).__name__} {value!r}"
+            )
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+            raise TypeError(
+                f"{name}: expected an int, got {type(value).__name__} {value!r}"
+            )
         return value
     if hint is float:
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
-                raise TypeError(f"{name}: expected a float, got str {value!r}") from None
+                raise TypeError(
+                    f"{name}: expected a float, got str {value!r}"
+                ) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
+            raise TypeError(
+                f"{name}: expected a float, got {type(value).__name__} {value!r}"
+            )
         if not math.isfinite(value):
             raise ValueError(f"{name}: expected a finite float, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise TypeError(f"{name}: expected a str, got {type(value).__name__} {value!r}")
+            raise TypeError(
+                f"{name}: expected a str, got {type(value).__name__} {value!r}"
+            )
         return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, hint):
-            raise TypeError(f"{name}: expected {hint.__name__}, got {type(value).__name__}")
+            raise TypeError(
+                f"{name}: expected {hint.__name__}, got {type(value).__name__}"
+            )
         return value
     raise AssertionError(f"unsupported annotation {hint!r} of {name}")
 
@@ -139,6 +158,9 @@ class RolloutConfig:
         max_num_seqs, max_num_batched_tokens, max_model_len, block_size, kv_cache_blocks,
         gpu_memory_utilization, enable_prefix_caching, enforce_eager: ``rollout.LLM``'s
             arguments of the same name.
+        release_kv_while_training: put the engines to sleep (``LLM.sleep``: KV cache, CUDA
+            graphs and attention workspaces released) after each rollout and wake them after
+            the weight sync, so that a trainer sharing their GPU gets that memory.
 
     Sampling is fixed at temperature 1 without top-p / top-k: the engine's logprobs are those
     of the temperature-1 softmax, so the behaviour policy is exactly the policy whose
@@ -160,6 +182,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.85
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    release_kv_while_training: bool = False
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -179,10 +202,15 @@ class RolloutConfig:
                 self.num_gpus_per_worker,
             )
         _require(
-            self.num_cpus_per_worker >= 0, "num_cpus_per_worker", ">= 0", self.num_cpus_per_worker
+            self.num_cpus_per_worker >= 0,
+            "num_cpus_per_worker",
+            ">= 0",
+            self.num_cpus_per_worker,
         )
         _require(self.max_tokens >= 1, "max_tokens", "an int >= 1", self.max_tokens)
-        _require(self.max_num_seqs >= 1, "max_num_seqs", "an int >= 1", self.max_num_seqs)
+        _require(
+            self.max_num_seqs >= 1, "max_num_seqs", "an int >= 1", self.max_num_seqs
+        )
         _require(
             self.max_num_batched_tokens >= 1,
             "max_num_batched_tokens",
@@ -233,9 +261,13 @@ class TrainerConfig:
 
     Args:
         device: where the policy trains.
-        num_gpus: Ray GPUs of the trainer actor (0 on CPU; 0.5 to share one GPU with a rollout
-            worker of ``num_gpus_per_worker`` 0.5).
-        num_cpus: Ray CPUs of the trainer actor.
+        world_size: trainer ranks, one Ray actor each. 1: the policy trains whole in one
+            process; N > 1: it is sharded with FSDP2 (``fully_shard`` per decoder layer, then
+            the root) over N ranks (NCCL on CUDA, one GPU each; gloo on CPU), each training
+            on its share of every minibatch.
+        num_gpus: Ray GPUs of each trainer rank (0 on CPU; 0.5 to share one GPU with a rollout
+            worker of ``num_gpus_per_worker`` 0.5; 1 with ``world_size`` > 1).
+        num_cpus: Ray CPUs of each trainer rank.
         compute_dtype: ``float32``, or ``bfloat16`` autocast over float32 parameters.
         lr, weight_decay, beta1, beta2, adam_eps: AdamW.
         max_grad_norm: gradient-norm clipping (0: no clipping; the norm is logged anyway).
@@ -244,9 +276,14 @@ class TrainerConfig:
         gradient_checkpointing: HF ``gradient_checkpointing_enable`` on the policy.
         grouped_experts: ``"off"`` (HF's experts), or ``replay.use_grouped_experts`` with
             that backend.
+        weight_sync: how the weights reach the rollout workers after each step:
+            ``"object_store"`` (CPU copies through Ray's object store, any placement) or
+            ``"cuda_ipc"`` (CUDA IPC handles of the trainer's GPU tensors, no copy on the
+            trainer's side: rollout workers on the trainer's GPU, ``world_size`` 1).
     """
 
     device: Device = "cuda"
+    world_size: int = 1
     num_gpus: float = 1.0
     num_cpus: float = 1.0
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -260,24 +297,63 @@ class TrainerConfig:
     num_minibatches: int = 1
     gradient_checkpointing: bool = False
     grouped_experts: Literal["off", "auto", "loop", "grouped_mm"] = "off"
+    weight_sync: WeightSync = "object_store"
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        _require(self.world_size >= 1, "world_size", "an int >= 1", self.world_size)
         if self.device == "cpu":
             _require(self.num_gpus == 0, "num_gpus", "0 with device cpu", self.num_gpus)
+        elif self.world_size > 1:
+            # NCCL cannot run two ranks on one GPU, and Ray may pack fractions onto one.
+            _require(
+                self.num_gpus == 1,
+                "num_gpus",
+                f"1 with world_size {self.world_size} (one GPU per trainer rank)",
+                self.num_gpus,
+            )
         else:
-            _require(self.num_gpus > 0, "num_gpus", "> 0 with device cuda", self.num_gpus)
+            _require(
+                self.num_gpus > 0, "num_gpus", "> 0 with device cuda", self.num_gpus
+            )
+        if self.weight_sync == "cuda_ipc":
+            _require(
+                self.device == "cuda",
+                "weight_sync",
+                f"'object_store' with device {self.device} ('cuda_ipc' shares CUDA memory)",
+                self.weight_sync,
+            )
+            # Rank 0 owns a whole GPU when world_size > 1, so no rollout worker can share it.
+            _require(
+                self.world_size == 1,
+                "weight_sync",
+                f"'object_store' with world_size {self.world_size} ('cuda_ipc' needs the "
+                f"rollout workers on the trainer's GPU)",
+                self.weight_sync,
+            )
         _require(self.num_cpus >= 0, "num_cpus", ">= 0", self.num_cpus)
         _require(self.lr > 0, "lr", "a float > 0", self.lr)
-        _require(self.weight_decay >= 0, "weight_decay", "a float >= 0", self.weight_decay)
+        _require(
+            self.weight_decay >= 0, "weight_decay", "a float >= 0", self.weight_decay
+        )
         _require(0 <= self.beta1 < 1, "beta1", "a float in [0, 1)", self.beta1)
         _require(0 <= self.beta2 < 1, "beta2", "a float in [0, 1)", self.beta2)
         _require(self.adam_eps > 0, "adam_eps", "a float > 0", self.adam_eps)
-        _require(self.max_grad_norm >= 0, "max_grad_norm", "a float >= 0", self.max_grad_norm)
         _require(
-            self.micro_batch_size >= 1, "micro_batch_size", "an int >= 1", self.micro_batch_size
+            self.max_grad_norm >= 0, "max_grad_norm", "a float >= 0", self.max_grad_norm
         )
-        _require(self.num_minibatches >= 1, "num_minibatches", "an int >= 1", self.num_minibatches)
+        _require(
+            self.micro_batch_size >= 1,
+            "micro_batch_size",
+            "an int >= 1",
+            self.micro_batch_size,
+        )
+        _require(
+            self.num_minibatches >= 1,
+            "num_minibatches",
+            "an int >= 1",
+            self.num_minibatches,
+        )
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -312,7 +388,10 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         _check_fields(self)
         _require(
-            self.prompts_per_step >= 1, "prompts_per_step", "an int >= 1", self.prompts_per_step
+            self.prompts_per_step >= 1,
+            "prompts_per_step",
+            "an int >= 1",
+            self.prompts_per_step,
         )
         _require(self.group_size >= 2, "group_size", "an int >= 2", self.group_size)
         _require(0 <= self.clip_low < 1, "clip_low", "a float in [0, 1)", self.clip_low)
@@ -351,7 +430,10 @@ class TaskConfig:
             self.max_digits,
         )
         _require(
-            0 <= self.partial_credit < 1, "partial_credit", "a float in [0, 1)", self.partial_credit
+            0 <= self.partial_credit < 1,
+            "partial_credit",
+            "a float in [0, 1)",
+            self.partial_credit,
         )
 
 
@@ -385,10 +467,16 @@ class LogConfig:
         _check_fields(self)
         _require(bool(self.out_dir), "out_dir", "a non-empty path", self.out_dir)
         _require(
-            self.checkpoint_every >= 0, "checkpoint_every", "an int >= 0", self.checkpoint_every
+            self.checkpoint_every >= 0,
+            "checkpoint_every",
+            "an int >= 0",
+            self.checkpoint_every,
         )
         _require(
-            self.keep_checkpoints >= 1, "keep_checkpoints", "an int >= 1", self.keep_checkpoints
+            self.keep_checkpoints >= 1,
+            "keep_checkpoints",
+            "an int >= 1",
+            self.keep_checkpoints,
         )
 
 
@@ -435,6 +523,18 @@ class TrainConfig:
                 f"trainer.num_minibatches: expected a divisor of the batch (grpo.prompts_per_step "
                 f"x grpo.group_size = {batch}), got {self.trainer.num_minibatches}"
             )
+        shares = self.trainer.num_minibatches * self.trainer.world_size
+        if batch % shares:
+            raise ValueError(
+                f"trainer.world_size: expected every minibatch ({batch} // "
+                f"{self.trainer.num_minibatches} answers) to split evenly over the trainer "
+                f"ranks, got {self.trainer.world_size}"
+            )
+        if self.trainer.weight_sync == "cuda_ipc" and self.rollout.device != "cuda":
+            raise ValueError(
+                f"trainer.weight_sync: expected 'object_store' with rollout.device "
+                f"{self.rollout.device} ('cuda_ipc' shares CUDA memory), got 'cuda_ipc'"
+            )
 
 
 _SECTIONS: dict[str, type] = {
@@ -452,19 +552,27 @@ _SECTIONS: dict[str, type] = {
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     """``"trainer.lr=1e-5"`` -> ``(("trainer", "lr"), 1e-5)``; the value is parsed as YAML."""
     if not isinstance(text, str):
-        raise TypeError(f"override: expected a str 'key=value', got {type(text).__name__}")
+        raise TypeError(
+            f"override: expected a str 'key=value', got {type(text).__name__}"
+        )
     key, sep, raw = text.partition("=")
     path = tuple(key.strip().split("."))
     if not sep or not all(path):
-        raise ValueError(f"override: expected 'section.field=value' or 'field=value', got {text!r}")
+        raise ValueError(
+            f"override: expected 'section.field=value' or 'field=value', got {text!r}"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ValueError(f"{key}: could not parse the value {raw!r} as YAML: {err}") from err
+        raise ValueError(
+            f"{key}: could not parse the value {raw!r} as YAML: {err}"
+        ) from err
     return path, value
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+def apply_overrides(
+    data: Mapping[str, Any], overrides: Iterable[str]
+) -> dict[str, Any]:
     """A copy of the nested ``data`` with every ``key=value`` override applied in order."""
     result = _deep_copy(data)
     for text in overrides:
@@ -497,7 +605,9 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return _build(TrainConfig, top, "")
 
 
-def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> TrainConfig:
+def load_config(
+    path: str | os.PathLike | None, overrides: Iterable[str] = ()
+) -> TrainConfig:
     """Read a YAML config (None: start from no file) and apply ``section.field=value`` overrides."""
     data: Any = {}
     if path is not None:
@@ -505,7 +615,9 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"config {os.fspath(path)}: not valid YAML: {err}") from err
+            raise ValueError(
+                f"config {os.fspath(path)}: not valid YAML: {err}"
+            ) from err
         if not isinstance(data, dict):
             raise ValueError(
                 f"config {os.fspath(path)}: expected a mapping at the top level, "
@@ -531,16 +643,25 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     """``cls(**data)``, naming unknown keys and bad values with their dotted path."""
     name = prefix.rstrip(".") or "config"
     if not isinstance(data, Mapping):
-        raise TypeError(f"{name}: expected a mapping of fields, got {type(data).__name__} {data!r}")
+        raise TypeError(
+            f"{name}: expected a mapping of fields, got {type(data).__name__} {data!r}"
+        )
     fields = dataclasses.fields(cls)
     known = {f.name for f in fields}
     for key in data:
         if key not in known:
-            raise ValueError(f"{prefix}{key}: unknown field, expected one of {sorted(known)}")
+            raise ValueError(
+                f"{prefix}{key}: unknown field, expected one of {sorted(known)}"
+            )
     for f in fields:
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        required = (
+            f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
         if required and f.name not in data:
-            raise ValueError(f"{prefix}{f.name}: expected a value (required field), got none")
+            raise ValueError(
+                f"{prefix}{f.name}: expected a value (required field), got none"
+            )
     try:
         return cls(**data)
     except (TypeError, ValueError) as err:

@@ -28,15 +28,25 @@ Metrics compare the rollout engine with the trainer *before* the update on the a
 ``router_agreement_native``: rollout traces vs the pre-update policy's native routing.
 Routing metrics need the rollout's traces and are absent without them (never filled in).
 
+Several ranks (``trainer.world_size > 1``, FSDP2, ``replay.trainer.distributed``): every rank
+gets the whole batch, draws the same shuffle and trains on its equal, contiguous share of
+every minibatch (whole answers; the batch must split evenly). Each micro-batch's loss is
+normalised by the whole minibatch's token (or sequence) count, as on one rank, and multiplied
+by ``world_size`` because FSDP averages the gradients over ranks: the update is the one-rank
+update on the whole batch up to float rounding. Each rank replays its own answers' traces;
+metrics are computed from every rank's share and are the same on all ranks.
+
 Legend: B answers, S token positions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +55,13 @@ import torch
 import transformers
 
 import replay
+from replay.expert_tap import ExpertsTap
 from replay.layout import BatchLayout
 from replay.metrics import extreme_token_fraction, kl_k3, router_agreement
 from replay.routed_experts import RoutedExperts
+from replay.trainer import distributed
 from replay.trainer.batch import Batch, TrainBatch
 from replay.trainer.config import GRPOConfig, RoutingMode, TrainerConfig
-from replay.expert_tap import ExpertsTap
 from replay.trainer.grpo import LossTerms, policy_loss, token_logprobs
 
 __all__ = ["Learner"]
@@ -63,6 +74,9 @@ _POLICY_DIR = "policy"
 
 class Learner:
     """The policy being trained, plain PyTorch (the Ray ``TrainerWorker`` wraps one).
+
+    With ``trainer.world_size > 1`` one ``Learner`` per rank is built inside an initialised
+    process group of that size; every method is then a collective that all ranks call.
 
     Args:
         model_path: HF checkpoint folder of the policy (float32 parameters are trained).
@@ -87,11 +101,15 @@ class Learner:
         native_router_agreement: bool = True,
     ) -> None:
         if routing not in ("none", "r3", "r2"):
-            raise ValueError(f"routing: expected one of ['none', 'r3', 'r2'], got {routing!r}")
+            raise ValueError(
+                f"routing: expected one of ['none', 'r3', 'r2'], got {routing!r}"
+            )
         self.config = trainer
         self.grpo = grpo
         self.routing = routing
         self.native_router_agreement = native_router_agreement
+        self.world_size = trainer.world_size
+        self.rank = distributed.check_process_group(trainer.world_size)
         self.device = torch.device(trainer.device)
         self.model_path = Path(model_path)
         torch.manual_seed(seed)
@@ -107,6 +125,11 @@ class Learner:
         if grpo.kl_coef > 0:
             self.reference = self._load(Path(reference_path or model_path)).eval()
             self.reference.requires_grad_(False)
+        if self.world_size > 1:
+            distributed.shard_policy(self.model)
+            if self.reference is not None:
+                distributed.shard_policy(self.reference)
+        # Built after sharding: on one rank it steps only that rank's shards.
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=trainer.lr,
@@ -118,7 +141,9 @@ class Learner:
         self.pad_token_id = _pad_token_id(self.model.config)
 
     def _load(self, path: Path) -> transformers.PreTrainedModel:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32
+        )
         model.to(self.device)
         if self.config.grouped_experts != "off":
             replay.use_grouped_experts(model, backend=self.config.grouped_experts)
@@ -139,24 +164,37 @@ class Learner:
                 f"batch: expected at least num_minibatches ({self.config.num_minibatches}) "
                 f"answers, got {len(batch)}"
             )
+        shares = self.config.num_minibatches * self.world_size
+        if self.world_size > 1 and len(batch) % shares:
+            raise ValueError(
+                f"batch: expected a multiple of num_minibatches x world_size ({shares}) answers "
+                f"(every rank trains on an equal share of each minibatch), got {len(batch)}"
+            )
         rollout_traces = self._rollout_traces(batch)
         start = time.perf_counter()
         minibatches = [
-            [
-                _Chunk(
-                    indices=idx,
-                    tensors=batch.select(idx).to_tensors(
-                        self.device, pad_token_id=self.pad_token_id
-                    ),
-                    advantages=torch.from_numpy(advantages[idx]).to(self.device),
-                )
-                for idx in micro_batches
-            ]
-            for micro_batches in self._split(len(batch))
+            _Minibatch(
+                parts=[
+                    _Chunk(
+                        indices=idx,
+                        tensors=batch.select(idx).to_tensors(
+                            self.device, pad_token_id=self.pad_token_id
+                        ),
+                        advantages=torch.from_numpy(advantages[idx]).to(self.device),
+                    )
+                    for idx in micro_batches
+                ],
+                # The whole minibatch's counts (all ranks' shares): the loss normalisers.
+                num_tokens=float(sum(len(batch.token_ids[i]) for i in indices)),
+                num_sequences=float(len(indices)),
+            )
+            for indices, micro_batches in self._split(len(batch))
         ]
-        parts = [part for group in minibatches for part in group]
+        parts = [part for minibatch in minibatches for part in minibatch.parts]
         for part in parts:
-            part.layout = BatchLayout.from_attention_mask(part.tensors.attention_mask_BS)
+            part.layout = BatchLayout.from_attention_mask(
+                part.tensors.attention_mask_BS
+            )
             if rollout_traces is not None:
                 part.rollout_traces = [rollout_traces[i] for i in part.indices]
 
@@ -166,7 +204,9 @@ class Learner:
                     self._old_pass(part)
             if self.routing == "r3" and self.native_router_agreement and rollout_traces:
                 for part in parts:
-                    with self.ctl.record(attention_mask=part.tensors.attention_mask_BS) as rec:
+                    with self.ctl.record(
+                        attention_mask=part.tensors.attention_mask_BS
+                    ) as rec:
                         self._forward(self.model, part.tensors)
                     part.native_traces = rec.traces
             if self.reference is not None:
@@ -174,12 +214,15 @@ class Learner:
                     part.logp_ref = self._forward(self.reference, part.tensors)
 
         totals = _Totals()
-        for group in minibatches:
-            self._update(group, totals)
+        for minibatch in minibatches:
+            self._update(minibatch, totals)
         self.step_count += 1
-        metrics = self._metrics(parts, totals)
+        stats = _StepStats.collect(parts, totals)
+        if self.world_size > 1:
+            stats = _StepStats.merge(distributed.all_gather_objects(stats.to_cpu()))
+        metrics = stats.metrics()
         metrics["time_train_s"] = time.perf_counter() - start
-        metrics["train_tokens"] = sum(part.tensors.num_tokens for part in parts)
+        metrics["train_tokens"] = stats.train_tokens
         return metrics
 
     def _rollout_traces(self, batch: Batch) -> tuple[RoutedExperts, ...] | None:
@@ -187,21 +230,27 @@ class Learner:
             traces = batch.require_traces("routing r3")
         else:
             traces = batch.traces
-        if traces is not None and traces and traces[0].moe_layers != self.ctl.moe_layers:
+        if (
+            traces is not None
+            and traces
+            and traces[0].moe_layers != self.ctl.moe_layers
+        ):
             raise ValueError(
                 f"traces[0].moe_layers: expected the policy's MoE layers {self.ctl.moe_layers}, "
                 f"got {traces[0].moe_layers}"
             )
         return traces
 
-    def _split(self, size: int) -> list[list[np.ndarray]]:
-        """Answer indices of a shuffled batch: per minibatch, its micro-batches."""
+    def _split(self, size: int) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """Answer indices of a shuffled batch: per minibatch, all its answers and this rank's
+        micro-batches (of its share; every rank draws the same shuffle)."""
         order = torch.randperm(size, generator=self.generator).numpy()
         micro = self.config.micro_batch_size
-        return [
-            [mb[i : i + micro] for i in range(0, len(mb), micro)]
-            for mb in np.array_split(order, self.config.num_minibatches)
-        ]
+        out = []
+        for mb in np.array_split(order, self.config.num_minibatches):
+            mine = np.array_split(mb, self.world_size)[self.rank]
+            out.append((mb, [mine[i : i + micro] for i in range(0, len(mine), micro)]))
+        return out
 
     def _old_pass(self, part: _Chunk) -> None:
         mask = part.tensors.attention_mask_BS
@@ -223,11 +272,9 @@ class Learner:
             return self.ctl.replay(part.replay_traces, attention_mask=mask)
         return contextlib.nullcontext()
 
-    def _update(self, group: list[_Chunk], totals: _Totals) -> None:
+    def _update(self, minibatch: _Minibatch, totals: _Totals) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        num_tokens = float(sum(int(p.tensors.answer_mask_BS.sum()) for p in group))
-        num_sequences = float(sum(len(p.indices) for p in group))
-        for part in group:
+        for part in minibatch.parts:
             tap = ExpertsTap(self.ctl) if part.rollout_traces is not None else None
             with self._routing_context(part), tap or contextlib.nullcontext():
                 logp_BS = self._forward(self.model, part.tensors)
@@ -237,21 +284,35 @@ class Learner:
                     part.native_traces = tap.traces(part.layout)
             if tap is not None:
                 part.used_traces = tap.traces(part.layout)
-            terms = self._loss(part, logp_BS, num_tokens, num_sequences)
-            terms.loss.backward()
+            terms = self._loss(
+                part, logp_BS, minibatch.num_tokens, minibatch.num_sequences
+            )
+            # FSDP averages gradients over ranks; the minibatch's gradient is their sum.
+            (terms.loss * self.world_size).backward()
             units = (
                 part.tensors.answer_mask_BS.sum()
                 if self.grpo.ratio == "token"
                 else len(part.indices)
             )
             totals.add(terms, units=float(units))
-        max_norm = self.config.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        # Sharded gradients give a DTensor norm awaiting its reduction over the ranks.
+        grad_norm = distributed.full_tensor(
+            torch.nn.utils.get_total_norm([p.grad for p in params])
+        )
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(
+                params, self.config.max_grad_norm, grad_norm
+            )
         totals.end_minibatch(float(grad_norm))
         self.optimizer.step()
 
     def _loss(
-        self, part: _Chunk, logp_BS: torch.Tensor, num_tokens: float, num_sequences: float
+        self,
+        part: _Chunk,
+        logp_BS: torch.Tensor,
+        num_tokens: float,
+        num_sequences: float,
     ) -> LossTerms:
         grpo, t = self.grpo, part.tensors
         assert part.logp_old is not None
@@ -285,67 +346,69 @@ class Learner:
             ).logits
         return token_logprobs(logits_BSV, tensors.input_ids_BS)
 
-    # ------------------------------------------------------------------ metrics
-
-    def _metrics(self, parts: list[_Chunk], totals: _Totals) -> dict[str, Any]:
-        rollout_values, train_values = [], []
-        for part in parts:
-            mask = part.tensors.answer_mask_BS
-            assert part.logp_old is not None
-            rollout_values.append(part.tensors.rollout_logp_BS[mask])
-            train_values.append(part.logp_old[mask])
-        logp_rollout, logp_train = torch.cat(rollout_values), torch.cat(train_values)
-        metrics: dict[str, Any] = {
-            "kl_k3": kl_k3(logp_rollout, logp_train),
-            "extreme_token_fraction": extreme_token_fraction(logp_rollout, logp_train, tau=2.0),
-            **totals.summary(),
-        }
-        if parts[0].rollout_traces is not None:
-            rollout = [t for p in parts for t in p.rollout_traces]
-            used = router_agreement(rollout, [t for p in parts for t in p.used_traces])
-            metrics["router_agreement"] = used.overall
-            metrics["router_agreement_per_layer"] = list(used.per_layer)
-            if parts[0].native_traces is not None:
-                native = router_agreement(rollout, [t for p in parts for t in p.native_traces])
-                metrics["router_agreement_native"] = native.overall
-                metrics["router_agreement_native_per_layer"] = list(native.per_layer)
-        return metrics
-
     # ------------------------------------------------------------------ weights, checkpoints
 
     def named_weights(self) -> dict[str, torch.Tensor]:
-        """The policy's parameters by HF name, detached copies on the CPU (for weight sync)."""
+        """The policy's parameters by HF name, detached full copies on the CPU (for weight
+        sync). With several ranks: rank 0 gets them, the others an empty dict."""
+        weights = {}
+        for name, tensor in self._full_parameters():
+            if self.rank == 0:
+                weights[name] = tensor.to("cpu", copy=True)
+        return weights
+
+    def device_weights(self) -> dict[str, torch.Tensor]:
+        """The policy's parameters by HF name, detached and whole on the training device: the
+        parameters themselves on one rank (no copy: valid until the next ``step``), gathered
+        copies on rank 0 with several ranks (the others get an empty dict)."""
         return {
-            name: param.detach().to("cpu", copy=True)
-            for name, param in self.model.named_parameters()
+            name: tensor for name, tensor in self._full_parameters() if self.rank == 0
         }
+
+    def _full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        # On every rank, in the same order: gathering a shard is a collective.
+        for name, param in self.model.named_parameters():
+            yield name, distributed.full_tensor(param.detach())
 
     def save(self, folder: str | Path) -> None:
         """Write ``folder/policy`` (an HF checkpoint with the tokenizer, loadable by the engine)
-        and ``folder/trainer_state.pt`` (optimizer, step, RNG states)."""
+        and ``folder/trainer_state.pt`` (optimizer, step, RNG states). With several ranks all
+        call it and rank 0 writes the gathered state."""
         folder = Path(folder)
         policy = folder / _POLICY_DIR
-        self.model.save_pretrained(policy)
+        optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
+        if self.world_size > 1:
+            model_state = distributed.full_model_state(self.model)
+            if self.rank == 0:
+                self.model.save_pretrained(policy, state_dict=model_state)
+        else:
+            self.model.save_pretrained(policy)
+        if self.rank != 0:
+            return
         for name in ("tokenizer.json", "tokenizer_config.json"):
             source = self.model_path / name
             if source.exists():
                 shutil.copyfile(source, policy / name)
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "step": self.step_count,
             "torch_rng": torch.get_rng_state(),
             "generator": self.generator.get_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "cuda_rng": torch.cuda.get_rng_state_all()
+            if self.device.type == "cuda"
+            else None,
         }
         torch.save(state, folder / _TRAINER_STATE)
 
     def load_state(self, folder: str | Path) -> None:
         """Restore optimizer, step and RNG from ``folder/trainer_state.pt`` (the weights come
-        from building the learner on ``folder/policy``)."""
+        from building the learner on ``folder/policy``); any number of ranks, each reading it."""
         state = torch.load(
-            Path(folder) / _TRAINER_STATE, map_location=self.device, weights_only=False
+            Path(folder) / _TRAINER_STATE, map_location="cpu", weights_only=False
         )
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_optimizer_state(
+            self.model, self.optimizer, state["optimizer"]
+        )
         self.step_count = int(state["step"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.generator.set_state(state["generator"].cpu())
@@ -374,6 +437,96 @@ class _Chunk:
         self.used_traces: list[RoutedExperts] | None = None
         self.logp_old: torch.Tensor | None = None
         self.logp_ref: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Minibatch:
+    """One optimizer step's share of this rank: its micro-batches and the normalisers of the
+    loss, counted over the whole minibatch (every rank's share)."""
+
+    parts: list[_Chunk]
+    num_tokens: float
+    num_sequences: float
+
+
+@dataclasses.dataclass(slots=True)
+class _StepStats:
+    """What a step's metrics are computed from: one rank's answers, or all ranks' merged."""
+
+    logp_rollout: torch.Tensor
+    logp_train: torch.Tensor
+    rollout_traces: list[RoutedExperts] | None
+    used_traces: list[RoutedExperts] | None
+    native_traces: list[RoutedExperts] | None
+    totals: _Totals
+    train_tokens: int
+
+    @classmethod
+    def collect(cls, parts: list[_Chunk], totals: _Totals) -> _StepStats:
+        rollout_values, train_values = [], []
+        for part in parts:
+            mask = part.tensors.answer_mask_BS
+            assert part.logp_old is not None
+            rollout_values.append(part.tensors.rollout_logp_BS[mask])
+            train_values.append(part.logp_old[mask])
+
+        def traces(name: str) -> list[RoutedExperts] | None:
+            if getattr(parts[0], name) is None:
+                return None
+            return [t for p in parts for t in getattr(p, name)]
+
+        return cls(
+            logp_rollout=torch.cat(rollout_values),
+            logp_train=torch.cat(train_values),
+            rollout_traces=traces("rollout_traces"),
+            used_traces=traces("used_traces"),
+            native_traces=traces("native_traces"),
+            totals=totals,
+            train_tokens=sum(part.tensors.num_tokens for part in parts),
+        )
+
+    def to_cpu(self) -> _StepStats:
+        return dataclasses.replace(
+            self, logp_rollout=self.logp_rollout.cpu(), logp_train=self.logp_train.cpu()
+        )
+
+    @classmethod
+    def merge(cls, ranks: list[_StepStats]) -> _StepStats:
+        """All ranks' stats, in rank order."""
+
+        def traces(name: str) -> list[RoutedExperts] | None:
+            if getattr(ranks[0], name) is None:
+                return None
+            return [t for r in ranks for t in getattr(r, name)]
+
+        return cls(
+            logp_rollout=torch.cat([r.logp_rollout for r in ranks]),
+            logp_train=torch.cat([r.logp_train for r in ranks]),
+            rollout_traces=traces("rollout_traces"),
+            used_traces=traces("used_traces"),
+            native_traces=traces("native_traces"),
+            totals=_Totals.merge([r.totals for r in ranks]),
+            train_tokens=sum(r.train_tokens for r in ranks),
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {
+            "kl_k3": kl_k3(self.logp_rollout, self.logp_train),
+            "extreme_token_fraction": extreme_token_fraction(
+                self.logp_rollout, self.logp_train, tau=2.0
+            ),
+            **self.totals.summary(),
+        }
+        if self.rollout_traces is not None:
+            assert self.used_traces is not None
+            used = router_agreement(self.rollout_traces, self.used_traces)
+            metrics["router_agreement"] = used.overall
+            metrics["router_agreement_per_layer"] = list(used.per_layer)
+            if self.native_traces is not None:
+                native = router_agreement(self.rollout_traces, self.native_traces)
+                metrics["router_agreement_native"] = native.overall
+                metrics["router_agreement_native_per_layer"] = list(native.per_layer)
+        return metrics
 
 
 class _Totals:
@@ -419,6 +572,21 @@ class _Totals:
         self.minibatch = {}
         self.grad_norms.append(grad_norm)
 
+    @classmethod
+    def merge(cls, ranks: list[_Totals]) -> _Totals:
+        """All ranks' statistics: each rank's losses are parts of its minibatches' losses
+        (normalised by the whole minibatch), so they add up; the gradient norm is global."""
+        merged = cls()
+        for totals in ranks:
+            merged.units += totals.units
+            for name, value in totals.weighted.items():
+                merged.weighted[name] = merged.weighted.get(name, 0.0) + value
+            for name, values in totals.losses.items():
+                have = merged.losses.setdefault(name, [0.0] * len(values))
+                merged.losses[name] = [a + b for a, b in zip(have, values, strict=True)]
+        merged.grad_norms = list(ranks[0].grad_norms)
+        return merged
+
     def summary(self) -> dict[str, float]:
         out = {name: float(np.mean(values)) for name, values in self.losses.items()}
         out.update({name: total / self.units for name, total in self.weighted.items()})
@@ -428,7 +596,10 @@ class _Totals:
 
 def _pad_token_id(config: Any) -> int:
     """An id for padding (masked out, so any valid id): the pad, else the first eos, else 0."""
-    for value in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+    for value in (
+        getattr(config, "pad_token_id", None),
+        getattr(config, "eos_token_id", None),
+    ):
         if isinstance(value, int):
             return value
         if isinstance(value, (list, tuple)) and value:

@@ -3,9 +3,14 @@
 A step::
 
     prompts (prompts_per_step problems x group_size) -> rollout workers generate (with routing)
-    -> rewards (the task) -> group-relative advantages -> trainer worker: update under the
-    routing mode (none | r3 | r2) -> weight sync trainer -> rollout workers (object store)
-    -> one metrics record (JSONL, TensorBoard, progress bar) -> checkpoint every N steps
+    -> [workers sleep] -> rewards (the task) -> group-relative advantages -> trainer worker:
+    update under the routing mode (none | r3 | r2) -> weight sync trainer -> rollout workers
+    (object store or CUDA IPC) -> [workers wake up] -> one metrics record (JSONL, TensorBoard,
+    progress bar) -> checkpoint every N steps
+
+The bracketed stages run with ``rollout.release_kv_while_training`` (a trainer sharing the
+rollout GPU): the engines release their KV cache and CUDA graphs while the trainer updates,
+take the new weights asleep, and rebuild both before the next rollout.
 
 Per-step record: ``step``; ``reward_mean``, ``reward_std``, ``accuracy`` (exact answers),
 ``finished_fraction`` (answers that ended with eos), ``answer_tokens_mean``; the trainer's
@@ -13,7 +18,8 @@ metrics (``kl_k3`` and ``extreme_token_fraction`` between rollout and trainer lo
 agreement when the rollout captured routing, loss statistics, ``grad_norm``); throughput
 ``rollout_tokens_per_s`` (generated tokens / rollout time) and ``train_tokens_per_s``
 (prompt + answer tokens / trainer time); and the time split ``time_rollout_s``,
-``time_train_s``, ``time_sync_s``, ``time_step_s`` (wall clock seen by the driver).
+``time_train_s``, ``time_sync_s``, ``time_release_s`` (putting the engines to sleep and waking
+them; 0 without ``release_kv_while_training``), ``time_step_s`` (wall clock seen by the driver).
 
 Sampling: temperature 1, no top-p/top-k, one seed per request derived from (seed, step,
 index), so a run is reproducible and the ``none`` / ``r3`` / ``r2`` runs of one seed see the
@@ -28,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -109,7 +114,9 @@ class GRPOTrainer:
         self.workers: RolloutWorkers | None = None
         self.log: MetricsLog | None = None
         try:
-            self.workers = RolloutWorkers.from_config(start_model, config.rollout, seed=config.seed)
+            self.workers = RolloutWorkers.from_config(
+                start_model, config.rollout, seed=config.seed
+            )
             self._check_layers()
             if resume_from is not None:
                 self._resume(resume_from)
@@ -123,11 +130,17 @@ class GRPOTrainer:
             self.out_dir, tensorboard=config.log.tensorboard, resume_step=self.step
         )
         if not config.rollout.capture_routing:
-            logger.info("capture_routing off: router agreement metrics are not reported")
+            logger.info(
+                "capture_routing off: router agreement metrics are not reported"
+            )
+        if config.rollout.release_kv_while_training:
+            logger.info(
+                "release_kv_while_training: the rollout engines sleep during each update"
+            )
 
     def _check_layers(self) -> None:
         assert self.workers is not None
-        trainer_layers = tuple(ray.get(self.trainer.moe_layers.remote()))
+        trainer_layers = self.trainer.moe_layers()
         if trainer_layers != self.workers.routing_spec.moe_layers:
             raise ValueError(
                 f"model: expected the engine and the trainer to see the same MoE layers, got "
@@ -135,14 +148,17 @@ class GRPOTrainer:
             )
 
     def _resume(self, folder: Path) -> None:
-        ray.get(self.trainer.load_state.remote(str(folder)))
+        self.trainer.load_state(folder)
         state = load_driver_state(folder)
         self.step = int(state["step"])
         self.rng.bit_generator.state = state["rng"]
         logger.info("resumed from %s at step %d", folder, self.step)
 
     def _prepare_model(self, path: Path) -> Path:
-        if self.config.model_init == "random_addition" and not (path / "config.json").exists():
+        if (
+            self.config.model_init == "random_addition"
+            and not (path / "config.json").exists()
+        ):
             make_addition_model(path, TINY_ADDITION_SPEC, seed=self.config.seed)
             logger.info("wrote a random addition model to %s", path)
         if not (path / "config.json").exists():
@@ -189,7 +205,9 @@ class GRPOTrainer:
         start = time.perf_counter()
         problems = self.task.sample(grpo.prompts_per_step, self.rng)
         per_answer = [p for p in problems for _ in range(grpo.group_size)]
-        seeds = np.random.SeedSequence([config.seed, self.step]).generate_state(len(per_answer))
+        seeds = np.random.SeedSequence([config.seed, self.step]).generate_state(
+            len(per_answer)
+        )
         sampling = [
             rollout.SamplingParams(
                 max_tokens=config.rollout.max_tokens,
@@ -201,6 +219,10 @@ class GRPOTrainer:
         ]
         batch = self.workers.generate([p.prompt for p in per_answer], sampling)
         rollout_done = time.perf_counter()
+        release = config.rollout.release_kv_while_training
+        if release:
+            self.workers.sleep()
+        asleep = time.perf_counter()
 
         # The checkpoint has a tokenizer (checked at start), so the engine decoded every answer.
         texts = [text for text in batch.texts if text is not None]
@@ -209,15 +231,18 @@ class GRPOTrainer:
         advantages = group_advantages(
             torch.from_numpy(rewards), grpo.group_size, normalize_std=grpo.normalize_std
         )
-        metrics = ray.get(self.trainer.step.remote(batch, advantages.numpy()))
+        metrics = self.trainer.step(batch, advantages.numpy())
         train_done = time.perf_counter()
 
-        self.workers.update_weights(self.trainer.named_weights.remote())
+        self.trainer.push_weights(self.workers)
         sync_done = time.perf_counter()
+        if release:
+            self.workers.wake_up()
+        step_done = time.perf_counter()
         self.step += 1
 
         time_rollout = rollout_done - start
-        time_train = train_done - rollout_done
+        time_train = train_done - asleep
         record: dict[str, Any] = {
             "step": self.step,
             "reward_mean": float(rewards.mean()),
@@ -225,14 +250,19 @@ class GRPOTrainer:
             "accuracy": float((rewards == 1.0).mean()),
             "finished_fraction": float(np.mean(batch.finished)),
             "answer_tokens_mean": batch.num_generated_tokens / len(batch),
-            **{k: v for k, v in metrics.items() if k not in ("time_train_s", "train_tokens")},
+            **{
+                k: v
+                for k, v in metrics.items()
+                if k not in ("time_train_s", "train_tokens")
+            },
             "trainer_compute_s": metrics["time_train_s"],
             "rollout_tokens_per_s": batch.num_generated_tokens / time_rollout,
             "train_tokens_per_s": metrics["train_tokens"] / time_train,
             "time_rollout_s": time_rollout,
             "time_train_s": time_train,
             "time_sync_s": sync_done - train_done,
-            "time_step_s": sync_done - start,
+            "time_release_s": (asleep - rollout_done) + (step_done - sync_done),
+            "time_step_s": step_done - start,
         }
         return record
 
@@ -241,8 +271,10 @@ class GRPOTrainer:
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (policy, optimizer, RNG, driver state)."""
         folder = staging_dir(self.out_dir, self.step)
-        ray.get(self.trainer.save.remote(str(folder)))
-        save_driver_state(folder, {"step": self.step, "rng": self.rng.bit_generator.state})
+        self.trainer.save(folder)
+        save_driver_state(
+            folder, {"step": self.step, "rng": self.rng.bit_generator.state}
+        )
         final = commit_checkpoint(self.out_dir, self.step)
         prune_checkpoints(self.out_dir, self.config.log.keep_checkpoints)
         logger.info("checkpoint %s", final)
@@ -254,4 +286,4 @@ class GRPOTrainer:
             self.log.close()
         if self.workers is not None:
             self.workers.shutdown()
-        ray.kill(self.trainer)
+        self.trainer.shutdown()
