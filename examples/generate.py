@@ -24,7 +24,12 @@ import torch
 import transformers
 
 from rollout import LLM, SamplingParams
-from rollout.testing import FAMILIES, TOKENIZER_TEXT, flashinfer_overrides, make_tiny_moe
+from rollout.testing import (
+    FAMILIES,
+    TOKENIZER_TEXT,
+    flashinfer_overrides,
+    make_tiny_moe,
+)
 
 INSTRUCTION = (
     "You are a careful assistant. Read the passage, think about what the experts of the "
@@ -35,7 +40,9 @@ INSTRUCTION = (
 def engine_config(family: str, device: str, folder: Path) -> dict[str, Any]:
     """Build the tiny checkpoint in ``folder``; return the ``LLM`` keyword arguments."""
     cuda = device.startswith("cuda")
-    path = make_tiny_moe(family, folder, seed=0, **(flashinfer_overrides(family) if cuda else {}))
+    path = make_tiny_moe(
+        family, folder, seed=0, **(flashinfer_overrides(family) if cuda else {})
+    )
     return dict(
         model=path,
         device=device,
@@ -50,7 +57,10 @@ def engine_config(family: str, device: str, folder: Path) -> dict[str, Any]:
 def make_prompts(num_prompts: int) -> list[str]:
     """Lines of the tokenizer's text; every other prompt behind the shared instruction."""
     lines = [line for line in TOKENIZER_TEXT.splitlines() if line.strip()]
-    return [(INSTRUCTION if i % 2 == 0 else "") + lines[i % len(lines)] for i in range(num_prompts)]
+    return [
+        (INSTRUCTION if i % 2 == 0 else "") + lines[i % len(lines)]
+        for i in range(num_prompts)
+    ]
 
 
 def generation_rows(
@@ -78,7 +88,10 @@ def print_rows(
     """A Markdown table of ``header`` and ``rows``."""
     cells = [tuple(str(c) for c in row) for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+        for row in cells
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print("\n".join(lines))
 
@@ -89,9 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda",
     )
-    parser.add_argument("--verbose", action="store_true", help="log the engine's start-up")
+    parser.add_argument(
+        "--verbose", action="store_true", help="log the engine's start-up"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     transformers.utils.logging.disable_progress_bar()  # make_tiny_moe's save_pretrained
@@ -107,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
             elapsed = time.perf_counter() - start
             stats = llm.stats
 
-    print_rows(generation_rows(args.family, args.device, outputs, startup, elapsed, stats))
+    print_rows(
+        generation_rows(args.family, args.device, outputs, startup, elapsed, stats)
+    )
     print(f"\nexample: {prompts[0]!r}\n  -> {outputs[0].text!r}")
 
 

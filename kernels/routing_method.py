@@ -29,7 +29,7 @@ class RoutingMethod(enum.Enum):
     LLAMA4 = "llama4"
 
     @classmethod
-    def parse(cls, method: "RoutingMethod | str") -> "RoutingMethod":
+    def parse(cls, method: RoutingMethod | str) -> RoutingMethod:
         """Return the member for ``method`` (a member, or its lower-case name)."""
         if isinstance(method, cls):
             return method
@@ -39,4 +39,6 @@ class RoutingMethod(enum.Enum):
             except ValueError:
                 pass
         names = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(f"method: expected a RoutingMethod or one of {names}, got {method!r}")
+        raise ValueError(
+            f"method: expected a RoutingMethod or one of {names}, got {method!r}"
+        )

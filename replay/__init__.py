@@ -2,8 +2,8 @@
 
 from replay.controller import Mode, RecordContext, ReplayContext, ReplayController
 from replay.discovery import RoutingSpec
-from replay.grouped_experts import grouped_experts_forward, use_grouped_experts
 from replay.expert_tap import ExpertsTap
+from replay.grouped_experts import grouped_experts_forward, use_grouped_experts
 from replay.layout import AlignedTraces, BatchLayout, align_traces, traces_from_aligned
 from replay.metrics import (
     RouterAgreement,
@@ -24,22 +24,22 @@ __all__ = [
     "Mismatch",
     "Mode",
     "RecordContext",
-    "RolloutSample",
     "ReplayContext",
     "ReplayController",
-    "RoutingSpec",
-    "align_traces",
-    "grouped_experts_forward",
-    "measure_mismatch",
-    "patch",
-    "traces_from_aligned",
-    "use_grouped_experts",
+    "RolloutSample",
     "RoutedExperts",
     "RouterAgreement",
+    "RoutingSpec",
+    "align_traces",
     "compact_dtype",
     "extreme_token_fraction",
+    "grouped_experts_forward",
     "kl_k3",
+    "measure_mismatch",
+    "patch",
     "plot_agreement_heatmap",
     "router_agreement",
     "router_agreement_matrix",
+    "traces_from_aligned",
+    "use_grouped_experts",
 ]
