@@ -285,6 +285,15 @@ class ModelRunner:
         self.bytes_per_block = kv_cache_bytes_per_block(
             self.spec, config.block_size, self.dtype
         )
+        # Step state, set before the memory profile (on CUDA it runs a step).
+        # Recorded after a step's input copies were enqueued: the pinned host buffers they
+        # read (ours and FlashInfer's plan workspace) are rewritten only once it completed.
+        self._staged: torch.cuda.Event | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_sizes: list[int] = []
+        self.is_sleeping = False
+        # The buckets sleep released, recaptured by wake_up.
+        self._slept_graph_sizes: list[int] = []
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_cache: torch.Tensor | None = None
         self._allocate_kv_cache()
@@ -295,14 +304,6 @@ class ModelRunner:
             self.num_kv_blocks * config.block_size,
             self.num_kv_blocks * self.bytes_per_block / 2**30,
         )
-        # Recorded after a step's input copies were enqueued: the pinned host buffers they
-        # read (ours and FlashInfer's plan workspace) are rewritten only once it completed.
-        self._staged: torch.cuda.Event | None = None
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.graph_sizes: list[int] = []
-        self.is_sleeping = False
-        # The buckets sleep released, recaptured by wake_up.
-        self._slept_graph_sizes: list[int] = []
         if use_graphs:
             self._capture_cuda_graphs(cuda_graph_sizes(max_graph))
 
