@@ -93,7 +93,7 @@ def _sliced_sum(experts_fn, hidden, gate_up, down, weights, ids, num_slices):
     total = torch.zeros_like(hidden)
     for rank in range(num_slices):
         mine = expert_slice(EXPERTS, rank, num_slices)
-        local = torch.full((EXPERTS,), MASKED_ID, dtype=torch.int32)
+        local = torch.full((EXPERTS,), MASKED_ID, dtype=torch.int32, device=ids.device)
         local[mine.start : mine.stop] = torch.arange(len(mine), dtype=torch.int32)
         total += experts_fn(
             hidden,
