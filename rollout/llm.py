@@ -150,6 +150,12 @@ class LLM:
         return self.engine.routing_spec
 
     @property
+    def parameter_names(self) -> frozenset[str]:
+        """The engine model's parameter names (the same on every data-parallel rank): the set
+        ``update_weights`` returns when it was given every weight."""
+        return self.engine.parameter_names
+
+    @property
     def routing_reader_spec(self) -> ReaderSpec | None:
         """How a ``rollout.capture.RoutedExpertsReader`` in another process on this node (a
         trainer) attaches to the routing store; None without ``capture_routing``. With

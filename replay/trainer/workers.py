@@ -77,9 +77,7 @@ class RolloutWorker:
         self.rank = rank
         self.llm = rollout.LLM(model_path, seed=seed + rank, **llm_kwargs)
         # The engine's own parameter names: what a full weight sync must write.
-        self._parameters = {
-            name for name, _ in self.llm.engine.runner.model.named_parameters()
-        }
+        self._parameters = set(self.llm.parameter_names)
 
     def routing_spec(self) -> rollout.RoutingSpec:
         """The engine's MoE layers, experts, top-k and routing method."""

@@ -12,7 +12,9 @@ Mode ``"dp_attention"`` (the naive-dispatch case of DESIGN.md): each rank still 
 scheduler, KV cache and attention on its own requests, but its MoE layers all-gather the tokens
 of all ranks, route them, compute this rank's 1/N slice of the experts and reduce-scatter the
 sum (``rollout.layers.moe.NaiveDispatch``); shared experts and everything outside the MoE blocks
-stay on the rank's own tokens. Each rank's capture buffer takes its own tokens' rows of the
+stay on the rank's own tokens. A rank holds the weights of its slice of the experts only
+(loaded, allocated and updated: ``rollout.models.decoder`` under ``MoEParallelConfig``), so the
+experts' memory is split across the ranks. Each rank's capture buffer takes its own tokens' rows of the
 routed batch (the capturer's DP rule), so a request's rows are again those a single-rank engine
 computes for it. Every forward is collective, so the ranks step in lockstep: before each step
 they all-reduce "has work", and while any rank has work every rank forwards (one without work a
@@ -28,7 +30,9 @@ parallel::
               none has work) -> outputs in prompt order (each rank ships a request's rows
               with its output; the rank's output path read them from its own store)
     update_weights: "update_weights" to every rank; rank 0 gets the tensors and broadcasts
-              them to the others through the process group
+              them to the others through the process group, one tensor at a time, each rank
+              copying what it holds (dp_attention: its experts' rows) as it arrives; the
+              parameters reported written are those written completely on every rank
     sleep / wake_up: "sleep" / "wake_up" to every rank (each releases / rebuilds its own KV
               cache and CUDA graphs, ``LLMEngine.sleep``); ``generate`` refuses while asleep
 
@@ -55,7 +59,7 @@ import sys
 import tempfile
 import traceback
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -87,6 +91,7 @@ class _RankInfo:
     routing_spec: RoutingSpec
     vocab_size: int
     reader_spec: ReaderSpec | None
+    parameter_names: frozenset[str]
 
 
 @dataclasses.dataclass(kw_only=True, slots=True, frozen=True)
@@ -102,7 +107,9 @@ class DataParallelEngine:
 
     Duck-types the parts of ``LLMEngine`` that ``rollout.LLM`` uses (``tokenizer``,
     ``vocab_size``, ``routing_spec``, ``routing_reader_spec``, ``stats``, ``update_weights``,
-    ``is_sleeping``, ``sleep``, ``wake_up``, ``shutdown``) and adds ``generate``.
+    ``is_sleeping``, ``sleep``, ``wake_up``, ``shutdown``) and adds ``generate``,
+    ``parameter_names`` (the model's parameter names, the same on every rank: what a full
+    ``update_weights`` writes) and ``parameter_shapes`` (per rank).
 
     Args:
         config: the engine settings; ``data_parallel_size`` >= 2.
@@ -169,6 +176,7 @@ class DataParallelEngine:
             raise
         self.routing_spec = infos[0].routing_spec
         self.vocab_size = infos[0].vocab_size
+        self.parameter_names = infos[0].parameter_names
         self.routing_reader_specs: tuple[ReaderSpec, ...] = tuple(
             info.reader_spec for info in infos if info.reader_spec is not None
         )
@@ -210,6 +218,11 @@ class DataParallelEngine:
             prefix_cache_queries=sum(s.prefix_cache_queries for s in per_rank),
             prefix_cache_hits=sum(s.prefix_cache_hits for s in per_rank),
         )
+
+    def parameter_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """Each rank's model parameters, name -> shape, in rank order (with dp_attention the
+        fused expert parameters hold ``num_experts / data_parallel_size`` experts)."""
+        return self._command(range(self.data_parallel_size), ("parameter_shapes",))
 
     # ------------------------------------------------------------------ generation
 
@@ -288,10 +301,12 @@ class DataParallelEngine:
         self, named_tensors: Iterable[tuple[str, torch.Tensor]]
     ) -> set[str]:
         """Copy HF-named tensors into every rank's model (rank 0 broadcasts them through the
-        process group) and reset every rank's prefix cache.
+        process group, one at a time; each rank copies what it holds) and reset every rank's
+        prefix cache.
 
-        Returns the names of the model parameters written completely (rank 0's; every rank
-        gets the same tensors).
+        Returns the names of the model parameters written completely on every rank (with
+        dp_attention: each rank's experts of them; a full state dict writes every parameter
+        on every rank).
 
         Raises:
             TypeError: a name not a str or a tensor not a ``torch.Tensor``.
@@ -313,7 +328,8 @@ class DataParallelEngine:
         self._conns[0].send(("update_weights", items))
         for r in range(1, self.data_parallel_size):
             self._conns[r].send(("update_weights", None))
-        return self._gather(range(self.data_parallel_size))[0]
+        written: list[set[str]] = self._gather(range(self.data_parallel_size))
+        return set.intersection(*written)
 
     @property
     def is_sleeping(self) -> bool:
@@ -467,6 +483,9 @@ def _rank_main(
                     routing_spec=engine.routing_spec,
                     vocab_size=engine.vocab_size,
                     reader_spec=engine.routing_reader_spec,
+                    parameter_names=frozenset(
+                        name for name, _ in engine.runner.model.named_parameters()
+                    ),
                 ),
             )
         )
@@ -495,9 +514,10 @@ def _serve(
         "abort": lambda ids: _abort(engine, ids),
         "run": lambda: _run(engine, device),
         "stats": lambda: engine.stats,
-        "update_weights": lambda items: engine.update_weights(
-            _broadcast(items, device)
-        ),
+        "parameter_shapes": lambda: {
+            name: tuple(p.shape) for name, p in engine.runner.model.named_parameters()
+        },
+        "update_weights": lambda items: _update_weights(engine, items, device),
         "sleep": engine.sleep,
         "wake_up": engine.wake_up,
     }
@@ -571,14 +591,30 @@ def _check_expert_split(config: EngineConfig) -> None:
     expert_slice(routing.num_experts, 0, config.data_parallel_size)
 
 
+def _update_weights(
+    engine: LLMEngine,
+    items: list[tuple[str, torch.Tensor]] | None,
+    device: torch.device,
+) -> set[str]:
+    """``engine.update_weights`` with rank 0's ``items`` (None on the other ranks), received
+    one tensor at a time. A rank whose update stops early (an error) still joins every
+    remaining broadcast, so the ranks never wait on each other forever."""
+    tensors = _broadcast(items, device)
+    try:
+        return engine.update_weights(tensors)
+    finally:
+        for _ in tensors:
+            pass
+
+
 def _broadcast(
     items: list[tuple[str, torch.Tensor]] | None, device: torch.device
-) -> list[tuple[str, torch.Tensor]]:
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Rank 0's ``items`` on every rank: names, shapes and dtypes as one object, then each
-    tensor (on ``device``: NCCL needs device tensors)."""
+    tensor as it is consumed (on ``device``: NCCL needs device tensors), so that one tensor at
+    a time is on the device, never the whole state dict."""
     meta = [None if items is None else [(n, t.shape, t.dtype) for n, t in items]]
     dist.broadcast_object_list(meta, src=0)
-    received = []
     for i, (name, shape, dtype) in enumerate(meta[0]):
         tensor = (
             items[i][1].to(device)
@@ -586,8 +622,7 @@ def _broadcast(
             else torch.empty(shape, dtype=dtype, device=device)
         )
         dist.broadcast(tensor, src=0)
-        received.append((name, tensor))
-    return received
+        yield name, tensor
 
 
 def _reply_error(

@@ -34,8 +34,10 @@ asynchronous copy of a step's rows into the shared-memory store, the scheduler's
 of it exists: no buffer, no hook, no segment.
 
 ``data_parallel_mode="dp_attention"`` (``config.dp_attention``): this engine is one rank of a
-``torch.distributed`` group and its runner gets a ``rollout.layers.moe.NaiveDispatch``, so its
-MoE layers run over the tokens of all ranks and compute this rank's slice of the experts. Every
+``torch.distributed`` group; its model holds (loads, allocates) only this rank's slice of the
+experts (``MoEParallelConfig(ep_rank=dp_rank, ep_size=data_parallel_size)``) and its runner gets
+a ``rollout.layers.moe.NaiveDispatch``, so its MoE layers run over the tokens of all ranks and
+compute that slice. Every
 forward is then collective: the ranks build their engines together and step in lockstep, a rank
 without work running ``runner.run_idle()`` (``rollout.engine.data_parallel`` drives this). Such
 an engine steps synchronously: a pipelined step without a new batch would skip a collective
@@ -57,7 +59,7 @@ from rollout.engine.model_runner import ModelRunner
 from rollout.engine.routing import RoutingRecorder
 from rollout.engine.scheduler import ScheduledBatch, Scheduler
 from rollout.engine.sequence import Sequence as EngineSequence
-from rollout.layers.moe import NaiveDispatch
+from rollout.layers.moe import MoEParallelConfig, NaiveDispatch
 from rollout.loader import load_checkpoint
 from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
 from rollout.sampler import SampledTokens
@@ -132,6 +134,13 @@ class LLMEngine:
             device=config.device,
             load_format=config.load_format,
             seed=config.seed,
+            parallel=(
+                MoEParallelConfig(
+                    ep_rank=self.dp_rank, ep_size=config.data_parallel_size
+                )
+                if config.dp_attention
+                else None
+            ),
         )
         model = checkpoint.model
         max_model_len = config.resolve_max_model_len(
@@ -360,6 +369,11 @@ class LLMEngine:
     def _check_awake(self, name: str) -> None:
         if self.runner.is_sleeping:
             raise RuntimeError(f"{name}: engine is asleep: call wake_up()")
+
+    @property
+    def parameter_names(self) -> frozenset[str]:
+        """The model's parameter names: what a full ``update_weights`` writes."""
+        return frozenset(name for name, _ in self.runner.model.named_parameters())
 
     @property
     def routing_reader_spec(self) -> ReaderSpec | None:

@@ -41,7 +41,9 @@ runner sets on the model's MoE blocks): every forward is collective across the r
 ``prepare`` exchanges the step's token counts first (``dispatch.begin_step``), a rank without
 work calls ``run_idle`` (a forward of one padding token, outputs discarded) whenever another
 rank steps, and everything runs eager (no CUDA graphs). The memory profile runs on every rank at
-once, so its MoE layers see the tokens of all ranks, as real steps do.
+once, so its MoE layers see the tokens of all ranks, as real steps do; the model holds only the
+rank's experts (``MoEParallelConfig``), so the weights it measures are the rank's share and the
+KV cache gets the memory of the experts it does not hold.
 
 Sleep (a trainer colocated on the GPU): ``sleep()`` frees the KV cache, the CUDA graphs and the
 attention backend's workspaces and empties the CUDA caching allocator; ``wake_up()`` allocates

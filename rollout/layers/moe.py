@@ -3,13 +3,16 @@ plus optional shared experts, overlapped on a side CUDA stream when that is righ
 and ``NaiveDispatch``, the expert parallelism across data-parallel ranks that the engine
 attaches to the blocks from outside for ``data_parallel_mode="dp_attention"``.
 
-Legend: T tokens (of this rank), H hidden size, E experts, K top-k, I expert intermediate size;
-under ``NaiveDispatch``: N ranks, X tokens of all ranks (the routed batch), M the largest
-per-rank token count of the step.
+Legend: T tokens (of this rank), H hidden size, E experts, L experts held by this rank (E
+without expert parallelism), K top-k, I expert intermediate size; under ``NaiveDispatch``:
+N ranks, X tokens of all ranks (the routed batch), M the largest per-rank token count of the
+step.
 
-Expert weights use HF transformers v5's fused layout: ``gate_up_proj`` [E, 2I, H] (gate rows
-then up rows) and ``down_proj`` [E, H, I]. The routing semantics are those of
-``kernels.RoutingMethod`` (DESIGN.md); each family maps its HF router onto one method.
+Expert weights use HF transformers v5's fused layout: ``gate_up_proj`` [L, 2I, H] (gate rows
+then up rows) and ``down_proj`` [L, H, I], for a contiguous range of the E experts (all of
+them unless expert parallelism splits them: ``MoEParallelConfig.ep_size``). The routing
+semantics are those of ``kernels.RoutingMethod`` (DESIGN.md); each family maps its HF router
+onto one method.
 
 Shared-expert overlap: the shared experts read the same input as the routed experts and their
 outputs are summed, so they can run concurrently on a side stream (fork/join with CUDA events:
@@ -23,8 +26,9 @@ Naive dispatch (DESIGN.md "Data parallelism and capture"): each rank runs attent
 tokens; in every MoE layer the ranks all-gather the hidden states of all ranks' tokens (padded
 to the step's largest count M for the collective, then compacted to the X = sum(n) real ones in
 rank order), route all X tokens, compute the contribution of this rank's experts only (a
-contiguous 1/N slice: pairs of other experts carry ``kernels.fused_moe.MASKED_ID`` and are
-skipped) and reduce-scatter the sum, so each rank gets the full routed output of its own tokens.
+contiguous 1/N slice, the only experts whose weights the rank holds: pairs of other experts
+carry ``kernels.fused_moe.MASKED_ID`` and are skipped) and reduce-scatter the sum, so each rank
+gets the full routed output of its own tokens.
 Shared experts stay on the rank's own tokens. The capture buffer takes this rank's rows of the
 routed batch, chosen by the capturer's DP rule (``RoutedExpertsCapturer.rank_rows``). Shapes
 change every step and ``begin_step`` reads the counts on the host: eager only, no CUDA graphs.
@@ -145,20 +149,38 @@ class RoutingParams:
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class MoEParallelConfig:
-    """The parts of the expert-parallel configuration that decide shared-expert overlap.
+    """The expert-parallel configuration: which experts a model holds, and what decides
+    shared-expert overlap.
 
     Attributes:
+        ep_rank: this model's rank among the ``ep_size`` expert-parallel ranks; it holds the
+            weights of ``expert_slice(E, ep_rank, ep_size)`` only (the data-parallel rank under
+            ``data_parallel_mode="dp_attention"``).
+        ep_size: the number of expert-parallel ranks (1: the model holds every expert).
         enable_eplb: expert-placement load balancing (redundant / moved experts) is on.
         all2all_backend: the token dispatch/combine backend, one of ``ALL2ALL_BACKENDS``.
         use_two_sided_all2all_kernels: dispatch/combine through two-sided all-to-all kernels
             (FlashInfer's NVLink two-sided kernels), which overlap communication themselves.
     """
 
+    ep_rank: int = 0
+    ep_size: int = 1
     enable_eplb: bool = False
     all2all_backend: str = "allgather_reducescatter"
     use_two_sided_all2all_kernels: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("ep_rank", "ep_size"):
+            if type(getattr(self, name)) is not int:
+                raise TypeError(
+                    f"{name}: expected an int, got {type(getattr(self, name)).__name__}"
+                )
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size: expected an int >= 1, got {self.ep_size}")
+        if not 0 <= self.ep_rank < self.ep_size:
+            raise ValueError(
+                f"ep_rank: expected an int in [0, {self.ep_size}), got {self.ep_rank}"
+            )
         if self.all2all_backend not in ALL2ALL_BACKENDS:
             raise ValueError(
                 f"all2all_backend: expected one of {ALL2ALL_BACKENDS}, got {self.all2all_backend!r}"
@@ -342,22 +364,59 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts' weights (HF v5): ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]."""
+    """Routed experts' weights (HF v5 layout) of the contiguous range ``local`` of the E
+    experts: ``gate_up_proj`` [L, 2I, H], ``down_proj`` [L, H, I], row ``j`` holding expert
+    ``local[j]``. Expert parallelism gives each rank its slice (``expert_slice``); only that
+    slice is allocated.
+
+    Args:
+        num_experts: E, the experts of the layer.
+        hidden_size: H.
+        intermediate_size: I.
+        local: the experts held, a range of step 1 within ``[0, E)``; None: all of them.
+
+    Attributes:
+        num_experts (E), local, intermediate_size.
+
+    Raises:
+        ValueError: ``local`` empty, not of step 1 or not within ``[0, E)``.
+    """
 
     def __init__(
-        self, num_experts: int, hidden_size: int, intermediate_size: int
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        local: range | None = None,
     ) -> None:
         super().__init__()
+        local = range(num_experts) if local is None else local
+        if (
+            not isinstance(local, range)
+            or local.step != 1
+            or not 0 <= local.start < local.stop <= num_experts
+        ):
+            raise ValueError(
+                f"local: expected a non-empty range of step 1 within [0, {num_experts}), "
+                f"got {local!r}"
+            )
         self.num_experts = num_experts
+        self.local = local
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size),
+            torch.empty(len(local), 2 * intermediate_size, hidden_size),
             requires_grad=False,
         )
         self.down_proj = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size),
+            torch.empty(len(local), hidden_size, intermediate_size),
             requires_grad=False,
         )
+
+    @property
+    def holds_all(self) -> bool:
+        """Whether every one of the E experts is held (no expert parallelism)."""
+        return len(self.local) == self.num_experts
 
 
 class SparseMoeBlock(nn.Module):
@@ -375,11 +434,15 @@ class SparseMoeBlock(nn.Module):
         shared_gate: Qwen2-MoE's ``shared_expert_gate``: the shared output is scaled by
             ``sigmoid(x @ shared_expert_gate.T)``.
         overlap: run the shared experts on a side CUDA stream (``shared_experts_overlap``).
+        local_experts: the routed experts whose weights the block holds (``Experts.local``);
+            None: all. A block holding a part needs the ``dispatch`` that computes that part.
 
     Attributes:
         dispatch: None (the block routes and computes its own tokens), or the ``NaiveDispatch``
             the engine sets for ``dp_attention``: the routed experts then run over the tokens of
             all ranks, this rank's expert slice only, and the shared experts over its own.
+            Setting it raises ValueError unless its expert slice is ``experts.local`` (all
+            experts for None).
     """
 
     def __init__(
@@ -394,6 +457,7 @@ class SparseMoeBlock(nn.Module):
         shared_name: str = "shared_experts",
         shared_gate: bool = False,
         overlap: bool = False,
+        local_experts: range | None = None,
     ) -> None:
         super().__init__()
         self.routing = routing
@@ -404,7 +468,9 @@ class SparseMoeBlock(nn.Module):
             float32=router_float32,
             correction_bias=routing.method is RoutingMethod.DEEPSEEK_V3,
         )
-        self.experts = Experts(routing.num_experts, hidden_size, intermediate_size)
+        self.experts = Experts(
+            routing.num_experts, hidden_size, intermediate_size, local=local_experts
+        )
         self._shared_name = shared_name if shared_intermediate_size else None
         if shared_intermediate_size:
             self.add_module(
@@ -419,7 +485,25 @@ class SparseMoeBlock(nn.Module):
         # Set by the model (one side stream shared by its MoE layers); events made on first use.
         self.aux_stream: torch.cuda.Stream | None = None
         self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-        self.dispatch: NaiveDispatch | None = None
+        self._dispatch: NaiveDispatch | None = None
+
+    @property
+    def dispatch(self) -> NaiveDispatch | None:
+        """The expert parallelism across data-parallel ranks, or None (see the class)."""
+        return self._dispatch
+
+    @dispatch.setter
+    def dispatch(self, dispatch: NaiveDispatch | None) -> None:
+        held = self.experts.local
+        computed = (
+            range(self.routing.num_experts) if dispatch is None else dispatch.experts
+        )
+        if computed != held:
+            raise ValueError(
+                f"dispatch: expected one computing experts [{held.start}, {held.stop}) (the "
+                f"experts this block holds), got [{computed.start}, {computed.stop})"
+            )
+        self._dispatch = dispatch
 
     @property
     def shared_experts_overlap(self) -> bool:
@@ -450,8 +534,14 @@ class SparseMoeBlock(nn.Module):
     def _routed(
         self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None
     ) -> torch.Tensor:
-        dispatch = self.dispatch
+        dispatch = self._dispatch
         if dispatch is None:
+            if not self.experts.holds_all:
+                local = self.experts.local
+                raise ValueError(
+                    f"dispatch: expected a NaiveDispatch for a block holding experts "
+                    f"[{local.start}, {local.stop}) of {self.routing.num_experts}, got None"
+                )
             weights_TK, ids_TK = self._route(x_TH, capture_TK)
             return fused_experts(
                 x_TH,
@@ -468,11 +558,11 @@ class SparseMoeBlock(nn.Module):
             )
             start, stop = dispatch.capture_rows
             capture_TK.copy_(ids_XK[start:stop])
-        mine = slice(dispatch.experts.start, dispatch.experts.stop)
+        # The block holds exactly the dispatch's experts (the setter checks): local ids index them.
         partial_XH = fused_experts(
             x_XH,
-            self.experts.gate_up_proj[mine],
-            self.experts.down_proj[mine],
+            self.experts.gate_up_proj,
+            self.experts.down_proj,
             weights_XK,
             dispatch.local_ids(ids_XK),
             masked=True,

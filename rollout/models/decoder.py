@@ -1,7 +1,8 @@
 """The MoE decoder shared by every supported family, configured by ``DecoderArgs``.
 
 Legend: T tokens, H hidden size, V vocabulary, N query heads, G KV heads, D head dim,
-R rotary dim, E experts, I expert intermediate size.
+R rotary dim, E experts, L experts held (E without expert parallelism), I expert intermediate
+size.
 
 All five families are pre-norm decoders: RMSNorm -> attention (fused q/k/v projection, optional
 q/k RMSNorm, RoPE, paged attention) -> residual -> RMSNorm -> MLP (dense SwiGLU or sparse MoE)
@@ -14,6 +15,13 @@ projections: ``self_attn.qkv_proj`` (HF ``q_proj``, ``k_proj``, ``v_proj``) and 
 of dense and shared MLPs (HF ``gate_proj``, ``up_proj``). ``load_weights`` takes HF names, both
 v5's fused expert tensors and the per-expert names ``save_pretrained`` writes
 (``mlp.experts.{j}.gate_proj.weight``), and copies them in place.
+
+Expert parallelism (``MoEParallelConfig.ep_size`` > 1, one model per rank): each MoE layer
+holds only the rank's contiguous slice of the experts (``expert_slice``), so the fused expert
+parameters are [L, ...] while their names stay HF's. ``load_weights`` still takes the tensors
+of every expert (a trainer's full state dict): it copies the rank's rows of a fused tensor
+[E, ...] and its experts' per-expert tensors, checks the shape of the others and skips them;
+``checkpoint_rows`` tells a loader which parts of a checkpoint's tensors to read at all.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +44,19 @@ from rollout.layers.moe import (
     MoEParallelConfig,
     RoutingParams,
     SparseMoeBlock,
+    expert_slice,
     shared_experts_overlap,
 )
 from rollout.layers.norm import RMSNorm
 from rollout.layers.rotary import RotaryEmbedding, apply_rotary
 
-__all__ = ["DecoderArgs", "MoECausalLM", "check_silu", "decoder_layer_of", "head_dim_of"]
+__all__ = [
+    "DecoderArgs",
+    "MoECausalLM",
+    "check_silu",
+    "decoder_layer_of",
+    "head_dim_of",
+]
 
 QKNorm = Literal["none", "head", "full"]
 
@@ -110,7 +125,9 @@ class DecoderArgs:
                 f"{self.num_kv_heads}, got {self.num_heads}"
             )
         if self.qk_norm not in ("none", "head", "full"):
-            raise ValueError(f"qk_norm: expected 'none', 'head' or 'full', got {self.qk_norm!r}")
+            raise ValueError(
+                f"qk_norm: expected 'none', 'head' or 'full', got {self.qk_norm!r}"
+            )
         if not self.moe_layers:
             raise ValueError("moe_layers: expected at least one MoE layer, got none")
         if list(self.moe_layers) != sorted(set(self.moe_layers)) or not all(
@@ -130,7 +147,9 @@ class DecoderArgs:
                 f"moe_intermediate_size: expected a positive int, got {self.moe_intermediate_size}"
             )
         if self.clip_qkv is not None and not self.clip_qkv > 0:
-            raise ValueError(f"clip_qkv: expected None or a positive float, got {self.clip_qkv}")
+            raise ValueError(
+                f"clip_qkv: expected None or a positive float, got {self.clip_qkv}"
+            )
 
 
 def check_silu(config: Any) -> None:
@@ -142,7 +161,10 @@ def check_silu(config: Any) -> None:
 
 def head_dim_of(config: Any) -> int:
     """``config.head_dim`` when set, else ``hidden_size // num_attention_heads`` (HF's rule)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return (
+        getattr(config, "head_dim", None)
+        or config.hidden_size // config.num_attention_heads
+    )
 
 
 class Embedding(nn.Module):
@@ -150,7 +172,9 @@ class Embedding(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(vocab_size, hidden_size), requires_grad=False
+        )
 
     def forward(self, ids_T: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids_T, self.weight)
@@ -166,7 +190,10 @@ class SelfAttention(nn.Module):
         self.clip_qkv = args.clip_qkv
         self.qk_norm = args.qk_norm
         self.qkv_proj = Linear(
-            args.hidden_size, (n * d, g * d, g * d), shard_names=("q", "k", "v"), bias=args.qkv_bias
+            args.hidden_size,
+            (n * d, g * d, g * d),
+            shard_names=("q", "k", "v"),
+            bias=args.qkv_bias,
         )
         self.o_proj = Linear(n * d, args.hidden_size, bias=args.o_bias)
         if args.qk_norm == "head":
@@ -178,7 +205,11 @@ class SelfAttention(nn.Module):
         self.attn = Attention(layer_index)
 
     def forward(
-        self, x_TH: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, batch: ForwardBatch
+        self,
+        x_TH: torch.Tensor,
+        cos_TR: torch.Tensor,
+        sin_TR: torch.Tensor,
+        batch: ForwardBatch,
     ) -> torch.Tensor:
         t = x_TH.shape[0]
         n, g, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -189,7 +220,11 @@ class SelfAttention(nn.Module):
             q_TX = q_TX.clamp(-self.clip_qkv, self.clip_qkv)
             k_TX = k_TX.clamp(-self.clip_qkv, self.clip_qkv)
             v_TX = v_TX.clamp(-self.clip_qkv, self.clip_qkv)
-        q_TND, k_TGD, v_TGD = q_TX.view(t, n, d), k_TX.reshape(t, g, d), v_TX.reshape(t, g, d)
+        q_TND, k_TGD, v_TGD = (
+            q_TX.view(t, n, d),
+            k_TX.reshape(t, g, d),
+            v_TX.reshape(t, g, d),
+        )
         if self.qk_norm == "head":
             q_TND, k_TGD = self.q_norm(q_TND), self.k_norm(k_TGD)
         q_TND = apply_rotary(q_TND, cos_TR, sin_TR)
@@ -199,10 +234,16 @@ class SelfAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm decoder layer; ``moe_index`` is None for a dense layer."""
+    """One pre-norm decoder layer; ``moe_index`` is None for a dense layer; an MoE layer holds
+    the experts ``local_experts``."""
 
     def __init__(
-        self, args: DecoderArgs, layer_index: int, moe_index: int | None, overlap: bool
+        self,
+        args: DecoderArgs,
+        layer_index: int,
+        moe_index: int | None,
+        overlap: bool,
+        local_experts: range,
     ) -> None:
         super().__init__()
         self.moe_index = moe_index
@@ -221,6 +262,7 @@ class DecoderLayer(nn.Module):
                 shared_name=args.shared_name,
                 shared_gate=args.shared_gate,
                 overlap=overlap,
+                local_experts=local_experts,
             )
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -253,12 +295,15 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embedding, decoder layers, final norm and the rotary embedding (HF's ``model.``)."""
 
-    def __init__(self, args: DecoderArgs, overlap: bool) -> None:
+    def __init__(self, args: DecoderArgs, overlap: bool, local_experts: range) -> None:
         super().__init__()
         moe_index = {layer: i for i, layer in enumerate(args.moe_layers)}
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(
-            [DecoderLayer(args, i, moe_index.get(i), overlap) for i in range(args.num_layers)]
+            [
+                DecoderLayer(args, i, moe_index.get(i), overlap, local_experts)
+                for i in range(args.num_layers)
+            ]
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
@@ -269,7 +314,9 @@ class DecoderModel(nn.Module):
 _EXPERT_NAME = re.compile(
     r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$"
 )
-_SHARD_NAME = re.compile(r"^(?P<prefix>.+\.)(?P<shard>q|k|v|gate|up)_proj\.(?P<kind>weight|bias)$")
+_SHARD_NAME = re.compile(
+    r"^(?P<prefix>.+\.)(?P<shard>q|k|v|gate|up)_proj\.(?P<kind>weight|bias)$"
+)
 _LAYER_NAME = re.compile(r"^model\.layers\.(?P<layer>\d+)\.")
 
 
@@ -288,7 +335,12 @@ class MoECausalLM(nn.Module):
     Args:
         config: the HF ``PretrainedConfig`` of the checkpoint.
         device: where the model runs (decides shared-expert overlap, which needs CUDA).
-        parallel: the expert-parallel configuration (default: single device, no EPLB).
+        parallel: the expert-parallel configuration (default: single device, every expert, no
+            EPLB); with ``ep_size`` > 1 the MoE layers hold the experts
+            ``expert_slice(E, ep_rank, ep_size)`` only (ValueError when E does not split).
+
+    Attributes:
+        config, args, local_experts (the experts each MoE layer holds), model, lm_head.
 
     Subclasses set ``architecture`` (the HF ``architectures`` entry) and implement
     ``args_from_config``; they override ``canonical_name`` when their checkpoints use other
@@ -298,16 +350,23 @@ class MoECausalLM(nn.Module):
     architecture: ClassVar[str]
 
     def __init__(
-        self, config: Any, *, device: torch.device | str, parallel: MoEParallelConfig | None = None
+        self,
+        config: Any,
+        *,
+        device: torch.device | str,
+        parallel: MoEParallelConfig | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.args = self.args_from_config(config)
         parallel = parallel if parallel is not None else MoEParallelConfig()
+        self.local_experts = expert_slice(
+            self.args.routing.num_experts, parallel.ep_rank, parallel.ep_size
+        )
         overlap = self.args.shared_intermediate_size > 0 and shared_experts_overlap(
             device=device, parallel=parallel
         )
-        self.model = DecoderModel(self.args, overlap)
+        self.model = DecoderModel(self.args, overlap, self.local_experts)
         self.lm_head = Linear(self.args.hidden_size, self.args.vocab_size)
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -384,20 +443,46 @@ class MoECausalLM(nn.Module):
 
     # ---- weights -------------------------------------------------------------------------
 
-    def _target(self, name: str, params: dict[str, nn.Parameter]) -> tuple[str, tuple, Any]:
-        """(parameter name, index into it, piece key) for a canonical HF name."""
+    def _experts_param(self, name: str) -> Experts | None:
+        """The ``Experts`` module when ``name`` is one of its fused parameters, else None."""
+        module_name, _, leaf = name.rpartition(".")
+        if leaf not in ("gate_up_proj", "down_proj"):
+            return None
+        module = self.get_submodule(module_name)
+        return module if isinstance(module, Experts) else None
+
+    def _target(
+        self, name: str, params: dict[str, nn.Parameter], *, selected: bool
+    ) -> _Target:
+        """Where the tensor of canonical HF name ``name`` goes (``selected``: a fused expert
+        tensor holds this model's experts only, as ``checkpoint_rows`` selects them)."""
         if name in params:
-            return name, (), None
+            shape = tuple(params[name].shape)
+            experts = self._experts_param(name)
+            if experts is None or experts.holds_all or selected:
+                return _Target(name, (), None, shape, None)
+            local = experts.local
+            rows = slice(local.start, local.stop)
+            return _Target(name, (), rows, (experts.num_experts, *shape[1:]), None)
         match = _EXPERT_NAME.match(name)
         if match:
             prefix, expert, proj = match["prefix"], int(match["expert"]), match["proj"]
-            experts = self.get_submodule(prefix) if f"{prefix}.down_proj" in params else None
+            experts = (
+                self.get_submodule(prefix) if f"{prefix}.down_proj" in params else None
+            )
             if isinstance(experts, Experts) and expert < experts.num_experts:
-                if proj == "down":
-                    return f"{prefix}.down_proj", (expert,), (expert,)
                 size = experts.intermediate_size
+                hidden = experts.down_proj.shape[1]
+                shape = (hidden, size) if proj == "down" else (size, hidden)
+                if expert not in experts.local:
+                    return _Target(None, (), None, shape, None)  # another rank's expert
+                j = expert - experts.local.start
+                if proj == "down":
+                    return _Target(f"{prefix}.down_proj", (j,), None, shape, (expert,))
                 rows = slice(0, size) if proj == "gate" else slice(size, 2 * size)
-                return f"{prefix}.gate_up_proj", (expert, rows), (expert, proj)
+                return _Target(
+                    f"{prefix}.gate_up_proj", (j, rows), None, shape, (expert, proj)
+                )
         match = _SHARD_NAME.match(name)
         if match:
             fused = "qkv_proj" if match["shard"] in ("q", "k", "v") else "gate_up_proj"
@@ -405,8 +490,13 @@ class MoECausalLM(nn.Module):
             if target in params:
                 module = self.get_submodule(f"{match['prefix']}{fused}")
                 start, end = module.shards[match["shard"]]
-                return target, (slice(start, end),), match["shard"]
-        raise ValueError(f"weights: unknown parameter name {name!r} for {type(self).__name__}")
+                shape = (end - start, *params[target].shape[1:])
+                return _Target(
+                    target, (slice(start, end),), None, shape, match["shard"]
+                )
+        raise ValueError(
+            f"weights: unknown parameter name {name!r} for {type(self).__name__}"
+        )
 
     def _pieces(self, name: str) -> set:
         """The pieces that make up parameter ``name`` (all must be written to load it)."""
@@ -415,23 +505,58 @@ class MoECausalLM(nn.Module):
         if isinstance(module, Linear) and len(module.shards) > 1:
             return set(module.shards)
         if isinstance(module, Experts) and leaf == "gate_up_proj":
-            return {(j, proj) for j in range(module.num_experts) for proj in ("gate", "up")}
+            return {(j, proj) for j in module.local for proj in ("gate", "up")}
         if isinstance(module, Experts) and leaf == "down_proj":
-            return {(j,) for j in range(module.num_experts)}
+            return {(j,) for j in module.local}
         return {None}
 
+    def checkpoint_rows(self, hf_names: Iterable[str]) -> dict[str, slice | None]:
+        """For each checkpoint tensor name, the part of it this model needs, so that a loader
+        reads no more: None for all of it; an empty slice for none (a tensor the family skips,
+        or under expert parallelism an expert of another rank); else the rows of the first
+        dimension to read (a fused expert tensor [E, ...]: this rank's experts). Give the parts
+        read to ``load_weights(..., selected=True)``.
+
+        Raises:
+            ValueError: an unknown name (as ``load_weights`` does).
+        """
+        params = dict(self.named_parameters(remove_duplicate=False))
+        rows: dict[str, slice | None] = {}
+        for hf_name in hf_names:
+            name = self.canonical_name(hf_name)
+            if name is None or name.endswith(".rotary_emb.inv_freq"):
+                rows[hf_name] = slice(0, 0)
+                continue
+            target = self._target(name, params, selected=False)
+            rows[hf_name] = slice(0, 0) if target.param is None else target.source_rows
+        return rows
+
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        *,
+        selected: bool = False,
+    ) -> set[str]:
         """Copy HF-named tensors into the parameters in place (``copy_``: dtype and device are
         converted, storage never reallocated, so CUDA graphs stay valid).
 
         Accepts HF v5 names (fused ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``down_proj``
         [E, H, I]), the per-expert names checkpoints carry (``mlp.experts.{j}.gate_proj.weight``
-        [I, H], ``up_proj``, ``down_proj`` [H, I]) and the family's own checkpoint names.
+        [I, H], ``up_proj``, ``down_proj`` [H, I]) and the family's own checkpoint names. Under
+        expert parallelism a fused tensor still has all E experts (this rank's rows are
+        copied) and the per-expert tensors of other ranks' experts are checked and skipped.
+
+        Args:
+            named_tensors: (HF name, tensor) pairs, consumed one at a time.
+            selected: the tensors are the parts ``checkpoint_rows`` selected: fused expert
+                tensors hold this model's L experts only (what a loader reads).
 
         Returns:
             the names (as in ``named_parameters()``) of the parameters this call wrote
-            completely, for the loader's missing-weights check.
+            completely, for the loader's missing-weights check: under expert parallelism those
+            whose held part was written completely, so every rank reports the same names for
+            a full state dict.
 
         Raises:
             ValueError: an unknown name, or a tensor whose shape does not match its target,
@@ -447,15 +572,37 @@ class MoECausalLM(nn.Module):
             # Old checkpoints carry RoPE frequency buffers; they are recomputed, never loaded.
             if name is None or name.endswith(".rotary_emb.inv_freq"):
                 continue
-            target, index, piece = self._target(name, params)
-            dst = params[target][index] if index else params[target]
-            if tuple(dst.shape) != tuple(tensor.shape):
+            target = self._target(name, params, selected=selected)
+            if tuple(tensor.shape) != target.source_shape:
+                where = target.param or "an expert of another expert-parallel rank"
                 raise ValueError(
-                    f"weights: {hf_name!r} expected shape {tuple(dst.shape)} for {target}, "
+                    f"weights: {hf_name!r} expected shape {target.source_shape} for {where}, "
                     f"got {tuple(tensor.shape)}"
                 )
-            dst.copy_(tensor)
-            target = aliases[target]
-            pieces = written.setdefault(target, set())
-            pieces.update(self._pieces(target) if piece is None else {piece})
-        return {name for name, pieces in written.items() if pieces >= self._pieces(name)}
+            if target.param is None:
+                continue
+            param = params[target.param]
+            dst = param[target.index] if target.index else param
+            dst.copy_(
+                tensor if target.source_rows is None else tensor[target.source_rows]
+            )
+            name = aliases[target.param]
+            pieces = written.setdefault(name, set())
+            pieces.update(
+                self._pieces(name) if target.piece is None else {target.piece}
+            )
+        return {
+            name for name, pieces in written.items() if pieces >= self._pieces(name)
+        }
+
+
+class _Target(NamedTuple):
+    """Where one HF tensor goes: ``param[index] <- tensor[source_rows]`` after checking that the
+    tensor has ``source_shape``; ``param`` None: nothing (another rank's expert); ``piece``:
+    which piece of the parameter it writes (None: all of it)."""
+
+    param: str | None
+    index: tuple
+    source_rows: slice | None
+    source_shape: tuple[int, ...]
+    piece: Any

@@ -3,13 +3,17 @@ run attention on their own requests and share the MoE layers (tokens all-gathere
 computing half of the experts, outputs reduce-scattered).
 
 Against a single-rank engine on the same requests (prefix caching on, capture on, one intra-op
-thread like each rank), for Qwen3-MoE and Qwen2-MoE (shared expert with a gate): greedy tokens
-and routed-expert rows are identical and logprobs equal to float32 rounding, with uneven work
-(3 requests of different lengths on 2 ranks, so one rank runs idle steps; one request alone, so
-one rank has none at all; a prompt longer than the step budget: chunked prefill), after prefix
-cache hits, and after ``update_weights`` (and back). The config runs eager. Configurations that
-cannot work raise: experts that do not split evenly over the ranks (before any rank starts), a
-dp_attention engine without its process group.
+thread like each rank), for Qwen3-MoE, Qwen2-MoE (shared expert with a gate) and GLM4-MoE
+(DEEPSEEK_V3 routing, shared experts, a dense first layer): greedy tokens and routed-expert rows
+are identical and logprobs equal to float32 rounding, with uneven work (3 requests of different
+lengths on 2 ranks, so one rank runs idle steps; one request alone, so one rank has none at
+all; a prompt longer than the step budget: chunked prefill), after prefix cache hits, after
+``update_weights`` of a router and of every expert of one layer (per-expert names: both ranks'
+experts), and after a full sync with HF's in-memory state dict (fused [E, ...] expert tensors),
+which writes every parameter and restores the outputs. Each rank holds half of the experts
+(its fused expert parameters are [E / 2, ...], everything else as in the single engine). The
+config runs eager. Configurations that cannot work raise: experts that do not split evenly
+over the ranks (before any rank starts), a dp_attention engine without its process group.
 
 On two CUDA devices (NCCL; skipped with fewer): float32 (torch attention, Triton fused experts
 over expert slices) matches the single engine like on CPU; bfloat16 (FlashInfer, the KV cache
@@ -26,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from rollout import LLM, SamplingParams
 from rollout.config import EngineConfig
@@ -65,7 +70,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe"])
+@pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe", "glm4_moe"])
 def tiny(request, tmp_path_factory):
     return make_tiny_moe(request.param, tmp_path_factory.mktemp(request.param))
 
@@ -117,31 +122,68 @@ def test_dp_attention_equals_one_engine(tiny, rng):
     alone = _prompts(rng, [11])  # one request: the other rank gets none
     weights = load_file(os.path.join(tiny, "model.safetensors"))
     name = next(n for n in weights if n.endswith("mlp.gate.weight"))
-    changed = [(name, weights[name].flip(0))]  # another expert order: other routes
+    layer = name.removesuffix("gate.weight")
+    # Another expert order (other routes), and every expert of that layer changed: per-expert
+    # names, so each rank must copy its own experts' tensors and skip the others'.
+    down = {
+        int(n.split(".")[-3]): t
+        for n, t in weights.items()
+        if n.startswith(f"{layer}experts.") and n.endswith("down_proj.weight")
+    }
+    changed = [(name, weights[name].flip(0))] + [
+        (f"{layer}experts.{j}.down_proj.weight", 3 * down[j]) for j in sorted(down)
+    ]
+    # A trainer's full sync: HF's in-memory names, fused experts [E, ...] (the original weights).
+    full = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).state_dict()
+    assert any(n.endswith("experts.gate_up_proj") for n in full)
 
-    def run(llm):
+    def run(llm, parameter_names):
         results = [
             llm.generate(uneven, uneven_params, use_tqdm=False),
             llm.generate(prompts, params, use_tqdm=False),
             llm.generate(alone, _greedy(9), use_tqdm=False),
         ]
-        llm.update_weights(changed)
+        assert llm.update_weights(changed) == {
+            f"{layer}gate.weight",
+            f"{layer}experts.down_proj",
+        }
         results.append(llm.generate(prompts, params, use_tqdm=False))
-        llm.update_weights([(name, weights[name])])
+        # Only the first half of the experts (rank 0's): no parameter is written completely
+        # (on one engine), so on every rank.
+        assert llm.update_weights(changed[1 : 1 + len(down) // 2]) == set()
+        assert llm.update_weights(full.items()) == parameter_names
         results.append(llm.generate(uneven, uneven_params, use_tqdm=False))
         return results
 
     with LLM(tiny, **ENGINE) as single:
-        want = run(single)
+        model = single.engine.runner.model
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        assert single.parameter_names == set(shapes)
+        want = run(single, set(shapes))
+    num_experts = model.routing_params.num_experts
     with LLM(tiny, **ENGINE, **DP_ATTENTION) as dp:
         assert isinstance(dp.engine, DataParallelEngine)
         assert dp.config.enforce_eager
-        got = run(dp)
+        assert dp.parameter_names == set(shapes)
+        rank_shapes = dp.engine.parameter_shapes()
+        got = run(dp, set(shapes))
         stats = dp.stats
     assert stats.prefix_cache_hits > 0 and stats.cuda_graph_sizes == ()
-    contexts = ["uneven", "prefix hits", "alone", "after update_weights", "restored"]
+    # Each rank holds half of the experts, and everything else whole.
+    for rank, held in enumerate(rank_shapes):
+        experts = [
+            n for n in held if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        ]
+        assert len(experts) == 2 * len(model.moe_layers), rank
+        for n, shape in held.items():
+            want_shape = (
+                (num_experts // 2, *shapes[n][1:]) if n in experts else shapes[n]
+            )
+            assert shape == want_shape, (rank, n)
+    contexts = ["uneven", "prefix hits", "alone", "after update_weights", "full sync"]
     for context, outs, ref in zip(contexts, got, want, strict=True):
         _assert_same(outs, ref, context)
+    _assert_same(got[4], got[0], "restored by the full sync")
     assert any(
         a.token_ids != b.token_ids
         or not np.array_equal(a.routed_experts, b.routed_experts)

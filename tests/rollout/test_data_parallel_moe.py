@@ -4,10 +4,15 @@ In one process: the fused experts over a slice of the experts (other experts' pa
 ``MASKED_ID``), summed over the slices, equal the unsharded experts, on the reference path and
 the Triton path; ``expert_slice`` partitions the experts and rejects what does not split.
 
-Across two gloo ranks (spawned processes): ``SparseMoeBlock`` with a ``NaiveDispatch`` gives
-each rank the unsharded block's output for its own tokens (uneven counts, a rank with none,
-equal counts), for a block without shared experts and two with them, and its capture buffer
-holds exactly what the capturer's DP rule takes from the routed batch of all ranks.
+A block holding a slice of the experts (``local_experts``) allocates only that slice, accepts
+only the dispatch that computes it, and refuses to run without one; ``MoEParallelConfig``
+validates its ranks.
+
+Across two gloo ranks (spawned processes): ``SparseMoeBlock`` holding the rank's half of the
+experts, with a ``NaiveDispatch``, gives each rank the unsharded block's output for its own
+tokens (uneven counts, a rank with none, equal counts), for a block without shared experts and
+two with them, and its capture buffer holds exactly what the capturer's DP rule takes from the
+routed batch of all ranks.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from kernels.route import route
 from kernels.routing_method import RoutingMethod
 from rollout.capture import DPMetadata, RoutedExpertsCapturer
 from rollout.layers.moe import (
+    Experts,
+    MoEParallelConfig,
     NaiveDispatch,
     RoutingParams,
     SparseMoeBlock,
@@ -167,14 +174,55 @@ def test_dispatch_needs_its_process_group():
         )
 
 
+def test_parallel_config_checks_its_ranks():
+    assert MoEParallelConfig(ep_rank=3, ep_size=4).ep_rank == 3
+    with pytest.raises(
+        ValueError, match=r"ep_rank: expected an int in \[0, 2\), got 2"
+    ):
+        MoEParallelConfig(ep_rank=2, ep_size=2)
+    with pytest.raises(ValueError, match="ep_size: expected an int >= 1, got 0"):
+        MoEParallelConfig(ep_rank=0, ep_size=0)
+    with pytest.raises(TypeError, match="ep_rank: expected an int, got float"):
+        MoEParallelConfig(ep_rank=1.0, ep_size=2)
+
+
+def test_experts_allocate_only_their_slice():
+    experts = Experts(EXPERTS, HIDDEN, INTER, local=range(4, 8))
+    assert experts.gate_up_proj.shape == (4, 2 * INTER, HIDDEN)
+    assert experts.down_proj.shape == (4, HIDDEN, INTER)
+    assert not experts.holds_all and Experts(EXPERTS, HIDDEN, INTER).holds_all
+    for bad in (range(4, 4), range(0, 8, 2), range(6, 10), [0, 1]):
+        with pytest.raises(
+            ValueError, match=r"local: expected a non-empty range of step 1"
+        ):
+            Experts(EXPERTS, HIDDEN, INTER, local=bad)
+
+
+def test_block_with_a_slice_needs_its_dispatch(rng):
+    block = _block("renormalize", seed=0, experts=expert_slice(EXPERTS, 1, 2))
+    with pytest.raises(
+        ValueError, match=r"dispatch: expected a NaiveDispatch .* \[4, 8\)"
+    ):
+        block(torch.randn(3, HIDDEN, generator=rng))
+    with pytest.raises(
+        ValueError,
+        match=r"dispatch: expected one computing experts \[4, 8\) .* got \[0, 8\)",
+    ):
+        block.dispatch = None
+    whole = _block("renormalize", seed=0)
+    whole.dispatch = None  # a block of every expert computes them itself
+
+
 # ---------------------------------------------------------------------------------------------
 # Two gloo ranks
 # ---------------------------------------------------------------------------------------------
 
 
-def _block(name: str, seed: int) -> SparseMoeBlock:
+def _block(name: str, seed: int, experts: range | None = None) -> SparseMoeBlock:
+    """A random block (the same for a seed); with ``experts``, holding only those experts'
+    weights (the rows of the whole block's)."""
     routing, kwargs = BLOCKS[name]
-    block = SparseMoeBlock(
+    whole = SparseMoeBlock(
         hidden_size=HIDDEN,
         intermediate_size=INTER,
         routing=routing,
@@ -183,10 +231,27 @@ def _block(name: str, seed: int) -> SparseMoeBlock:
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for param in block.parameters():
+        for param in whole.parameters():
             param.copy_(
                 torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5
             )
+    if experts is None:
+        return whole
+    block = SparseMoeBlock(
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        routing=routing,
+        moe_index=1,
+        local_experts=experts,
+        **kwargs,
+    )
+    with torch.no_grad():
+        for param_name, param in block.named_parameters():
+            source = whole.get_parameter(param_name)
+            if param_name.startswith("experts."):
+                assert param.shape[0] == len(experts), param_name
+                source = source[experts.start : experts.stop]
+            param.copy_(source)
     return block
 
 
@@ -207,7 +272,7 @@ def _rank_worker(rank: int, world: int, init_method: str, conn) -> None:
         )
         results = {}
         for b, name in enumerate(BLOCKS):
-            block = _block(name, seed=b)
+            block = _block(name, seed=b, experts=expert_slice(EXPERTS, rank, world))
             top_k = block.routing.top_k
             capturer = RoutedExpertsCapturer(8, 2, top_k, device="cpu", dp_rank=rank)
             block.dispatch = NaiveDispatch(
