@@ -321,30 +321,11 @@ def test_preemption_keeps_the_sampling_time_rows(glm4, rng, prefix_caching):
     llm.shutdown()
 
 
-def test_rows_of_finished_requests_do_not_wait_for_the_batch_in_flight(glm4, rng):
-    """The engine launches batch N+1 before it applies batch N's tokens, so when a request
-    finishes, N+1's routing copy is pending; the finished request needs none of its rows
-    (N+1 feeds at most its stop token, whose row is not returned), so saving its rows does not
-    commit (wait for) that copy. A request preempted while its batch is in flight needs that
-    batch's pending rows and commits them. Rows equal a cold run's either way."""
-    prompts = _prompts(rng, [5, 17, 23, 9, 30])
-    lengths = [
-        16,
-        9,
-        12,
-        7,
-        40,
-    ]  # the last outlives the others: a batch is always in flight
-    params = [dataclasses.replace(GREEDY, max_tokens=n) for n in lengths]
-    free = _cold(glm4, prompts, params)
-    for i in range(4):
-        tokens = free[i].token_ids
-        firsts = [k for k in range(1, len(tokens) - 1) if tokens[k] not in tokens[:k]]
-        if firsts:  # a token first generated mid-run stops the request there
-            params[i] = dataclasses.replace(
-                params[i], stop_token_ids=(tokens[firsts[-1]],)
-            )
-    llm = _llm(glm4, kv_cache_blocks=18)
+def _run_recording_commits(glm4, prompts, params, kv_cache_blocks):
+    """Generate on a pipelined engine; return the outputs, per finished request whether
+    saving its rows committed the pending copy, and for each request preempted while its last
+    batch was in flight whether saving its rows committed that batch's copy."""
+    llm = _llm(glm4, kv_cache_blocks=kv_cache_blocks)
     engine = llm.engine
     store = engine.routing.store
     save_rows = engine.routing.save_rows
@@ -368,13 +349,47 @@ def test_rows_of_finished_requests_do_not_wait_for_the_batch_in_flight(glm4, rng
     while engine.has_unfinished():
         outputs.update((out.request_id, out) for out in engine.step())
     outs = [outputs[i] for i in ids]
-    assert any(out.finish_reason == "stop" for out in outs)
-    assert not any(committed_at_finish[i] for i in ids[:4]), committed_at_finish
-    assert preempted_in_flight and all(preempted_in_flight), preempted_in_flight
     for out in outs:
         _check_rows(out, llm.routing_spec)
-    _assert_same(outs, _cold(glm4, prompts, params), "pipelined run")
     llm.shutdown()
+    return outs, [committed_at_finish[i] for i in ids], preempted_in_flight
+
+
+def test_rows_of_finished_requests_do_not_wait_for_the_batch_in_flight(glm4, rng):
+    """The engine launches batch N+1 before it applies batch N's tokens, so when a request
+    finishes, N+1's routing copy is pending; the finished request needs none of its rows
+    (N+1 feeds at most its stop token, whose row is not returned), so saving its rows does not
+    commit (wait for) that copy. A request preempted while its batch is in flight needs that
+    batch's pending rows and commits them. Rows equal a cold run's either way."""
+    prompts = _prompts(rng, [5, 17, 23, 9, 30])
+    # The last request outlives the others: a batch is always in flight when they finish.
+    lengths = [16, 9, 12, 7, 40]
+    params = [dataclasses.replace(GREEDY, max_tokens=n) for n in lengths]
+    free = _cold(glm4, prompts, params)
+
+    # Stops mid-run: finishing requests must not commit the copy in flight.
+    stopping = list(params)
+    for i in range(4):
+        tokens = free[i].token_ids
+        firsts = [k for k in range(1, len(tokens) - 1) if tokens[k] not in tokens[:k]]
+        if firsts:  # a token first generated mid-run stops the request there
+            stopping[i] = dataclasses.replace(
+                params[i], stop_token_ids=(tokens[firsts[-1]],)
+            )
+    outs, committed, _ = _run_recording_commits(
+        glm4, prompts, stopping, kv_cache_blocks=64
+    )
+    assert any(out.finish_reason == "stop" for out in outs)
+    assert not any(committed[:4]), committed
+    _assert_same(outs, _cold(glm4, prompts, stopping), "pipelined run with stops")
+
+    # No stops and 18 blocks of 4 for 44 blocks' worth of requests: preemption is certain,
+    # and a request preempted in steady decode has its last batch in flight.
+    outs, committed, preempted_in_flight = _run_recording_commits(
+        glm4, prompts, params, kv_cache_blocks=18
+    )
+    assert preempted_in_flight and all(preempted_in_flight), preempted_in_flight
+    _assert_same(outs, free, "pipelined run with preemption")
 
 
 # ---- routed_experts_start ----------------------------------------------------------------------
