@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import copy_bandwidth_gbps, print_table
+from common import copy_bandwidth_gbps, device_events, print_table, totals_by_name
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from rollout import LLM, SamplingParams
@@ -202,9 +202,7 @@ def profile_decode(llm: LLM, prompts: list[list[int]], steps: int = 32) -> None:
             else:
                 delattr(owner, attribute)  # the class's method shows again
     phases["other"] = wall - sum(phases.values())
-    kernels = [
-        e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-    ]
+    kernels = device_events(prof)
     gpu_us = sum(e.device_time for e in kernels)
     print(
         f"\nbatch {len(prompts)}: {1e3 * wall / steps:.2f} ms/step wall, GPU kernels "
@@ -212,17 +210,10 @@ def profile_decode(llm: LLM, prompts: list[list[int]], steps: int = 32) -> None:
         f"{100 * gpu_us / 1e6 / wall:.0f}%)\n"
     )
     print_table(["phase", "ms/step"], [[n, 1e3 * t / steps] for n, t in phases.items()])
-    totals: dict[str, list[float]] = {}
-    for e in kernels:
-        entry = totals.setdefault(e.name[:70], [0.0, 0])
-        entry[0] += e.device_time
-        entry[1] += 1
+    totals = totals_by_name(kernels, steps, lambda e: e.device_time)
     top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:15]
     print()
-    print_table(
-        ["kernel", "us/step", "calls/step"],
-        [[n, t / steps, c / steps] for n, (t, c) in top],
-    )
+    print_table(["kernel", "us/step", "calls/step"], [[n, t, c] for n, (t, c) in top])
     for seq in list(scheduler.running) + list(scheduler.waiting):
         engine.abort_request(seq.seq_id)
     while engine.has_unfinished():  # the batch in flight

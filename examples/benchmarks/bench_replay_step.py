@@ -45,6 +45,26 @@ dispatched per step (a count of the launches a GPU would get; on CPU, R3 runs th
 reference of the fused CUDA kernel, two ``torch.where`` more), plus the host time of
 ``ctl.replay(traces)`` at the benchmark's token count.
 
+``--profile`` (after the timed rounds, on the grouped variants plus two ablations: "R3, no row
+replayed", the same replay context, seams and hooks with every trace row marked invalid, so no
+layer runs ``replay_topk``; and "R3, torch ops (no Triton)", R3 with the plain-torch
+``replay_topk_reference`` in place of the fused Triton kernels) prints where R3's extra time
+goes:
+
+- host time per step by phase (replay context, forward, backward, zero_grad; wall clock, no
+  profiler) and the wait at the final synchronization: near 0 means the GPU waited for the
+  host; Python GC runs per step;
+- under the torch profiler (``--profile-steps`` steps each): wall, GPU time, GPU ops, kernel
+  time / wall, GPU idle time and gaps, host time of forward and backward, GPU time launched by
+  the forward; the GPU activities and the CPU events (self time) whose time per step differs
+  most between R3 and native, the CUDA runtime / driver calls (syncs, allocations, launches),
+  the longest GPU idle gaps with the activities on each side;
+- one MoE layer's routing alone (router vs router + ``replay_topk``, forward + backward):
+  host and GPU us per call, times the layer count;
+- the host-GPU synchronizations of one step of each variant (torch's sync debug mode).
+
+    python examples/benchmarks/bench_replay_step.py --rounds 5 --iters 10 --eager-iters 1 --profile
+
 Prints a Markdown table: ms per step, replay / native on the same experts (target <= 1.02x)
 and HF eager / grouped on the same routing (target >= 5x).
 """
@@ -52,22 +72,34 @@ and HF eager / grouped on the same routing (target >= 5x).
 from __future__ import annotations
 
 import argparse
+import gc
+import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from unittest import mock
 
 import numpy as np
 import torch
 import transformers
-from common import print_table
+from common import (
+    busy_and_gaps,
+    device_events,
+    print_diff_table,
+    print_table,
+    totals_by_name,
+)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 import replay
+from kernels.replay_weights import replay_topk, replay_topk_reference
 
 REPLAY_TARGET = 1.02  # replay step / native step, at most
 SPEEDUP_TARGET = 5.0  # HF eager step / grouped step, at least
@@ -75,6 +107,10 @@ ROUTER_LOGIT_STD = (
     3.0  # router weights redrawn with std ROUTER_LOGIT_STD / sqrt(hidden)
 )
 NATIVE, OFF, R3 = "native", "native, patched (OFF)", "R3 replay"
+# --profile's ablations: the replay context, seams and hooks with every trace row invalid; R3
+# with kernels.replay_topk_reference (plain torch ops) instead of the fused Triton kernels.
+R3_NO_ROWS = "R3, no row replayed"
+R3_TORCH = "R3, torch ops (no Triton)"
 
 MID_SIZE = dict(
     hidden_size=2048,
@@ -178,26 +214,42 @@ def twin(model: nn.Module, config: Qwen3MoeConfig) -> nn.Module:
     return other.train()
 
 
+# A step's phases, in order; ``make_step`` wraps each in ``phase(name)``.
+PHASES = ("replay context", "forward", "backward", "zero_grad")
+Phase = Callable[[str], AbstractContextManager[object]]
+_NO_PHASE = nullcontext()
+
+
+def no_phase(name: str) -> AbstractContextManager[object]:
+    """The timed steps' ``phase``: nothing around the phases."""
+    return _NO_PHASE
+
+
 def make_step(
     model: nn.Module,
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     replay_with: tuple[replay.ReplayController, list[replay.RoutedExperts]]
     | None = None,
+    phase: Phase = no_phase,
 ) -> Callable[[], torch.Tensor]:
     """One training step (forward, backward, grads set to None); returns the detached loss.
-    With ``replay_with=(ctl, traces)`` the forward runs inside ``ctl.replay(traces)``."""
+    With ``replay_with=(ctl, traces)`` the forward runs inside ``ctl.replay(traces)``. Each of
+    ``PHASES`` runs inside ``phase(name)`` (``--profile`` times or annotates them)."""
 
     def step() -> torch.Tensor:
-        context = (
-            nullcontext()
-            if replay_with is None
-            else replay_with[0].replay(replay_with[1])
-        )
-        with context:
+        with phase(PHASES[0]):
+            context = (
+                nullcontext()
+                if replay_with is None
+                else replay_with[0].replay(replay_with[1])
+            )
+        with phase(PHASES[1]), context:
             loss = model(input_ids=input_ids, labels=labels).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        with phase(PHASES[2]):
+            loss.backward()
+        with phase(PHASES[3]):
+            model.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step
@@ -432,6 +484,56 @@ def report(rows: Sequence[Row], device_name: str) -> None:
         )
 
 
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Variants:
+    """The models of the grouped variants and the batch they train on: ``native`` never
+    patched, ``patched`` its twin (OFF and R3) with controller ``ctl``, ``traces`` the model's
+    own recorded routing."""
+
+    native: nn.Module
+    patched: nn.Module
+    ctl: replay.ReplayController
+    traces: list[replay.RoutedExperts]
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+
+    def step(self, routing: str, phase: Phase = no_phase) -> Callable[[], torch.Tensor]:
+        """The training step of variant ``routing``: NATIVE, OFF, R3 or one of ``--profile``'s
+        ablations, R3_NO_ROWS (every trace row marked invalid, so the replay machinery runs but
+        no layer replays a row) and R3_TORCH (the replay controller's ``replay_topk`` swapped
+        for ``replay_topk_reference`` during the step)."""
+        args = (self.input_ids, self.labels)
+        if routing == NATIVE:
+            return make_step(self.native, *args, phase=phase)
+        if routing == OFF:
+            return make_step(self.patched, *args, phase=phase)
+        if routing == R3:
+            return make_step(self.patched, *args, (self.ctl, self.traces), phase)
+        if routing == R3_NO_ROWS:
+            invalid = [
+                replay.RoutedExperts(
+                    t.ids, t.moe_layers, t.num_experts, valid=np.zeros(t.num_rows, bool)
+                )
+                for t in self.traces
+            ]
+            return make_step(self.patched, *args, (self.ctl, invalid), phase)
+        if routing == R3_TORCH:
+            replayed = make_step(self.patched, *args, (self.ctl, self.traces), phase)
+
+            def with_torch_ops() -> torch.Tensor:
+                # Only the forward calls it; its autograd graph then holds torch ops.
+                with mock.patch.object(
+                    replay.controller, "replay_topk", replay_topk_reference
+                ):
+                    return replayed()
+
+            return with_torch_ops
+        raise ValueError(
+            f"routing: expected one of {[NATIVE, OFF, R3, R3_NO_ROWS, R3_TORCH]}, got "
+            f"{routing!r}"
+        )
+
+
 def grouped_variants(
     model: nn.Module,
     config: Qwen3MoeConfig,
@@ -440,10 +542,9 @@ def grouped_variants(
     tolerance: float,
     rng: np.random.Generator,
     use_experts: Callable[[nn.Module], object] = replay.use_grouped_experts,
-) -> tuple[dict[str, Callable[[], torch.Tensor]], replay.ReplayController, list]:
-    """The native, OFF and R3 steps with ``use_experts``'s experts (``model`` gets them and
-    stays unpatched; a patched twin runs OFF and R3), after the replay check; also the twin's
-    controller and the recorded traces."""
+) -> Variants:
+    """The variants with ``use_experts``'s experts (``model`` gets them and stays unpatched; a
+    patched twin runs OFF and R3), after the replay check recorded the traces."""
     use_experts(model)
     patched = twin(model, config)
     use_experts(patched)
@@ -451,12 +552,14 @@ def grouped_variants(
     traces = check_replay_reproduces_native(
         patched, ctl, input_ids, labels, tolerance, rng
     )
-    steps = {
-        NATIVE: make_step(model, input_ids, labels),
-        OFF: make_step(patched, input_ids, labels),
-        R3: make_step(patched, input_ids, labels, replay_with=(ctl, traces)),
-    }
-    return steps, ctl, traces
+    return Variants(
+        native=model,
+        patched=patched,
+        ctl=ctl,
+        traces=traces,
+        input_ids=input_ids,
+        labels=labels,
+    )
 
 
 class StandInExperts:
@@ -484,6 +587,310 @@ def use_stand_in_experts(model: nn.Module) -> None:
         layer.mlp.experts.forward = StandInExperts(layer.mlp.experts)
 
 
+# ---------------------------------------------------------------------- --profile
+
+# The variants --profile compares; the differences tables are R3 against native.
+PROFILED = (NATIVE, OFF, R3, R3_NO_ROWS, R3_TORCH)
+GAP_US = 50.0  # GPU idle gaps at least this long are counted and listed
+# CUDA runtime and driver calls among the CPU events (cudaLaunchKernel, cuLaunchKernelEx, ...).
+_CUDA_API = re.compile(r"cu(da)?[A-Z]")
+
+
+class PhaseTimer:
+    """``make_step``'s ``phase`` that adds up the host seconds of each phase."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - begin
+
+
+@contextmanager
+def gc_pauses() -> Iterator[list[float]]:
+    """Seconds of each Python garbage collection run inside the block."""
+    pauses: list[float] = []
+    began = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - began[0])
+
+    gc.callbacks.append(callback)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(callback)
+
+
+def synchronize(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def host_phases(variants: Variants, iters: int, cuda: bool) -> None:
+    """Host ms of each phase of a step (no profiler: wall clock around each, no added
+    synchronization) and the wait at the step's final synchronization, medians over ``iters``
+    steps per variant."""
+    rows = []
+    for name in PROFILED:
+        timer = PhaseTimer()
+        step = variants.step(name, timer)
+        step()
+        synchronize(cuda)
+        per_step: dict[str, list[float]] = {k: [] for k in (*PHASES, "wait", "wall")}
+        with gc_pauses() as pauses:
+            for _ in range(iters):
+                timer.seconds = dict.fromkeys(PHASES, 0.0)
+                begin = time.perf_counter()
+                step()
+                launched = time.perf_counter()
+                synchronize(cuda)
+                end = time.perf_counter()
+                for phase, seconds in timer.seconds.items():
+                    per_step[phase].append(seconds)
+                per_step["wait"].append(end - launched)
+                per_step["wall"].append(end - begin)
+        median_ms = {k: 1e3 * statistics.median(v) for k, v in per_step.items()}
+        rows.append([
+            name, median_ms["wall"], *(median_ms[p] for p in PHASES), median_ms["wait"],
+            f"{len(pauses) / iters:.1f}", f"{1e3 * sum(pauses) / iters:.2f}",
+        ])  # fmt: skip
+    print(
+        f"\nhost time per step, no profiler (medians of {iters} steps; ms). 'wait for GPU' is "
+        "the host's wait at the step's final synchronization: near 0 means the GPU waited "
+        "for the host (host-bound), otherwise the host ran ahead by that much\n"
+    )
+    print_table(
+        ["routing", "wall", *(f"host: {p}" for p in PHASES), "wait for GPU",
+         "GC runs / step", "GC ms / step"],
+        rows,
+    )  # fmt: skip
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class StepProfile:
+    """What --profile reads from a torch profiler trace of ``steps`` steps of one variant;
+    times in us per step, ``gaps`` over all steps (longest first)."""
+
+    steps: int
+    wall_us: float
+    kernels: dict[str, tuple[float, float]]
+    cpu_self: dict[str, tuple[float, float]]
+    busy_us: float
+    gaps: list[tuple[float, str, str]]
+    phase_host_us: dict[str, float]
+    forward_gpu_us: float
+
+    @property
+    def gpu_us(self) -> float:
+        return sum(t for t, _ in self.kernels.values())
+
+    @property
+    def gpu_ops(self) -> float:
+        return sum(n for _, n in self.kernels.values())
+
+
+def profile_steps(step: Callable[[], object], steps: int, cuda: bool) -> StepProfile:
+    """``steps`` steps (each followed by a synchronization) under the torch profiler, CPU and
+    (on CUDA) GPU activities, after one unprofiled step."""
+    step()
+    synchronize(cuda)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        begin = time.perf_counter()
+        for _ in range(steps):
+            step()
+            synchronize(cuda)
+        wall = time.perf_counter() - begin
+    kernels = device_events(prof)
+    cpu = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CPU and not e.is_async
+    ]
+    busy, gaps = busy_and_gaps(kernels)
+    markers = {f"step: {p}": p for p in PHASES}
+    host = dict.fromkeys(PHASES, 0.0)
+    forward_gpu = 0.0
+    for e in cpu:
+        phase = markers.get(e.name)
+        if phase is not None:
+            host[phase] += e.cpu_time_total / steps
+            if phase == "forward":
+                forward_gpu += e.device_time_total / steps
+    return StepProfile(
+        steps=steps,
+        wall_us=1e6 * wall / steps,
+        kernels=totals_by_name(kernels, steps, lambda e: e.device_time),
+        cpu_self=totals_by_name(cpu, steps, lambda e: e.self_cpu_time_total),
+        busy_us=busy / steps,
+        gaps=gaps,
+        phase_host_us=host,
+        forward_gpu_us=forward_gpu,
+    )
+
+
+def sync_sites(step: Callable[[], object]) -> Counter[str]:
+    """Where one step synchronizes the host with the GPU (torch's sync debug mode warns at
+    every synchronizing CUDA call made from Python's thread), counted per call site."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return Counter(
+        f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:80]}"
+        for w in caught
+        if "synchroniz" in str(w.message)
+    )
+
+
+def routing_alone(variants: Variants, layers: int, cuda: bool, iters: int = 20) -> None:
+    """One MoE layer's routing alone at the benchmark's size, forward + backward (a random
+    probe as the weights' gradient): the router's own forward (linear, softmax, top-k) against
+    the same then ``kernels.replay_topk`` with the recorded trace, as an R3 layer runs it. Host
+    us per call (wall clock of the call, which returns once backward's kernels are launched)
+    and GPU us per call (profiler)."""
+    ctl = variants.ctl
+    router = ctl.layers[0].router
+    aligned = ctl.replay(variants.traces).aligned  # aligned only, never entered
+    trace_TK, replay_T = aligned.ids_TLK[:, 0], aligned.replay_T
+    weight = router.weight
+    num_tokens = replay_T.shape[0]
+    hidden_TH = torch.randn(
+        num_tokens, weight.shape[1], dtype=weight.dtype, device=weight.device
+    ).requires_grad_()
+    probe_TK = torch.rand(num_tokens, ctl.top_k, device=weight.device)
+    forward = type(router).forward  # the class's: never a seam
+    routing = ctl.routing
+
+    def native() -> None:
+        _, weights_TK, _ = forward(router, hidden_TH)
+        (weights_TK.float() * probe_TK).sum().backward()
+
+    def replayed() -> None:
+        logits_TE, weights_TK, ids_TK = forward(router, hidden_TH)
+        weights_TK, _ = replay_topk(
+            logits_TE, weights_TK, ids_TK, trace_TK, replay_T, routing.method,
+            routed_scaling_factor=routing.routed_scaling_factor,
+        )  # fmt: skip
+        (weights_TK.float() * probe_TK).sum().backward()
+
+    rows, profiles = [], {}
+    for name, fn in (("router", native), ("router + replay_topk", replayed)):
+        host = []
+        for _ in range(iters):
+            begin = time.perf_counter()
+            fn()
+            host.append(1e6 * (time.perf_counter() - begin))
+            synchronize(cuda)
+        p = profiles[name] = profile_steps(fn, iters, cuda)
+        rows.append([name, statistics.median(host), p.gpu_us, f"{p.gpu_ops:.0f}"])
+    weight.grad = None
+    delta = [b - a for a, b in zip(rows[0][1:3], rows[1][1:3], strict=True)]
+    rows.append([f"difference x {layers} layers", *(layers * d for d in delta), ""])
+    print(
+        f"\none MoE layer's routing alone, forward + backward, {num_tokens} tokens, "
+        f"{ctl.num_experts} experts top-{ctl.top_k} ({iters} calls; us per call)\n"
+    )
+    print_table(["routing", "host us", "GPU us", "GPU ops"], rows)
+    if cuda:
+        print()
+        print_diff_table(
+            "GPU activity",
+            ("+replay", "router"),
+            profiles["router + replay_topk"].kernels,
+            profiles["router"].kernels,
+            top=8,
+        )
+
+
+def profile_report(variants: Variants, args: argparse.Namespace, cuda: bool) -> None:
+    """``--profile``: where a replayed step's time goes, against a native one (see the module
+    docstring)."""
+    print(f"\n--profile: {', '.join(PROFILED)}", flush=True)
+    host_phases(variants, args.iters, cuda)
+
+    def annotate(name: str) -> AbstractContextManager[object]:
+        return torch.profiler.record_function(f"step: {name}")
+
+    profiles = {
+        name: profile_steps(variants.step(name, annotate), args.profile_steps, cuda)
+        for name in PROFILED
+    }
+    print(
+        f"\ntorch profiler, {args.profile_steps} steps per variant, each ending in a "
+        f"synchronization (profiler overhead inflates host times). 'GPU idle' is wall time "
+        f"with no GPU activity; gaps >= {GAP_US:.0f} us are counted. 'GPU ms from forward' "
+        f"is the time of the kernels launched by the forward (the rest: backward)\n"
+    )
+    rows = []
+    for name, p in profiles.items():
+        long_gaps = [g for g, *_ in p.gaps if g >= GAP_US]
+        rows.append([
+            name, p.wall_us / 1e3, p.gpu_us / 1e3, f"{p.gpu_ops:.0f}",
+            f"{100 * p.gpu_us / p.wall_us:.1f}%", (p.wall_us - p.busy_us) / 1e3,
+            f"{len(long_gaps) / p.steps:.1f} ({sum(long_gaps) / p.steps / 1e3:.2f} ms)",
+            p.phase_host_us["forward"] / 1e3, p.phase_host_us["backward"] / 1e3,
+            p.forward_gpu_us / 1e3,
+        ])  # fmt: skip
+    print_table(
+        ["routing", "wall ms/step", "GPU ms/step", "GPU ops/step", "kernel time / wall",
+         "GPU idle ms/step", f"gaps >= {GAP_US:.0f} us / step", "host ms: forward",
+         "host ms: backward", "GPU ms from forward"],
+        rows,
+    )  # fmt: skip
+    r3, native = profiles[R3], profiles[NATIVE]
+    labels = ("R3", "native")
+    print(
+        "\nCPU events by self CPU time per step, R3 vs native ('step: <phase>' self time is "
+        "Python time outside torch ops; backward ops run on autograd's thread)\n"
+    )
+    print_diff_table("CPU event", labels, r3.cpu_self, native.cpu_self)
+    routing_alone(variants, len(variants.ctl.layers), cuda)
+    if not cuda:
+        print("\n(CPU run: the GPU tables and the synchronization count need CUDA)")
+        return
+    print("\nGPU activities whose time per step differs most, R3 vs native\n")
+    print_diff_table("GPU activity", labels, r3.kernels, native.kernels)
+    print(
+        "\nCUDA runtime and driver calls (syncs, allocations, launches), R3 vs native\n"
+    )
+    api = [
+        {n: v for n, v in p.cpu_self.items() if _CUDA_API.match(n)}
+        for p in (r3, native)
+    ]
+    print_diff_table("CUDA call", labels, *api, top=12)
+    for name in (NATIVE, R3):
+        print(f"\nlongest GPU idle gaps, {name} ({args.profile_steps} steps)\n")
+        print_table(
+            ["idle us", "GPU activity before", "GPU activity after"],
+            [
+                [f"{g:.0f}", before, after]
+                for g, before, after in profiles[name].gaps[:6]
+            ],
+        )
+    print("\nhost-GPU synchronizations in one step (torch sync debug mode)")
+    for name in PROFILED:
+        sites = sync_sites(variants.step(name))
+        print(f"  {name}: {sum(sites.values())}")
+        for site, count in sites.most_common(5):
+            print(f"    {count} x {site}")
+
+
 def host_overhead(args: argparse.Namespace) -> None:
     """``--host``: host cost per step of the patched paths on CPU (see the module docstring)."""
     torch.set_num_threads(1)
@@ -494,9 +901,11 @@ def host_overhead(args: argparse.Namespace) -> None:
     batch, seq_len = 2, 16
     input_ids = torch.randint(config.vocab_size, (batch, seq_len))
     labels = torch.randint(config.vocab_size, (batch, seq_len))
-    steps, ctl, _ = grouped_variants(
+    variants = grouped_variants(
         model, config, input_ids, labels, 1e-4, rng, use_stand_in_experts
     )
+    ctl = variants.ctl
+    steps = {name: variants.step(name) for name in (NATIVE, OFF, R3)}
     times = interleaved(
         steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup, cuda=False
     )
@@ -573,6 +982,15 @@ def main() -> None:
         action="store_true",
         help="CPU: host cost per step of the patched paths",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed rounds: host phases, a torch profile of native vs R3 steps "
+        "and their host-GPU synchronizations",
+    )
+    parser.add_argument(
+        "--profile-steps", type=int, default=3, help="profiled steps per variant"
+    )
     parser.add_argument("--seed", type=int, default=0)
     # Tiny float32 model on CPU, one step per variant: checks the code paths, times nothing.
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
@@ -584,6 +1002,8 @@ def main() -> None:
             f"--tokens: expected a multiple of --batch {args.batch} with >= 2 tokens per row, "
             f"got {args.tokens}"
         )
+    if args.profile_steps < 1:
+        parser.error(f"--profile-steps: expected >= 1, got {args.profile_steps}")
     if args.rounds < 1 or args.iters < 1:
         parser.error(
             f"--rounds, --iters: expected >= 1, got {args.rounds}, {args.iters}"
@@ -633,9 +1053,9 @@ def main() -> None:
     input_ids = torch.randint(config.vocab_size, (batch, seq_len), device=device)
     labels = torch.randint(config.vocab_size, (batch, seq_len), device=device)
 
-    steps, ctl, traces = grouped_variants(
-        model, config, input_ids, labels, tolerance, rng
-    )
+    variants = grouped_variants(model, config, input_ids, labels, tolerance, rng)
+    ctl, traces = variants.ctl, variants.traces
+    steps = {name: variants.step(name) for name in (NATIVE, OFF, R3)}
     print(
         f"grouped experts: {args.rounds} rounds x {args.iters} steps per variant, interleaved",
         flush=True,
@@ -650,6 +1070,8 @@ def main() -> None:
     print(
         f"  host time of ctl.replay(traces) (layout, checks, alignment, copy): {entry:.0f} us"
     )
+    if args.profile:
+        profile_report(variants, args, cuda)
 
     def timed_eager(routing: str, step: Callable[[], object]) -> None:
         time_steps(step, args.eager_warmup, cuda=cuda)

@@ -562,11 +562,13 @@ def test_a_layer_that_did_not_consume_its_trace_raises(rng: torch.Generator) -> 
         model(tokens(rng, 1, 5))
     assert ctl.mode is Mode.OFF
     model.config.num_hidden_layers = 3
-    with pytest.raises(
-        RuntimeError, match=r"expected a forward of the model inside the context"
+    with (
+        pytest.raises(
+            RuntimeError, match=r"expected a forward of the model inside the context"
+        ),
+        ctl.replay(traces),
     ):
-        with ctl.replay(traces):
-            pass
+        pass
 
 
 def test_consumption_check_counts_every_forward(rng: torch.Generator) -> None:
@@ -602,11 +604,11 @@ def test_misuse_of_contexts_raises(rng: torch.Generator) -> None:
     wrong_shape = r"replay: expected a forward of batch shape \(1, 5\).*got \(1, 6\)"
     with pytest.raises(ValueError, match=wrong_shape), ctl.replay(traces):
         model(tokens(rng, 1, 6))
-    with pytest.raises(
-        RuntimeError, match="ran outside a forward of the patched model"
+    with (
+        pytest.raises(RuntimeError, match="ran outside a forward of the patched model"),
+        ctl.replay(traces),
     ):
-        with ctl.replay(traces):
-            model.model.layers[0].mlp(torch.randn(1, 5, 32))
+        model.model.layers[0].mlp(torch.randn(1, 5, 32))
     with pytest.raises(RuntimeError, match="expected one forward per record context"):
         with ctl.record():
             model(tokens(rng, 1, 5))
