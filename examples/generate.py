@@ -40,9 +40,7 @@ INSTRUCTION = (
 def engine_config(family: str, device: str, folder: Path) -> dict[str, Any]:
     """Build the tiny checkpoint in ``folder``; return the ``LLM`` keyword arguments."""
     cuda = device.startswith("cuda")
-    path = make_tiny_moe(
-        family, folder, seed=0, **(flashinfer_overrides(family) if cuda else {})
-    )
+    path = make_tiny_moe(family, folder, seed=0, **(flashinfer_overrides(family) if cuda else {}))
     return dict(
         model=path,
         device=device,
@@ -57,10 +55,7 @@ def engine_config(family: str, device: str, folder: Path) -> dict[str, Any]:
 def make_prompts(num_prompts: int) -> list[str]:
     """Lines of the tokenizer's text; every other prompt behind the shared instruction."""
     lines = [line for line in TOKENIZER_TEXT.splitlines() if line.strip()]
-    return [
-        (INSTRUCTION if i % 2 == 0 else "") + lines[i % len(lines)]
-        for i in range(num_prompts)
-    ]
+    return [(INSTRUCTION if i % 2 == 0 else "") + lines[i % len(lines)] for i in range(num_prompts)]
 
 
 def generation_rows(
@@ -88,10 +83,7 @@ def print_rows(
     """A Markdown table of ``header`` and ``rows``."""
     cells = [tuple(str(c) for c in row) for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
-        for row in cells
-    ]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print("\n".join(lines))
 
@@ -106,9 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cpu or cuda",
     )
-    parser.add_argument(
-        "--verbose", action="store_true", help="log the engine's start-up"
-    )
+    parser.add_argument("--verbose", action="store_true", help="log the engine's start-up")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     transformers.utils.logging.disable_progress_bar()  # make_tiny_moe's save_pretrained
@@ -124,9 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             elapsed = time.perf_counter() - start
             stats = llm.stats
 
-    print_rows(
-        generation_rows(args.family, args.device, outputs, startup, elapsed, stats)
-    )
+    print_rows(generation_rows(args.family, args.device, outputs, startup, elapsed, stats))
     print(f"\nexample: {prompts[0]!r}\n  -> {outputs[0].text!r}")
 
 

@@ -91,9 +91,7 @@ class GemmTiles:
         if self.group_m < 1:
             raise ValueError(f"group_m: expected >= 1, got {self.group_m}")
         if not _is_power_of_two(self.num_warps):
-            raise ValueError(
-                f"num_warps: expected a power of two, got {self.num_warps}"
-            )
+            raise ValueError(f"num_warps: expected a power of two, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages: expected >= 1, got {self.num_stages}")
 
@@ -108,9 +106,7 @@ class FusedMoeConfig:
 
     def __post_init__(self) -> None:
         if not _is_power_of_two(self.block_m) or self.block_m < 16:
-            raise ValueError(
-                f"block_m: expected a power of two >= 16, got {self.block_m}"
-            )
+            raise ValueError(f"block_m: expected a power of two >= 16, got {self.block_m}")
 
 
 def default_config(
@@ -123,9 +119,7 @@ def default_config(
     GEMM. fp32 halves ``block_k`` to keep the shared-memory stages within budget.
     """
     pairs_per_expert = num_tokens * top_k / num_experts
-    if (
-        pairs_per_expert <= 2
-    ):  # decode of a few sequences: stream a few experts' weights
+    if pairs_per_expert <= 2:  # decode of a few sequences: stream a few experts' weights
         config = FusedMoeConfig(
             block_m=16,
             gate_up=GemmTiles(block_n=32, block_k=128, num_warps=4, num_stages=4),
@@ -155,9 +149,7 @@ def default_config(
             gate_up=dataclasses.replace(
                 config.gate_up, block_k=max(16, config.gate_up.block_k // 2)
             ),
-            down=dataclasses.replace(
-                config.down, block_k=max(16, config.down.block_k // 2)
-            ),
+            down=dataclasses.replace(config.down, block_k=max(16, config.down.block_k // 2)),
         )
     return config
 
@@ -233,18 +225,14 @@ def fused_experts_reference(
                 f"topk_ids_TK: expected values in [{lowest}, {num_experts}), got min {low} and "
                 f"max {high}"
             )
-    out_TH = torch.zeros(
-        (num_tokens, hidden), dtype=torch.float32, device=hidden_TH.device
-    )
+    out_TH = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=hidden_TH.device)
     # HF walks the hit experts in increasing order and, within one, the pairs slot-major.
     ids_KT = ids_TK.T
     for expert in torch.unique(ids_KT).tolist():
         if expert == MASKED_ID:
             continue
         slot_N, token_N = torch.where(ids_KT == expert)
-        gate_NI, up_NI = F.linear(hidden_TH[token_N], gate_up_proj_EFH[expert]).chunk(
-            2, dim=-1
-        )
+        gate_NI, up_NI = F.linear(hidden_TH[token_N], gate_up_proj_EFH[expert]).chunk(2, dim=-1)
         down_NH = F.linear(F.silu(gate_NI) * up_NI, down_proj_EHI[expert])
         weighted_NH = down_NH * topk_weights_TK[token_N, slot_N, None]
         out_TH.index_add_(0, token_N, weighted_NH.float())
@@ -273,9 +261,7 @@ def fused_experts_triton(
     if config is None:
         config = default_config(num_tokens, top_k, num_experts, hidden_TH.dtype)
     elif not isinstance(config, FusedMoeConfig):
-        raise TypeError(
-            f"config: expected a FusedMoeConfig or None, got {type(config).__name__}"
-        )
+        raise TypeError(f"config: expected a FusedMoeConfig or None, got {type(config).__name__}")
     if num_tokens == 0:
         return hidden_TH.new_empty((0, hidden))
     num_pairs = num_tokens * top_k
@@ -337,9 +323,7 @@ def _check_inputs(
     }
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"{name}: expected a torch.Tensor, got {type(tensor).__name__}"
-            )
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
     for name, ndim, dims in (
         ("hidden_TH", 2, "[T, H]"),
         ("gate_up_proj_EFH", 3, "[E, 2*I, H]"),
@@ -393,17 +377,13 @@ def _check_inputs(
                 f"{name}: expected dtype {hidden_TH.dtype} (hidden_TH's), got {tensors[name].dtype}"
             )
     if not topk_weights_TK.dtype.is_floating_point:
-        raise ValueError(
-            f"topk_weights_TK: expected a floating dtype, got {topk_weights_TK.dtype}"
-        )
+        raise ValueError(f"topk_weights_TK: expected a floating dtype, got {topk_weights_TK.dtype}")
     if (
         topk_ids_TK.dtype.is_floating_point
         or topk_ids_TK.dtype.is_complex
         or topk_ids_TK.dtype == torch.bool
     ):
-        raise ValueError(
-            f"topk_ids_TK: expected an integer dtype, got {topk_ids_TK.dtype}"
-        )
+        raise ValueError(f"topk_ids_TK: expected an integer dtype, got {topk_ids_TK.dtype}")
     for name, tensor in tensors.items():
         if tensor.device != hidden_TH.device:
             raise ValueError(
@@ -516,12 +496,7 @@ def _grouped_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = (pair_ids // A_ROW_DIV).to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = (
-        b_ptr
-        + expert * stride_be
-        + offs_bn[None, :] * stride_bn
-        + offs_k[:, None] * stride_bk
-    )
+    b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :] * stride_bn + offs_k[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         up_ptrs = b_ptrs + N * stride_bn
@@ -549,12 +524,8 @@ def _grouped_gemm_kernel(
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     else:
-        weights = tl.load(weights_ptr + pair_ids, mask=pair_mask, other=0.0).to(
-            tl.float32
-        )
+        weights = tl.load(weights_ptr + pair_ids, mask=pair_mask, other=0.0).to(tl.float32)
         acc = acc * weights[:, None]
-    c_ptrs = (
-        c_ptr + pair_ids.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    )
+    c_ptrs = c_ptr + pair_ids.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = pair_mask[:, None] & (offs_n[None, :] < N)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)

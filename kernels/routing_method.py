@@ -39,6 +39,4 @@ class RoutingMethod(enum.Enum):
             except ValueError:
                 pass
         names = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(
-            f"method: expected a RoutingMethod or one of {names}, got {method!r}"
-        )
+        raise ValueError(f"method: expected a RoutingMethod or one of {names}, got {method!r}")

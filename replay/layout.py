@@ -60,14 +60,10 @@ class BatchLayout:
         for name in ("token_index", "seq_offsets"):
             array = getattr(self, name)
             if not isinstance(array, np.ndarray) or array.dtype != np.int64:
-                raise TypeError(
-                    f"{name}: expected a numpy int64 array, got {array!r:.80}"
-                )
+                raise TypeError(f"{name}: expected a numpy int64 array, got {array!r:.80}")
         offsets = self.seq_offsets
         if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0:
-            raise ValueError(
-                f"seq_offsets: expected [0, ...] (1-D), got {offsets.tolist()}"
-            )
+            raise ValueError(f"seq_offsets: expected [0, ...] (1-D), got {offsets.tolist()}")
         if np.any(np.diff(offsets) < 0) or offsets[-1] != self.token_index.size:
             raise ValueError(
                 f"seq_offsets: expected non-decreasing offsets ending at {self.token_index.size} "
@@ -85,9 +81,7 @@ class BatchLayout:
         seen = np.zeros(num_tokens, dtype=bool)
         seen[self.token_index] = True
         if np.count_nonzero(seen) != self.token_index.size:
-            raise ValueError(
-                "token_index: expected each flat position at most once, got repeats"
-            )
+            raise ValueError("token_index: expected each flat position at most once, got repeats")
         self.token_index.setflags(write=False)
         self.seq_offsets.setflags(write=False)
 
@@ -106,9 +100,7 @@ class BatchLayout:
         )
 
     @classmethod
-    def from_attention_mask(
-        cls, attention_mask: torch.Tensor | np.ndarray
-    ) -> BatchLayout:
+    def from_attention_mask(cls, attention_mask: torch.Tensor | np.ndarray) -> BatchLayout:
         """One sequence per row made of the row's unmasked tokens, in order.
 
         Right and left padding (and any other placement of the padding) are handled alike:
@@ -117,9 +109,7 @@ class BatchLayout:
         mask_BS = _as_mask("attention_mask", attention_mask)
         batch_size, seq_len = mask_BS.shape
         token_index = np.flatnonzero(mask_BS.reshape(-1)).astype(np.int64)
-        seq_offsets = np.concatenate([[0], np.cumsum(mask_BS.sum(axis=1))]).astype(
-            np.int64
-        )
+        seq_offsets = np.concatenate([[0], np.cumsum(mask_BS.sum(axis=1))]).astype(np.int64)
         return cls(
             batch_size=batch_size,
             seq_len=seq_len,
@@ -185,12 +175,7 @@ class BatchLayout:
         ``cu_seqlens[-1]`` are padding. A sequence may not cross a row boundary.
         """
         cu_N1 = _as_int_array("cu_seqlens", cu_seqlens)
-        if (
-            cu_N1.ndim != 1
-            or cu_N1.size < 1
-            or cu_N1[0] != 0
-            or np.any(np.diff(cu_N1) < 0)
-        ):
+        if cu_N1.ndim != 1 or cu_N1.size < 1 or cu_N1[0] != 0 or np.any(np.diff(cu_N1) < 0):
             raise ValueError(
                 f"cu_seqlens: expected a 1-D non-decreasing sequence starting at 0, "
                 f"got {cu_N1.tolist()}"
@@ -209,9 +194,7 @@ class BatchLayout:
                 f"{batch_size * seq_len}, got {total}"
             )
         starts, ends = cu_N1[:-1], cu_N1[1:]
-        crossing = (ends > starts) & (
-            starts // max(seq_len, 1) != (ends - 1) // max(seq_len, 1)
-        )
+        crossing = (ends > starts) & (starts // max(seq_len, 1) != (ends - 1) // max(seq_len, 1))
         if crossing.any():
             i = int(np.flatnonzero(crossing)[0])
             raise ValueError(
@@ -271,9 +254,7 @@ class BatchLayout:
 
     def positions(self, sequence: int) -> np.ndarray:
         """Flat positions of sequence ``sequence``'s tokens, in order."""
-        return self.token_index[
-            self.seq_offsets[sequence] : self.seq_offsets[sequence + 1]
-        ]
+        return self.token_index[self.seq_offsets[sequence] : self.seq_offsets[sequence + 1]]
 
 
 @dataclass(kw_only=True, frozen=True, slots=True, eq=False)
@@ -299,9 +280,7 @@ class AlignedTraces:
     @property
     def ids_LTK(self) -> torch.Tensor:
         """int32 ``[num_moe_layers, T, top_k]``, contiguous: a copy made on each access."""
-        return self.ids_TLK.transpose(0, 1).to(
-            torch.int32, memory_format=torch.contiguous_format
-        )
+        return self.ids_TLK.transpose(0, 1).to(torch.int32, memory_format=torch.contiguous_format)
 
 
 def align_traces(
@@ -346,18 +325,13 @@ def align_traces(
     )
     ids_TLK = host_B[:ids_bytes].view(id_dtype).view(shape_TLK).numpy()
     replay_T = host_B[ids_bytes:].view(torch.bool).numpy()
-    for i, (trace, length) in enumerate(
-        zip(traces, layout.lengths.tolist(), strict=True)
-    ):
+    for i, (trace, length) in enumerate(zip(traces, layout.lengths.tolist(), strict=True)):
         _check_trace(i, trace, length, moe_layers, num_experts, top_k)
         positions_R = layout.positions(i)[trace.start : trace.start + trace.num_rows]
         ids_RLK = trace.ids
         if trace.valid is not None:
             positions_R, ids_RLK = positions_R[trace.valid], ids_RLK[trace.valid]
-        if (
-            positions_R.size
-            and positions_R[-1] - positions_R[0] + 1 == positions_R.size
-        ):
+        if positions_R.size and positions_R[-1] - positions_R[0] + 1 == positions_R.size:
             # The common case (a padded or packed sequence's rows are one run of tokens): one
             # contiguous copy instead of a fancy-index scatter.
             positions_R = slice(int(positions_R[0]), int(positions_R[-1]) + 1)
@@ -411,9 +385,7 @@ def _check_trace(
     top_k: int,
 ) -> None:
     if not isinstance(trace, RoutedExperts):
-        raise TypeError(
-            f"traces[{index}]: expected RoutedExperts, got {type(trace).__name__}"
-        )
+        raise TypeError(f"traces[{index}]: expected RoutedExperts, got {type(trace).__name__}")
     if trace.moe_layers != moe_layers:
         raise ValueError(
             f"traces[{index}].moe_layers: expected the model's {len(moe_layers)} MoE layers "

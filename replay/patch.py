@@ -46,9 +46,7 @@ def patch(
             a different routing.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"model: expected a torch.nn.Module, got {type(model).__name__}"
-        )
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     routing = None
     if method is not None:
         factor = 1.0 if routed_scaling_factor is None else routed_scaling_factor
@@ -61,10 +59,7 @@ def patch(
     existing = model.__dict__.get(_CONTROLLER_ATTR)
     if existing is not None:
         have = (existing.routing.method, existing.routing.routed_scaling_factor)
-        if (
-            routing is not None
-            and (routing.method, routing.routed_scaling_factor) != have
-        ):
+        if routing is not None and (routing.method, routing.routed_scaling_factor) != have:
             raise ValueError(
                 f"method: expected {have[0].name} with routed_scaling_factor {have[1]} (this "
                 f"model is already patched with them), got {routing.method.name} with "

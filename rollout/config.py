@@ -25,9 +25,7 @@ _DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
 def check_int(name: str, value: object, *, minimum: int) -> int:
     """Return ``value`` as an int, requiring ``value >= minimum`` (bools are rejected)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{name}: expected an int, got {type(value).__name__} {value!r}"
-        )
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value
@@ -43,9 +41,7 @@ def check_float(
 ) -> float:
     """Return ``value`` as a float in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{name}: expected a float, got {type(value).__name__} {value!r}"
-        )
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
     value = float(value)
     above_low = value > low if low_open else value >= low
     # NaN fails both comparisons, so it is rejected here too.
@@ -58,18 +54,14 @@ def check_float(
 def check_bool(name: str, value: object) -> bool:
     """Return ``value`` if it is a bool."""
     if not isinstance(value, bool):
-        raise TypeError(
-            f"{name}: expected a bool, got {type(value).__name__} {value!r}"
-        )
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
     return value
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of the strings ``choices``."""
     if value not in choices:
-        raise ValueError(
-            f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}"
-        )
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
     return value  # type: ignore[return-value]
 
 

@@ -100,9 +100,7 @@ class ForwardBatch:
         """B, the number of sequences in the step."""
         return self.seq_lens.shape[0]
 
-    def validate(
-        self, *, num_moe_layers: int | None = None, top_k: int | None = None
-    ) -> None:
+    def validate(self, *, num_moe_layers: int | None = None, top_k: int | None = None) -> None:
         """Check shapes and dtypes (not values, which would need a device sync).
 
         Meant for tests and for the runner's debug path; the model does not call it per step.
@@ -139,9 +137,7 @@ class ForwardBatch:
                     f"{name}: expected a CPU tensor, got device {getattr(self, name).device}"
                 )
         if self.is_decode and t != b:
-            raise ValueError(
-                f"is_decode: expected T == B for a decode batch, got T={t}, B={b}"
-            )
+            raise ValueError(f"is_decode: expected T == B for a decode batch, got T={t}, B={b}")
         if self.routing_capture is not None:
             cap = self.routing_capture
             if cap.dim() != 3 or cap.shape[0] < t or cap.dtype not in _CAPTURE_DTYPES:

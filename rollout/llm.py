@@ -122,9 +122,7 @@ class LLM:
             data_parallel_mode=data_parallel_mode,
         )
         self._engine: LLMEngine | DataParallelEngine | None = (
-            LLMEngine(self.config)
-            if data_parallel_size == 1
-            else DataParallelEngine(self.config)
+            LLMEngine(self.config) if data_parallel_size == 1 else DataParallelEngine(self.config)
         )
 
     # ------------------------------------------------------------------ properties
@@ -134,9 +132,7 @@ class LLM:
         """The engine, or the front end of the ranks with ``data_parallel_size`` > 1
         (RuntimeError after ``shutdown``)."""
         if self._engine is None:
-            raise RuntimeError(
-                "LLM: expected a live engine, got one that was shut down"
-            )
+            raise RuntimeError("LLM: expected a live engine, got one that was shut down")
         return self._engine
 
     @property
@@ -206,9 +202,7 @@ class LLM:
         engine = self.engine
         if engine.is_sleeping:
             raise RuntimeError("generate: engine is asleep: call wake_up()")
-        token_ids = [
-            self._encode(i, prompt) for i, prompt in enumerate(self._as_list(prompts))
-        ]
+        token_ids = [self._encode(i, prompt) for i, prompt in enumerate(self._as_list(prompts))]
         params = self._sampling_list(sampling, len(token_ids))
         if isinstance(engine, DataParallelEngine):
             return engine.generate(token_ids, params, use_tqdm=use_tqdm)
@@ -236,9 +230,7 @@ class LLM:
             raise
         return [outputs[i] for i in request_ids]
 
-    def update_weights(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
-    ) -> set[str]:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors (e.g. a trainer's ``named_parameters()``) into the model in
         place: no reallocation, CUDA graphs stay valid, the prefix cache is reset.
 
@@ -287,9 +279,7 @@ class LLM:
 
     @staticmethod
     def _as_list(prompts: SequenceOf[Prompt]) -> list[Prompt]:
-        if isinstance(prompts, (str, bytes)) or not isinstance(
-            prompts, (SequenceOf, np.ndarray)
-        ):
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (SequenceOf, np.ndarray)):
             raise TypeError(
                 "prompts: expected a list of str or of token-id lists, "
                 f"got {type(prompts).__name__}"
@@ -305,9 +295,7 @@ class LLM:
                     f"(tokenizer.json), got a str"
                 )
             tokens = self.engine.tokenizer.encode(prompt).ids
-        elif isinstance(prompt, (SequenceOf, np.ndarray)) and not isinstance(
-            prompt, bytes
-        ):
+        elif isinstance(prompt, (SequenceOf, np.ndarray)) and not isinstance(prompt, bytes):
             tokens = list(prompt)
             for token in tokens:
                 if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
@@ -347,7 +335,5 @@ class LLM:
             )
         for i, p in enumerate(sampling):
             if not isinstance(p, SamplingParams):
-                raise TypeError(
-                    f"sampling[{i}]: expected SamplingParams, got {type(p).__name__}"
-                )
+                raise TypeError(f"sampling[{i}]: expected SamplingParams, got {type(p).__name__}")
         return list(sampling)

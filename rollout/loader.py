@@ -83,9 +83,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"{path.name}: expected valid JSON, got a parse error: {exc}"
-        ) from exc
+        raise ValueError(f"{path.name}: expected valid JSON, got a parse error: {exc}") from exc
 
 
 def load_hf_config(path: str | Path) -> Any:
@@ -97,16 +95,12 @@ def load_hf_config(path: str | Path) -> Any:
     """
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise ValueError(
-            f"model: expected a checkpoint folder with config.json, got {str(path)!r}"
-        )
+        raise ValueError(f"model: expected a checkpoint folder with config.json, got {str(path)!r}")
     model_class(_read_json(folder / "config.json").get("architectures"))
     return AutoConfig.from_pretrained(str(folder), local_files_only=True)
 
 
-def resolve_dtype(
-    dtype: str | torch.dtype, hf_config: Any, device: torch.device
-) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:
     """``"auto"``: the checkpoint's dtype on CUDA, float32 elsewhere; else the named dtype."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
@@ -126,9 +120,7 @@ def resolve_dtype(
     else:
         resolved = _DTYPES.get(str(dtype).removeprefix("torch."))
     if resolved not in _DTYPES.values():
-        raise ValueError(
-            f"dtype: expected 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}"
-        )
+        raise ValueError(f"dtype: expected 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
     return resolved
 
 
@@ -168,9 +160,7 @@ def iter_safetensors(
     """
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
-        raise ValueError(
-            f"model: expected *.safetensors files in {str(path)!r}, found none"
-        )
+        raise ValueError(f"model: expected *.safetensors files in {str(path)!r}, found none")
     for file in files:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             names = list(f.keys())
@@ -253,13 +243,9 @@ def load_checkpoint(
             tensor in the checkpoint, or parameters the checkpoint does not provide (listed).
     """
     if load_format not in LOAD_FORMATS:
-        raise ValueError(
-            f"load_format: expected one of {LOAD_FORMATS}, got {load_format!r}"
-        )
+        raise ValueError(f"load_format: expected one of {LOAD_FORMATS}, got {load_format!r}")
     device = torch.device(
-        device
-        if device is not None
-        else ("cuda" if torch.cuda.is_available() else "cpu")
+        device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

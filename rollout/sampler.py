@@ -72,17 +72,13 @@ def _mix64_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def uniform_noise(
-    seeds_S: torch.Tensor, counters_S: torch.Tensor, vocab_size: int
-) -> torch.Tensor:
+def uniform_noise(seeds_S: torch.Tensor, counters_S: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Uniform float32 noise [S, V] in (0, 1), a pure function of ``(seed, counter, column)``.
 
     Integer arithmetic only, so the same keys give bit-identical noise on every device and at
     every row of a batch.
     """
-    key_S = _mix64_(
-        seeds_S.to(torch.int64) * _GOLDEN + _mix64_(counters_S.to(torch.int64) + 1)
-    )
+    key_S = _mix64_(seeds_S.to(torch.int64) * _GOLDEN + _mix64_(counters_S.to(torch.int64) + 1))
     column_V = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds_S.device)
     bits_SV = _mix64_(key_S[:, None] + column_V[None, :] * _GOLDEN)
     bits_SV = _shift_right(bits_SV, 64 - _UNIFORM_BITS)
@@ -104,9 +100,7 @@ def apply_top_k_top_p(
     sorted_SV, order_SV = logits_SV.sort(dim=-1, descending=True, stable=True)
     if top_k_S is not None:
         rank_V = torch.arange(logits_SV.shape[-1], device=logits_SV.device)
-        sorted_SV = sorted_SV.masked_fill(
-            rank_V[None, :] >= top_k_S[:, None], float("-inf")
-        )
+        sorted_SV = sorted_SV.masked_fill(rank_V[None, :] >= top_k_S[:, None], float("-inf"))
     if top_p_S is not None:
         probs_SV = sorted_SV.softmax(dim=-1)
         mass_before_SV = probs_SV.cumsum(dim=-1) - probs_SV
@@ -229,14 +223,11 @@ class Sampler:
         self._flashinfer_sampling: Any = None
         if use_flashinfer is None:
             use_flashinfer = (
-                self.device.type == "cuda"
-                and importlib.util.find_spec("flashinfer") is not None
+                self.device.type == "cuda" and importlib.util.find_spec("flashinfer") is not None
             )
         if use_flashinfer:
             if self.device.type != "cuda":
-                raise ValueError(
-                    f"use_flashinfer: expected a CUDA device, got {self.device}"
-                )
+                raise ValueError(f"use_flashinfer: expected a CUDA device, got {self.device}")
             import flashinfer.sampling
 
             self._flashinfer_sampling = flashinfer.sampling
@@ -281,9 +272,7 @@ class Sampler:
         vocab = self.vocab_size
         use_top_k = any(0 < p.top_k < vocab and not g for p, g in zip(params, greedy))
         use_top_p = any(p.top_p < 1.0 and not g for p, g in zip(params, greedy))
-        seeded = [
-            i for i, p in enumerate(params) if p.seed is not None and not greedy[i]
-        ]
+        seeded = [i for i, p in enumerate(params) if p.seed is not None and not greedy[i]]
         return SamplingInputs(
             num_rows=len(params),
             all_greedy=False,
@@ -303,10 +292,7 @@ class Sampler:
             seeded_rows=self._to_device(seeded, torch.int64) if seeded else None,
             seeds_S=self._to_device(
                 # Any non-negative int seed: its low 64 bits, as an int64.
-                [
-                    _signed(p.seed % (1 << 64)) if p.seed is not None else step_seed
-                    for p in params
-                ],
+                [_signed(p.seed % (1 << 64)) if p.seed is not None else step_seed for p in params],
                 torch.int64,
             ),
             counters_S=self._to_device(
@@ -340,9 +326,7 @@ class Sampler:
             ids_S = logits_SV.argmax(dim=-1)
         else:
             ids_S = self._sample(logits_SV, inputs)
-        logprobs_S = logits_SV.gather(1, ids_S[:, None])[:, 0] - logits_SV.logsumexp(
-            dim=-1
-        )
+        logprobs_S = logits_SV.gather(1, ids_S[:, None])[:, 0] - logits_SV.logsumexp(dim=-1)
         return ids_S, logprobs_S
 
     def _sample(self, logits_SV: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
@@ -370,9 +354,7 @@ class Sampler:
             ids_S = torch.where(inputs.greedy_S, logits_SV.argmax(dim=-1), ids_S)
         return ids_S
 
-    def _flashinfer_sample(
-        self, scaled_SV: torch.Tensor, inputs: SamplingInputs
-    ) -> torch.Tensor:
+    def _flashinfer_sample(self, scaled_SV: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         sampling = self._flashinfer_sampling
         # A scalar seed and offset: FlashInfer gives every row its own Philox subsequence.
         seed, offset = inputs.step_seed, 0

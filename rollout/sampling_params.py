@@ -43,9 +43,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         check_int("max_tokens", self.max_tokens, minimum=1)
-        temperature = check_float(
-            "temperature", self.temperature, low=0.0, high=float("inf")
-        )
+        temperature = check_float("temperature", self.temperature, low=0.0, high=float("inf"))
         top_p = check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         check_int("top_k", self.top_k, minimum=-1)
         if self.top_k == 0:

@@ -56,9 +56,7 @@ class FinishLatency:
         self.engine = engine
         self.seconds: dict[int, float] = {}
         recorder = engine.routing
-        assert recorder is not None, (
-            "FinishLatency needs an engine with capture_routing=True"
-        )
+        assert recorder is not None, "FinishLatency needs an engine with capture_routing=True"
         self._save_rows, self._rows = recorder.save_rows, recorder.rows
 
         def save_rows(seq):
@@ -158,21 +156,16 @@ def reader_throughput(num_layers: int) -> list[list[object]]:
         # Fill it through the engine's own path: capture-buffer rows filed by slot.
         chunk = 8192
         for first in range(0, num_slots, chunk):
-            ids_TLK = torch.from_numpy(
-                gen.integers(0, 128, (chunk, num_layers, 8), dtype=np.uint8)
-            )
+            ids_TLK = torch.from_numpy(gen.integers(0, 128, (chunk, num_layers, 8), dtype=np.uint8))
             store.after_forward(ids_TLK, chunk, np.arange(first, first + chunk))
             store.commit()
         blocks = gen.permutation(num_slots // BLOCK).reshape(READER_REQUESTS, -1)
         requests = [
-            (b[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1).astype(np.int64)
-            for b in blocks
+            (b[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1).astype(np.int64) for b in blocks
         ]
         ctx = multiprocessing.get_context("spawn")
         receive, send = ctx.Pipe(duplex=False)
-        child = ctx.Process(
-            target=_read_all, args=(store.reader_spec(), requests, send)
-        )
+        child = ctx.Process(target=_read_all, args=(store.reader_spec(), requests, send))
         child.start()
         seconds, nbytes = receive.recv()
         child.join()
@@ -204,9 +197,7 @@ def _timed_copy(out: np.ndarray, src: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--layers", type=int, default=48, help="decoder layers (48: the model)"
-    )
+    parser.add_argument("--layers", type=int, default=48, help="decoder layers (48: the model)")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--reader-only", action="store_true", help="only part 3 (CPU)")
     args = parser.parse_args()
@@ -214,9 +205,7 @@ def main() -> None:
 
     if not args.reader_only:
         if not torch.cuda.is_available():
-            raise SystemExit(
-                "bench_capture: parts 1-2 need a CUDA device (--reader-only runs 3)"
-            )
+            raise SystemExit("bench_capture: parts 1-2 need a CUDA device (--reader-only runs 3)")
         config = qwen3_30b_a3b_config(args.layers)
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(
@@ -224,15 +213,11 @@ def main() -> None:
         ).tolist()
         with tempfile.TemporaryDirectory() as folder:
             config.save_pretrained(folder)
-            off_a, _ = decode_runs(
-                Path(folder), args.layers, args.batches, prompts, capture=False
-            )
+            off_a, _ = decode_runs(Path(folder), args.layers, args.batches, prompts, capture=False)
             on, latencies = decode_runs(
                 Path(folder), args.layers, args.batches, prompts, capture=True
             )
-            off_b, _ = decode_runs(
-                Path(folder), args.layers, args.batches, prompts, capture=False
-            )
+            off_b, _ = decode_runs(Path(folder), args.layers, args.batches, prompts, capture=False)
         print(
             f"\n{torch.cuda.get_device_name()}, Qwen3-30B-A3B shape with {args.layers} layers "
             f"(dummy bf16 weights), input {INPUT_LEN}, output {OUTPUT_LEN}; decode tokens/s, "

@@ -86,8 +86,7 @@ def weight_bytes_per_step(model: MoECausalLM, batch: int) -> float:
     """Bytes of weights one decode step of ``batch`` sequences reads (module docstring)."""
     routing = model.routing_params
     expert_fraction = (
-        expected_distinct_experts(routing.num_experts, routing.top_k, batch)
-        / routing.num_experts
+        expected_distinct_experts(routing.num_experts, routing.top_k, batch) / routing.num_experts
     )
     total = 0.0
     for name, param in model.named_parameters():
@@ -121,9 +120,7 @@ def run_engine_decode(
     for prompt in prompts:
         engine.add_request(prompt, params)
     scheduler = engine.scheduler
-    while scheduler.waiting or any(
-        s.num_generated_tokens == 0 for s in scheduler.running
-    ):
+    while scheduler.waiting or any(s.num_generated_tokens == 0 for s in scheduler.running):
         engine.step()
     torch.cuda.synchronize()
     generated_before = sum(s.num_generated_tokens for s in scheduler.running)
@@ -137,9 +134,7 @@ def run_engine_decode(
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tokens = len(prompts) * OUTPUT_LEN - generated_before
-    assert engine.stats.num_preemptions == 0, (
-        "preempted: the timing would include recompute"
-    )
+    assert engine.stats.num_preemptions == 0, "preempted: the timing would include recompute"
     return seconds, tokens, len(context_per_step), context_per_step
 
 
@@ -155,9 +150,7 @@ def profile_decode(llm: LLM, prompts: list[list[int]], steps: int = 32) -> None:
     params = SamplingParams(max_tokens=steps + 8, temperature=1.0, ignore_eos=True)
     for prompt in prompts:
         engine.add_request(prompt, params)
-    while scheduler.waiting or any(
-        s.num_generated_tokens == 0 for s in scheduler.running
-    ):
+    while scheduler.waiting or any(s.num_generated_tokens == 0 for s in scheduler.running):
         engine.step()
     torch.cuda.synchronize()
     timed = [
@@ -181,15 +174,11 @@ def profile_decode(llm: LLM, prompts: list[list[int]], steps: int = 32) -> None:
 
         return timed_call
 
-    originals = [
-        (owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in timed
-    ]
+    originals = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in timed]
     for owner, attribute, name in timed:
         setattr(owner, attribute, timer(getattr(owner, attribute), name))
     try:
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CUDA]
-        ) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             begin = time.perf_counter()
             for _ in range(steps):
                 engine.step()
@@ -220,9 +209,7 @@ def profile_decode(llm: LLM, prompts: list[list[int]], steps: int = 32) -> None:
         engine.step()
 
 
-def hf_sharing_weights(
-    model: MoECausalLM, config: Qwen3MoeConfig
-) -> Qwen3MoeForCausalLM:
+def hf_sharing_weights(model: MoECausalLM, config: Qwen3MoeConfig) -> Qwen3MoeForCausalLM:
     """An HF model whose parameters are views of ``model``'s (fused projections split back
     into HF's q/k/v and gate/up), so both run on the very same weights in one copy."""
     state: dict[str, torch.Tensor] = {}
@@ -246,9 +233,7 @@ def hf_sharing_weights(
     return hf.eval()
 
 
-def run_hf_decode(
-    hf: Qwen3MoeForCausalLM, prompts: list[list[int]], new_tokens: int
-) -> float:
+def run_hf_decode(hf: Qwen3MoeForCausalLM, prompts: list[list[int]], new_tokens: int) -> float:
     """HF decode tokens/s: ``generate`` of ``new_tokens`` minus a one-token run (prefill)."""
     ids = torch.tensor(prompts, device="cuda")
 
@@ -275,16 +260,10 @@ def run_hf_decode(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--layers", type=int, default=48, help="decoder layers (48: the model)"
-    )
+    parser.add_argument("--layers", type=int, default=48, help="decoder layers (48: the model)")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
-    parser.add_argument(
-        "--hf-tokens", type=int, default=32, help="HF generate's new tokens"
-    )
-    parser.add_argument(
-        "--time-budget", type=float, default=330.0, help="seconds for it all"
-    )
+    parser.add_argument("--hf-tokens", type=int, default=32, help="HF generate's new tokens")
+    parser.add_argument("--time-budget", type=float, default=330.0, help="seconds for it all")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -302,9 +281,7 @@ def main() -> None:
     config = qwen3_30b_a3b_config(args.layers)
     gen = torch.Generator().manual_seed(0)
     max_batch = max(args.batches)
-    prompts = torch.randint(
-        0, config.vocab_size, (max_batch, INPUT_LEN), generator=gen
-    ).tolist()
+    prompts = torch.randint(0, config.vocab_size, (max_batch, INPUT_LEN), generator=gen).tolist()
     rows: dict[int, list] = {}
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)
@@ -326,9 +303,7 @@ def main() -> None:
         for batch in args.batches:
             row = rows[batch] = [batch, "-", "-", "-", "-", "-", "-"]
             if batch * blocks_per_seq > stats.num_kv_blocks:
-                row[1] = (
-                    f"KV cache holds {stats.num_kv_blocks // blocks_per_seq} sequences"
-                )
+                row[1] = f"KV cache holds {stats.num_kv_blocks // blocks_per_seq} sequences"
                 continue
             if time_left() < 60:
                 row[1] = "skipped (time budget)"
@@ -336,9 +311,9 @@ def main() -> None:
             seconds, tokens, steps, contexts = run_engine_decode(llm, prompts[:batch])
             if args.profile:
                 profile_decode(llm, prompts[:batch])
-            roofline_bytes = steps * weight_bytes_per_step(
-                model, batch
-            ) + kv_token_bytes * sum(contexts)
+            roofline_bytes = steps * weight_bytes_per_step(model, batch) + kv_token_bytes * sum(
+                contexts
+            )
             roofline_seconds = roofline_bytes / (bandwidth * 1e9)
             row[1:5] = [
                 tokens / seconds,

@@ -103,9 +103,7 @@ from kernels.replay_weights import replay_topk, replay_topk_reference
 
 REPLAY_TARGET = 1.02  # replay step / native step, at most
 SPEEDUP_TARGET = 5.0  # HF eager step / grouped step, at least
-ROUTER_LOGIT_STD = (
-    3.0  # router weights redrawn with std ROUTER_LOGIT_STD / sqrt(hidden)
-)
+ROUTER_LOGIT_STD = 3.0  # router weights redrawn with std ROUTER_LOGIT_STD / sqrt(hidden)
 NATIVE, OFF, R3 = "native", "native, patched (OFF)", "R3 replay"
 # --profile's ablations: the replay context, seams and hooks with every trace row invalid; R3
 # with kernels.replay_topk_reference (plain torch ops) instead of the fused Triton kernels.
@@ -176,9 +174,7 @@ def qwen3_moe_config(sizes: dict[str, int], num_layers: int) -> Qwen3MoeConfig:
     )
 
 
-def build_model(
-    config: Qwen3MoeConfig, dtype: torch.dtype, device: torch.device
-) -> nn.Module:
+def build_model(config: Qwen3MoeConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Random-init HF model on ``device``, HF's eager experts, routers redrawn to be decisive."""
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(
@@ -189,9 +185,7 @@ def build_model(
         )
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(
-                0.0, ROUTER_LOGIT_STD / config.hidden_size**0.5
-            )
+            layer.mlp.gate.weight.normal_(0.0, ROUTER_LOGIT_STD / config.hidden_size**0.5)
     return model.train()
 
 
@@ -205,11 +199,7 @@ def twin(model: nn.Module, config: Qwen3MoeConfig) -> nn.Module:
     other.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
     # Its buffers are not in the state dict; the module is stateless otherwise.
     other.model.rotary_emb = model.model.rotary_emb
-    meta = [
-        name
-        for name, t in [*other.named_parameters(), *other.named_buffers()]
-        if t.is_meta
-    ]
+    meta = [name for name, t in [*other.named_parameters(), *other.named_buffers()] if t.is_meta]
     assert not meta, f"twin tensors left on the meta device: {meta[:5]}"
     return other.train()
 
@@ -229,8 +219,7 @@ def make_step(
     model: nn.Module,
     input_ids: torch.Tensor,
     labels: torch.Tensor,
-    replay_with: tuple[replay.ReplayController, list[replay.RoutedExperts]]
-    | None = None,
+    replay_with: tuple[replay.ReplayController, list[replay.RoutedExperts]] | None = None,
     phase: Phase = no_phase,
 ) -> Callable[[], torch.Tensor]:
     """One training step (forward, backward, grads set to None); returns the detached loss.
@@ -240,9 +229,7 @@ def make_step(
     def step() -> torch.Tensor:
         with phase(PHASES[0]):
             context = (
-                nullcontext()
-                if replay_with is None
-                else replay_with[0].replay(replay_with[1])
+                nullcontext() if replay_with is None else replay_with[0].replay(replay_with[1])
             )
         with phase(PHASES[1]), context:
             loss = model(input_ids=input_ids, labels=labels).loss
@@ -304,8 +291,7 @@ def rows_of(experts: str, times: dict[str, list[list[float]]]) -> list[Row]:
     rows = []
     for routing, per_round in times.items():
         ratios = tuple(
-            statistics.median(t) / n
-            for t, n in zip(per_round, native_rounds, strict=True)
+            statistics.median(t) / n for t, n in zip(per_round, native_rounds, strict=True)
         )
         all_steps = [ms for t in per_round for ms in t]
         rows.append(
@@ -373,10 +359,7 @@ def random_traces(
     rows, layers = seq_len - 1, len(ctl.moe_layers)
     scores = rng.random((batch, rows, layers, ctl.num_experts))
     ids_BRLK = np.argsort(scores, axis=-1)[..., : ctl.top_k]
-    return [
-        replay.RoutedExperts(ids_RLK, ctl.moe_layers, ctl.num_experts)
-        for ids_RLK in ids_BRLK
-    ]
+    return [replay.RoutedExperts(ids_RLK, ctl.moe_layers, ctl.num_experts) for ids_RLK in ids_BRLK]
 
 
 def check_replay_reproduces_native(
@@ -403,12 +386,8 @@ def check_replay_reproduces_native(
     # weight moves a handful of the 10^8 logits by a few 1e-2 through 8 layers, so an
     # elementwise bound would flag rounding; a routing error moves the whole tensor.
     native_norm = native.logits.float().norm().item()
-    replay_rel = (
-        replayed.logits.float() - native.logits.float()
-    ).norm().item() / native_norm
-    control_rel = (
-        control.logits.float() - native.logits.float()
-    ).norm().item() / native_norm
+    replay_rel = (replayed.logits.float() - native.logits.float()).norm().item() / native_norm
+    control_rel = (control.logits.float() - native.logits.float()).norm().item() / native_norm
     loss_diff = abs(replayed.loss.item() - native.loss.item())
     print(
         f"replay check: native loss {native.loss.item():.6f}, replayed loss "
@@ -439,11 +418,7 @@ def report(rows: Sequence[Row], device_name: str) -> None:
         ratio = statistics.median(r.ratios) if r.ratios else r.ms / native[r.experts]
         eager_ms = None
         if r.experts == "grouped" and r.routing in (NATIVE, R3):
-            by_routing = (
-                native
-                if r.routing == NATIVE
-                else {k: v.ms for k, v in replayed.items()}
-            )
+            by_routing = native if r.routing == NATIVE else {k: v.ms for k, v in replayed.items()}
             eager_ms = by_routing.get("HF eager")
         table.append([
             device_name, r.experts, r.routing, r.iters, r.ms, f"{ratio:.3f}x",
@@ -522,15 +497,12 @@ class Variants:
 
             def with_torch_ops() -> torch.Tensor:
                 # Only the forward calls it; its autograd graph then holds torch ops.
-                with mock.patch.object(
-                    replay.controller, "replay_topk", replay_topk_reference
-                ):
+                with mock.patch.object(replay.controller, "replay_topk", replay_topk_reference):
                     return replayed()
 
             return with_torch_ops
         raise ValueError(
-            f"routing: expected one of {[NATIVE, OFF, R3, R3_NO_ROWS, R3_TORCH]}, got "
-            f"{routing!r}"
+            f"routing: expected one of {[NATIVE, OFF, R3, R3_NO_ROWS, R3_TORCH]}, got {routing!r}"
         )
 
 
@@ -549,9 +521,7 @@ def grouped_variants(
     patched = twin(model, config)
     use_experts(patched)
     ctl = replay.patch(patched)
-    traces = check_replay_reproduces_native(
-        patched, ctl, input_ids, labels, tolerance, rng
-    )
+    traces = check_replay_reproduces_native(patched, ctl, input_ids, labels, tolerance, rng)
     return Variants(
         native=model,
         patched=patched,
@@ -866,22 +836,14 @@ def profile_report(variants: Variants, args: argparse.Namespace, cuda: bool) -> 
         return
     print("\nGPU activities whose time per step differs most, R3 vs native\n")
     print_diff_table("GPU activity", labels, r3.kernels, native.kernels)
-    print(
-        "\nCUDA runtime and driver calls (syncs, allocations, launches), R3 vs native\n"
-    )
-    api = [
-        {n: v for n, v in p.cpu_self.items() if _CUDA_API.match(n)}
-        for p in (r3, native)
-    ]
+    print("\nCUDA runtime and driver calls (syncs, allocations, launches), R3 vs native\n")
+    api = [{n: v for n, v in p.cpu_self.items() if _CUDA_API.match(n)} for p in (r3, native)]
     print_diff_table("CUDA call", labels, *api, top=12)
     for name in (NATIVE, R3):
         print(f"\nlongest GPU idle gaps, {name} ({args.profile_steps} steps)\n")
         print_table(
             ["idle us", "GPU activity before", "GPU activity after"],
-            [
-                [f"{g:.0f}", before, after]
-                for g, before, after in profiles[name].gaps[:6]
-            ],
+            [[f"{g:.0f}", before, after] for g, before, after in profiles[name].gaps[:6]],
         )
     print("\nhost-GPU synchronizations in one step (torch sync debug mode)")
     for name in PROFILED:
@@ -901,18 +863,12 @@ def host_overhead(args: argparse.Namespace) -> None:
     batch, seq_len = 2, 16
     input_ids = torch.randint(config.vocab_size, (batch, seq_len))
     labels = torch.randint(config.vocab_size, (batch, seq_len))
-    variants = grouped_variants(
-        model, config, input_ids, labels, 1e-4, rng, use_stand_in_experts
-    )
+    variants = grouped_variants(model, config, input_ids, labels, 1e-4, rng, use_stand_in_experts)
     ctl = variants.ctl
     steps = {name: variants.step(name) for name in (NATIVE, OFF, R3)}
-    times = interleaved(
-        steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup, cuda=False
-    )
+    times = interleaved(steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup, cuda=False)
     native_rounds = [statistics.median(t) for t in times[NATIVE]]
-    counts = {
-        name: (ops_per_step(s), python_calls_per_step(s)) for name, s in steps.items()
-    }
+    counts = {name: (ops_per_step(s), python_calls_per_step(s)) for name, s in steps.items()}
     print(
         f"\nhost cost per step, CPU, torch {torch.__version__}: Qwen3-MoE {args.layers} layers, "
         f"{config.num_experts} experts top-{config.num_experts_per_tok}, hidden "
@@ -922,8 +878,7 @@ def host_overhead(args: argparse.Namespace) -> None:
     table = []
     for name, per_round in times.items():
         differences = [
-            (statistics.median(t) - n) * 1e3
-            for t, n in zip(per_round, native_rounds, strict=True)
+            (statistics.median(t) - n) * 1e3 for t, n in zip(per_round, native_rounds, strict=True)
         ]
         (ops, calls), (native_ops, native_calls) = counts[name], counts[NATIVE]
         table.append([
@@ -947,31 +902,15 @@ def host_overhead(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--layers", type=int, default=8, help="decoder layers (all MoE)"
-    )
-    parser.add_argument(
-        "--tokens", type=int, default=4096, help="tokens per step (batch x seq)"
-    )
-    parser.add_argument(
-        "--batch", type=int, default=2, help="rows; seq_len = tokens / batch"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=3, help="untimed steps per variant"
-    )
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers (all MoE)")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch x seq)")
+    parser.add_argument("--batch", type=int, default=2, help="rows; seq_len = tokens / batch")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
-    parser.add_argument(
-        "--iters", type=int, default=10, help="timed steps per variant and round"
-    )
-    parser.add_argument(
-        "--eager-warmup", type=int, default=1, help="HF eager experts warmup"
-    )
-    parser.add_argument(
-        "--eager-iters", type=int, default=3, help="HF eager experts iterations"
-    )
-    parser.add_argument(
-        "--no-eager", action="store_true", help="skip the HF eager experts"
-    )
+    parser.add_argument("--iters", type=int, default=10, help="timed steps per variant and round")
+    parser.add_argument("--eager-warmup", type=int, default=1, help="HF eager experts warmup")
+    parser.add_argument("--eager-iters", type=int, default=3, help="HF eager experts iterations")
+    parser.add_argument("--no-eager", action="store_true", help="skip the HF eager experts")
     parser.add_argument(
         "--no-eager-replay",
         action="store_true",
@@ -988,9 +927,7 @@ def main() -> None:
         help="after the timed rounds: host phases, a torch profile of native vs R3 steps "
         "and their host-GPU synchronizations",
     )
-    parser.add_argument(
-        "--profile-steps", type=int, default=3, help="profiled steps per variant"
-    )
+    parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--seed", type=int, default=0)
     # Tiny float32 model on CPU, one step per variant: checks the code paths, times nothing.
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
@@ -1005,9 +942,7 @@ def main() -> None:
     if args.profile_steps < 1:
         parser.error(f"--profile-steps: expected >= 1, got {args.profile_steps}")
     if args.rounds < 1 or args.iters < 1:
-        parser.error(
-            f"--rounds, --iters: expected >= 1, got {args.rounds}, {args.iters}"
-        )
+        parser.error(f"--rounds, --iters: expected >= 1, got {args.rounds}, {args.iters}")
     if args.host:
         host_overhead(args)
         return
@@ -1060,25 +995,19 @@ def main() -> None:
         f"grouped experts: {args.rounds} rounds x {args.iters} steps per variant, interleaved",
         flush=True,
     )
-    times = interleaved(
-        steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup, cuda=cuda
-    )
+    times = interleaved(steps, rounds=args.rounds, iters=args.iters, warmup=args.warmup, cuda=cuda)
     rows = rows_of("grouped", times)
     for r in rows:
         print(f"  grouped, {r.routing}: {r.ms:.1f} ms / step", flush=True)
     entry = host_us(lambda: ctl.replay(traces))
-    print(
-        f"  host time of ctl.replay(traces) (layout, checks, alignment, copy): {entry:.0f} us"
-    )
+    print(f"  host time of ctl.replay(traces) (layout, checks, alignment, copy): {entry:.0f} us")
     if args.profile:
         profile_report(variants, args, cuda)
 
     def timed_eager(routing: str, step: Callable[[], object]) -> None:
         time_steps(step, args.eager_warmup, cuda=cuda)
         ms = statistics.median(time_steps(step, args.eager_iters, cuda=cuda))
-        rows.append(
-            Row(experts="HF eager", routing=routing, ms=ms, iters=args.eager_iters)
-        )
+        rows.append(Row(experts="HF eager", routing=routing, ms=ms, iters=args.eager_iters))
         print(f"  HF eager, {routing}: {ms:.1f} ms / step", flush=True)
 
     if not args.no_eager:
@@ -1086,9 +1015,7 @@ def main() -> None:
         if not args.no_eager_replay:
             eager = twin(model, config)
             eager_ctl = replay.patch(eager)
-            timed_eager(
-                R3, make_step(eager, input_ids, labels, replay_with=(eager_ctl, traces))
-            )
+            timed_eager(R3, make_step(eager, input_ids, labels, replay_with=(eager_ctl, traces)))
     report(rows, device_name)
 
 

@@ -10,9 +10,7 @@ from typing import Any
 import torch
 
 
-def cuda_time_ms(
-    fn: Callable[[], object], *, warmup: int = 5, iters: int = 50
-) -> float:
+def cuda_time_ms(fn: Callable[[], object], *, warmup: int = 5, iters: int = 50) -> float:
     """Median milliseconds of ``fn()`` on the current CUDA stream, each call timed by events."""
     for _ in range(warmup):
         fn()
@@ -43,9 +41,7 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None
     """Print a Markdown table (pasteable into BENCHMARKS.md)."""
     cells = [[str(h) for h in header]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells
-    ]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print("\n".join(lines), flush=True)
 
@@ -108,9 +104,7 @@ def print_diff_table(
     """The ``top`` names whose per-step time differs most between two ``totals_by_name``
     results ``a`` and ``b`` (labelled ``labels``): us/step of each, a - b, calls/step of each."""
     none = (0.0, 0.0)
-    names = sorted(
-        set(a) | set(b), key=lambda n: -abs(a.get(n, none)[0] - b.get(n, none)[0])
-    )
+    names = sorted(set(a) | set(b), key=lambda n: -abs(a.get(n, none)[0] - b.get(n, none)[0]))
     rows = []
     for name in names[:top]:
         (ta, ca), (tb, cb) = a.get(name, none), b.get(name, none)

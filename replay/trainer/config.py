@@ -77,50 +77,34 @@ def _check_value(name: str, value: Any, hint: Any) -> Any:
     if origin is tuple:
         item_hint = typing.get_args(hint)[0]
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise TypeError(
-                f"{name}: expected a list, got {type(value).__name__} {value!r}"
-            )
-        return tuple(
-            _check_value(f"{name}[{i}]", v, item_hint) for i, v in enumerate(value)
-        )
+            raise TypeError(f"{name}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_check_value(f"{name}[{i}]", v, item_hint) for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
-            raise TypeError(
-                f"{name}: expected a bool, got {type(value).__name__} {value!r}"
-            )
+            raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(
-                f"{name}: expected an int, got {type(value).__name__} {value!r}"
-            )
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
         return value
     if hint is float:
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
-                raise TypeError(
-                    f"{name}: expected a float, got str {value!r}"
-                ) from None
+                raise TypeError(f"{name}: expected a float, got str {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(
-                f"{name}: expected a float, got {type(value).__name__} {value!r}"
-            )
+            raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"{name}: expected a finite float, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise TypeError(
-                f"{name}: expected a str, got {type(value).__name__} {value!r}"
-            )
+            raise TypeError(f"{name}: expected a str, got {type(value).__name__} {value!r}")
         return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, hint):
-            raise TypeError(
-                f"{name}: expected {hint.__name__}, got {type(value).__name__}"
-            )
+            raise TypeError(f"{name}: expected {hint.__name__}, got {type(value).__name__}")
         return value
     raise AssertionError(f"unsupported annotation {hint!r} of {name}")
 
@@ -208,9 +192,7 @@ class RolloutConfig:
             self.num_cpus_per_worker,
         )
         _require(self.max_tokens >= 1, "max_tokens", "an int >= 1", self.max_tokens)
-        _require(
-            self.max_num_seqs >= 1, "max_num_seqs", "an int >= 1", self.max_num_seqs
-        )
+        _require(self.max_num_seqs >= 1, "max_num_seqs", "an int >= 1", self.max_num_seqs)
         _require(
             self.max_num_batched_tokens >= 1,
             "max_num_batched_tokens",
@@ -313,9 +295,7 @@ class TrainerConfig:
                 self.num_gpus,
             )
         else:
-            _require(
-                self.num_gpus > 0, "num_gpus", "> 0 with device cuda", self.num_gpus
-            )
+            _require(self.num_gpus > 0, "num_gpus", "> 0 with device cuda", self.num_gpus)
         if self.weight_sync == "cuda_ipc":
             _require(
                 self.device == "cuda",
@@ -333,15 +313,11 @@ class TrainerConfig:
             )
         _require(self.num_cpus >= 0, "num_cpus", ">= 0", self.num_cpus)
         _require(self.lr > 0, "lr", "a float > 0", self.lr)
-        _require(
-            self.weight_decay >= 0, "weight_decay", "a float >= 0", self.weight_decay
-        )
+        _require(self.weight_decay >= 0, "weight_decay", "a float >= 0", self.weight_decay)
         _require(0 <= self.beta1 < 1, "beta1", "a float in [0, 1)", self.beta1)
         _require(0 <= self.beta2 < 1, "beta2", "a float in [0, 1)", self.beta2)
         _require(self.adam_eps > 0, "adam_eps", "a float > 0", self.adam_eps)
-        _require(
-            self.max_grad_norm >= 0, "max_grad_norm", "a float >= 0", self.max_grad_norm
-        )
+        _require(self.max_grad_norm >= 0, "max_grad_norm", "a float >= 0", self.max_grad_norm)
         _require(
             self.micro_batch_size >= 1,
             "micro_batch_size",
@@ -552,27 +528,19 @@ _SECTIONS: dict[str, type] = {
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     """``"trainer.lr=1e-5"`` -> ``(("trainer", "lr"), 1e-5)``; the value is parsed as YAML."""
     if not isinstance(text, str):
-        raise TypeError(
-            f"override: expected a str 'key=value', got {type(text).__name__}"
-        )
+        raise TypeError(f"override: expected a str 'key=value', got {type(text).__name__}")
     key, sep, raw = text.partition("=")
     path = tuple(key.strip().split("."))
     if not sep or not all(path):
-        raise ValueError(
-            f"override: expected 'section.field=value' or 'field=value', got {text!r}"
-        )
+        raise ValueError(f"override: expected 'section.field=value' or 'field=value', got {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ValueError(
-            f"{key}: could not parse the value {raw!r} as YAML: {err}"
-        ) from err
+        raise ValueError(f"{key}: could not parse the value {raw!r} as YAML: {err}") from err
     return path, value
 
 
-def apply_overrides(
-    data: Mapping[str, Any], overrides: Iterable[str]
-) -> dict[str, Any]:
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """A copy of the nested ``data`` with every ``key=value`` override applied in order."""
     result = _deep_copy(data)
     for text in overrides:
@@ -605,9 +573,7 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return _build(TrainConfig, top, "")
 
 
-def load_config(
-    path: str | os.PathLike | None, overrides: Iterable[str] = ()
-) -> TrainConfig:
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> TrainConfig:
     """Read a YAML config (None: start from no file) and apply ``section.field=value`` overrides."""
     data: Any = {}
     if path is not None:
@@ -615,9 +581,7 @@ def load_config(
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ValueError(
-                f"config {os.fspath(path)}: not valid YAML: {err}"
-            ) from err
+            raise ValueError(f"config {os.fspath(path)}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ValueError(
                 f"config {os.fspath(path)}: expected a mapping at the top level, "
@@ -643,25 +607,16 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     """``cls(**data)``, naming unknown keys and bad values with their dotted path."""
     name = prefix.rstrip(".") or "config"
     if not isinstance(data, Mapping):
-        raise TypeError(
-            f"{name}: expected a mapping of fields, got {type(data).__name__} {data!r}"
-        )
+        raise TypeError(f"{name}: expected a mapping of fields, got {type(data).__name__} {data!r}")
     fields = dataclasses.fields(cls)
     known = {f.name for f in fields}
     for key in data:
         if key not in known:
-            raise ValueError(
-                f"{prefix}{key}: unknown field, expected one of {sorted(known)}"
-            )
+            raise ValueError(f"{prefix}{key}: unknown field, expected one of {sorted(known)}")
     for f in fields:
-        required = (
-            f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-        )
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in data:
-            raise ValueError(
-                f"{prefix}{f.name}: expected a value (required field), got none"
-            )
+            raise ValueError(f"{prefix}{f.name}: expected a value (required field), got none")
     try:
         return cls(**data)
     except (TypeError, ValueError) as err:

@@ -80,9 +80,7 @@ def init_process_group(
         rank=rank,
         world_size=world_size,
     )
-    logger.info(
-        "rank %d of %d joined %s:%d", rank, world_size, master_addr, master_port
-    )
+    logger.info("rank %d of %d joined %s:%d", rank, world_size, master_addr, master_port)
 
 
 def check_process_group(world_size: int) -> int:
@@ -130,9 +128,7 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_FULL_ON_RANK0)
 
 
-def full_optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's full state keyed by parameter name, on rank 0's CPU (empty elsewhere).
 
     Keyed by name, not by position, so a checkpoint resumes on any number of ranks.

@@ -101,9 +101,7 @@ class Learner:
         native_router_agreement: bool = True,
     ) -> None:
         if routing not in ("none", "r3", "r2"):
-            raise ValueError(
-                f"routing: expected one of ['none', 'r3', 'r2'], got {routing!r}"
-            )
+            raise ValueError(f"routing: expected one of ['none', 'r3', 'r2'], got {routing!r}")
         self.config = trainer
         self.grpo = grpo
         self.routing = routing
@@ -141,9 +139,7 @@ class Learner:
         self.pad_token_id = _pad_token_id(self.model.config)
 
     def _load(self, path: Path) -> transformers.PreTrainedModel:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32
-        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.to(self.device)
         if self.config.grouped_experts != "off":
             replay.use_grouped_experts(model, backend=self.config.grouped_experts)
@@ -192,9 +188,7 @@ class Learner:
         ]
         parts = [part for minibatch in minibatches for part in minibatch.parts]
         for part in parts:
-            part.layout = BatchLayout.from_attention_mask(
-                part.tensors.attention_mask_BS
-            )
+            part.layout = BatchLayout.from_attention_mask(part.tensors.attention_mask_BS)
             if rollout_traces is not None:
                 part.rollout_traces = [rollout_traces[i] for i in part.indices]
 
@@ -204,9 +198,7 @@ class Learner:
                     self._old_pass(part)
             if self.routing == "r3" and self.native_router_agreement and rollout_traces:
                 for part in parts:
-                    with self.ctl.record(
-                        attention_mask=part.tensors.attention_mask_BS
-                    ) as rec:
+                    with self.ctl.record(attention_mask=part.tensors.attention_mask_BS) as rec:
                         self._forward(self.model, part.tensors)
                     part.native_traces = rec.traces
             if self.reference is not None:
@@ -230,11 +222,7 @@ class Learner:
             traces = batch.require_traces("routing r3")
         else:
             traces = batch.traces
-        if (
-            traces is not None
-            and traces
-            and traces[0].moe_layers != self.ctl.moe_layers
-        ):
+        if traces is not None and traces and traces[0].moe_layers != self.ctl.moe_layers:
             raise ValueError(
                 f"traces[0].moe_layers: expected the policy's MoE layers {self.ctl.moe_layers}, "
                 f"got {traces[0].moe_layers}"
@@ -284,9 +272,7 @@ class Learner:
                     part.native_traces = tap.traces(part.layout)
             if tap is not None:
                 part.used_traces = tap.traces(part.layout)
-            terms = self._loss(
-                part, logp_BS, minibatch.num_tokens, minibatch.num_sequences
-            )
+            terms = self._loss(part, logp_BS, minibatch.num_tokens, minibatch.num_sequences)
             # FSDP averages gradients over ranks; the minibatch's gradient is their sum.
             (terms.loss * self.world_size).backward()
             units = (
@@ -297,13 +283,9 @@ class Learner:
             totals.add(terms, units=float(units))
         params = [p for p in self.model.parameters() if p.grad is not None]
         # Sharded gradients give a DTensor norm awaiting its reduction over the ranks.
-        grad_norm = distributed.full_tensor(
-            torch.nn.utils.get_total_norm([p.grad for p in params])
-        )
+        grad_norm = distributed.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
         if self.config.max_grad_norm:
-            torch.nn.utils.clip_grads_with_norm_(
-                params, self.config.max_grad_norm, grad_norm
-            )
+            torch.nn.utils.clip_grads_with_norm_(params, self.config.max_grad_norm, grad_norm)
         totals.end_minibatch(float(grad_norm))
         self.optimizer.step()
 
@@ -361,9 +343,7 @@ class Learner:
         """The policy's parameters by HF name, detached and whole on the training device: the
         parameters themselves on one rank (no copy: valid until the next ``step``), gathered
         copies on rank 0 with several ranks (the others get an empty dict)."""
-        return {
-            name: tensor for name, tensor in self._full_parameters() if self.rank == 0
-        }
+        return {name: tensor for name, tensor in self._full_parameters() if self.rank == 0}
 
     def _full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         # On every rank, in the same order: gathering a shard is a collective.
@@ -394,21 +374,15 @@ class Learner:
             "step": self.step_count,
             "torch_rng": torch.get_rng_state(),
             "generator": self.generator.get_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all()
-            if self.device.type == "cuda"
-            else None,
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
         torch.save(state, folder / _TRAINER_STATE)
 
     def load_state(self, folder: str | Path) -> None:
         """Restore optimizer, step and RNG from ``folder/trainer_state.pt`` (the weights come
         from building the learner on ``folder/policy``); any number of ranks, each reading it."""
-        state = torch.load(
-            Path(folder) / _TRAINER_STATE, map_location="cpu", weights_only=False
-        )
-        distributed.load_full_optimizer_state(
-            self.model, self.optimizer, state["optimizer"]
-        )
+        state = torch.load(Path(folder) / _TRAINER_STATE, map_location="cpu", weights_only=False)
+        distributed.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.step_count = int(state["step"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.generator.set_state(state["generator"].cpu())

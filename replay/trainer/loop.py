@@ -114,9 +114,7 @@ class GRPOTrainer:
         self.workers: RolloutWorkers | None = None
         self.log: MetricsLog | None = None
         try:
-            self.workers = RolloutWorkers.from_config(
-                start_model, config.rollout, seed=config.seed
-            )
+            self.workers = RolloutWorkers.from_config(start_model, config.rollout, seed=config.seed)
             self._check_layers()
             if resume_from is not None:
                 self._resume(resume_from)
@@ -130,13 +128,9 @@ class GRPOTrainer:
             self.out_dir, tensorboard=config.log.tensorboard, resume_step=self.step
         )
         if not config.rollout.capture_routing:
-            logger.info(
-                "capture_routing off: router agreement metrics are not reported"
-            )
+            logger.info("capture_routing off: router agreement metrics are not reported")
         if config.rollout.release_kv_while_training:
-            logger.info(
-                "release_kv_while_training: the rollout engines sleep during each update"
-            )
+            logger.info("release_kv_while_training: the rollout engines sleep during each update")
 
     def _check_layers(self) -> None:
         assert self.workers is not None
@@ -155,10 +149,7 @@ class GRPOTrainer:
         logger.info("resumed from %s at step %d", folder, self.step)
 
     def _prepare_model(self, path: Path) -> Path:
-        if (
-            self.config.model_init == "random_addition"
-            and not (path / "config.json").exists()
-        ):
+        if self.config.model_init == "random_addition" and not (path / "config.json").exists():
             make_addition_model(path, TINY_ADDITION_SPEC, seed=self.config.seed)
             logger.info("wrote a random addition model to %s", path)
         if not (path / "config.json").exists():
@@ -205,9 +196,7 @@ class GRPOTrainer:
         start = time.perf_counter()
         problems = self.task.sample(grpo.prompts_per_step, self.rng)
         per_answer = [p for p in problems for _ in range(grpo.group_size)]
-        seeds = np.random.SeedSequence([config.seed, self.step]).generate_state(
-            len(per_answer)
-        )
+        seeds = np.random.SeedSequence([config.seed, self.step]).generate_state(len(per_answer))
         sampling = [
             rollout.SamplingParams(
                 max_tokens=config.rollout.max_tokens,
@@ -250,11 +239,7 @@ class GRPOTrainer:
             "accuracy": float((rewards == 1.0).mean()),
             "finished_fraction": float(np.mean(batch.finished)),
             "answer_tokens_mean": batch.num_generated_tokens / len(batch),
-            **{
-                k: v
-                for k, v in metrics.items()
-                if k not in ("time_train_s", "train_tokens")
-            },
+            **{k: v for k, v in metrics.items() if k not in ("time_train_s", "train_tokens")},
             "trainer_compute_s": metrics["time_train_s"],
             "rollout_tokens_per_s": batch.num_generated_tokens / time_rollout,
             "train_tokens_per_s": metrics["train_tokens"] / time_train,
@@ -272,9 +257,7 @@ class GRPOTrainer:
         """Checkpoint the current step (policy, optimizer, RNG, driver state)."""
         folder = staging_dir(self.out_dir, self.step)
         self.trainer.save(folder)
-        save_driver_state(
-            folder, {"step": self.step, "rng": self.rng.bit_generator.state}
-        )
+        save_driver_state(folder, {"step": self.step, "rng": self.rng.bit_generator.state})
         final = commit_checkpoint(self.out_dir, self.step)
         prune_checkpoints(self.out_dir, self.config.log.keep_checkpoints)
         logger.info("checkpoint %s", final)

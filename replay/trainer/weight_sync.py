@@ -29,9 +29,7 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 __all__ = ["SharedCudaTensors", "open_cuda_tensors", "share_cuda_tensors"]
 
 # Where the producer's device index sits in ``rebuild_cuda_tensor``'s arguments.
-_DEVICE_ARG = list(inspect.signature(rebuild_cuda_tensor).parameters).index(
-    "storage_device"
-)
+_DEVICE_ARG = list(inspect.signature(rebuild_cuda_tensor).parameters).index("storage_device")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -62,9 +60,7 @@ def share_cuda_tensors(tensors: Mapping[str, torch.Tensor]) -> SharedCudaTensors
     handles = []
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"tensors[{name!r}]: expected a torch.Tensor, got {type(tensor)}"
-            )
+            raise TypeError(f"tensors[{name!r}]: expected a torch.Tensor, got {type(tensor)}")
         if tensor.device.type != "cuda":
             raise ValueError(
                 f"tensors[{name!r}]: expected a CUDA tensor (trainer.weight_sync 'cuda_ipc' "
@@ -77,9 +73,7 @@ def share_cuda_tensors(tensors: Mapping[str, torch.Tensor]) -> SharedCudaTensors
                 f"tensors[{name!r}]: expected every tensor on {device}, got {tensor.device}"
             )
         if tensor.requires_grad:
-            raise ValueError(
-                f"tensors[{name!r}]: expected a detached tensor, got requires_grad"
-            )
+            raise ValueError(f"tensors[{name!r}]: expected a detached tensor, got requires_grad")
         rebuild, args = reduce_tensor(tensor)
         assert rebuild is rebuild_cuda_tensor, rebuild
         handles.append((name, args))
@@ -96,9 +90,7 @@ def open_cuda_tensors(shared: SharedCudaTensors) -> Iterator[dict[str, torch.Ten
     tensors are dropped, which closes the handles; do not keep references past the block.
     """
     if not isinstance(shared, SharedCudaTensors):
-        raise TypeError(
-            f"shared: expected SharedCudaTensors, got {type(shared).__name__}"
-        )
+        raise TypeError(f"shared: expected SharedCudaTensors, got {type(shared).__name__}")
     index = _local_device(shared.device_uuid)
     tensors = {}
     for name, args in shared.handles:

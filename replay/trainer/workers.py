@@ -156,11 +156,7 @@ class RolloutWorkers:
         seed: int = 0,
         **llm_kwargs: Any,
     ) -> None:
-        if (
-            isinstance(num_workers, bool)
-            or not isinstance(num_workers, int)
-            or num_workers < 1
-        ):
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers: expected an int >= 1, got {num_workers!r}")
         actor = ray.remote(RolloutWorker).options(
             num_gpus=num_gpus_per_worker, num_cpus=num_cpus_per_worker
@@ -169,9 +165,7 @@ class RolloutWorkers:
             actor.remote(str(model_path), rank=rank, seed=seed, llm_kwargs=llm_kwargs)
             for rank in range(num_workers)
         ]
-        self.routing_spec: rollout.RoutingSpec = ray.get(
-            self._actors[0].routing_spec.remote()
-        )
+        self.routing_spec: rollout.RoutingSpec = ray.get(self._actors[0].routing_spec.remote())
 
     @classmethod
     def from_config(
@@ -215,9 +209,7 @@ class RolloutWorkers:
                 )
         shares = np.array_split(np.arange(len(prompts)), self.num_workers)
         futures = [
-            actor.generate.remote(
-                [prompts[i] for i in share], [params[i] for i in share]
-            )
+            actor.generate.remote([prompts[i] for i in share], [params[i] for i in share])
             for actor, share in zip(self._actors, shares, strict=True)
             if len(share)
         ]
@@ -238,15 +230,8 @@ class RolloutWorkers:
         """
         if not isinstance(weights, (ray.ObjectRef, SharedCudaTensors)):
             items = weights.items() if isinstance(weights, Mapping) else weights
-            weights = ray.put(
-                {name: tensor.detach().to("cpu") for name, tensor in items}
-            )
-        ray.get(
-            [
-                actor.update_weights.remote(weights, require_all)
-                for actor in self._actors
-            ]
-        )
+            weights = ray.put({name: tensor.detach().to("cpu") for name, tensor in items})
+        ray.get([actor.update_weights.remote(weights, require_all) for actor in self._actors])
 
     def sleep(self) -> None:
         """Put every worker's engine to sleep (``LLM.sleep``); weights can still be pushed."""
@@ -289,9 +274,7 @@ class TrainerWorker:
         learner_kwargs: ``Learner`` keyword arguments (``trainer``, ``grpo``, ``routing``, ...).
     """
 
-    def __init__(
-        self, model_path: str, *, rank: int = 0, **learner_kwargs: Any
-    ) -> None:
+    def __init__(self, model_path: str, *, rank: int = 0, **learner_kwargs: Any) -> None:
         self.model_path = model_path
         self.rank = rank
         self.learner_kwargs = learner_kwargs
@@ -304,9 +287,7 @@ class TrainerWorker:
         """This node's IP address and a free port on it: the process group's rendezvous."""
         return ray.util.get_node_ip_address(), distributed.free_port()
 
-    def start(
-        self, master_addr: str | None = None, master_port: int | None = None
-    ) -> None:
+    def start(self, master_addr: str | None = None, master_port: int | None = None) -> None:
         """Join the process group at rank 0's address (several ranks), build the ``Learner``."""
         trainer: TrainerConfig = self.learner_kwargs["trainer"]
         if trainer.world_size > 1:
@@ -376,9 +357,7 @@ class TrainerGroup:
         learner_kwargs: further ``Learner`` keyword arguments.
     """
 
-    def __init__(
-        self, model_path: str | Path, *, trainer: TrainerConfig, **learner_kwargs: Any
-    ):
+    def __init__(self, model_path: str | Path, *, trainer: TrainerConfig, **learner_kwargs: Any):
         self.config = trainer
         actor = ray.remote(TrainerWorker).options(
             num_gpus=trainer.num_gpus, num_cpus=trainer.num_cpus

@@ -69,12 +69,7 @@ class ReaderSpec:
     @property
     def nbytes(self) -> int:
         """Size of the store's array (and of its segment) in bytes."""
-        return (
-            self.num_kv_slots
-            * self.num_moe_layers
-            * self.top_k
-            * np.dtype(self.dtype).itemsize
-        )
+        return self.num_kv_slots * self.num_moe_layers * self.top_k * np.dtype(self.dtype).itemsize
 
 
 class RoutedExpertsReader:
@@ -122,9 +117,7 @@ class RoutedExpertsReader:
         """Attach to the store described by ``spec`` (from ``RoutingStore.reader_spec()``)."""
         if not isinstance(spec, ReaderSpec):
             raise TypeError(f"spec: expected a ReaderSpec, got {type(spec).__name__}")
-        return cls(
-            spec.name, spec.num_kv_slots, spec.num_moe_layers, spec.top_k, spec.dtype
-        )
+        return cls(spec.name, spec.num_kv_slots, spec.num_moe_layers, spec.top_k, spec.dtype)
 
     def read(self, slots: npt.ArrayLike) -> np.ndarray:
         """The rows ``[len(slots), L, K]`` stored at ``slots`` (a copy), in the given order.
@@ -134,9 +127,7 @@ class RoutedExpertsReader:
             ValueError: ``slots`` not a 1-D integer sequence of values in [0, num_kv_slots).
         """
         if self._rows_SLK is None:
-            raise RuntimeError(
-                f"RoutedExpertsReader({self.spec.name!r}): read after close()"
-            )
+            raise RuntimeError(f"RoutedExpertsReader({self.spec.name!r}): read after close()")
         return gather_rows(self._rows_SLK, slots)
 
     def close(self) -> None:
@@ -168,9 +159,7 @@ def gather_rows(rows_SLK: np.ndarray, slots: npt.ArrayLike) -> np.ndarray:
     """
     slots_R = np.asarray(slots)
     if slots_R.ndim != 1:
-        raise ValueError(
-            f"slots: expected a 1-D sequence of KV slots, got shape {slots_R.shape}"
-        )
+        raise ValueError(f"slots: expected a 1-D sequence of KV slots, got shape {slots_R.shape}")
     if slots_R.size == 0:
         return np.empty((0, *rows_SLK.shape[1:]), dtype=rows_SLK.dtype)
     if slots_R.dtype.kind not in "iu":
@@ -198,9 +187,7 @@ def id_dtype_name(dtype: object) -> str:
     try:
         name = np.dtype(dtype).name
     except TypeError as err:
-        raise ValueError(
-            f"dtype: expected uint8, int16 or int32, got {dtype!r}"
-        ) from err
+        raise ValueError(f"dtype: expected uint8, int16 or int32, got {dtype!r}") from err
     if name not in _ID_DTYPES:
         raise ValueError(f"dtype: expected uint8, int16 or int32, got {dtype!r}")
     return name

@@ -84,9 +84,7 @@ class RoutingStore:
         if dtype is None:
             dtype = torch.int16
         if not isinstance(dtype, torch.dtype):
-            raise TypeError(
-                f"dtype: expected a torch.dtype or None, got {type(dtype).__name__}"
-            )
+            raise TypeError(f"dtype: expected a torch.dtype or None, got {type(dtype).__name__}")
         self.spec = ReaderSpec(
             name=name,
             num_kv_slots=num_kv_slots,
@@ -94,12 +92,8 @@ class RoutingStore:
             top_k=top_k,
             dtype=id_dtype_name(dtype),
         )
-        if isinstance(max_num_tokens, bool) or not isinstance(
-            max_num_tokens, numbers.Integral
-        ):
-            raise TypeError(
-                f"max_num_tokens: expected an int, got {type(max_num_tokens).__name__}"
-            )
+        if isinstance(max_num_tokens, bool) or not isinstance(max_num_tokens, numbers.Integral):
+            raise TypeError(f"max_num_tokens: expected an int, got {type(max_num_tokens).__name__}")
         if max_num_tokens < 1:
             raise ValueError(f"max_num_tokens: expected >= 1, got {max_num_tokens}")
         self.max_num_tokens = int(max_num_tokens)
@@ -270,9 +264,7 @@ class RoutingStore:
 
     def _check_open(self, method: str) -> None:
         if self._segment is None:
-            raise RuntimeError(
-                f"{method}: the routing store {self.spec.name!r} is closed"
-            )
+            raise RuntimeError(f"{method}: the routing store {self.spec.name!r} is closed")
 
     def _check_buffer(self, capture_buffer: torch.Tensor, num_tokens: int) -> int:
         if not isinstance(capture_buffer, torch.Tensor):
@@ -294,9 +286,7 @@ class RoutingStore:
                 f"got {capture_buffer.dtype} on {capture_buffer.device}"
             )
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral):
-            raise TypeError(
-                f"num_tokens: expected an int, got {type(num_tokens).__name__}"
-            )
+            raise TypeError(f"num_tokens: expected an int, got {type(num_tokens).__name__}")
         limit = min(self.max_num_tokens, capture_buffer.shape[0])
         if not 0 <= num_tokens <= limit:
             raise ValueError(
@@ -305,9 +295,7 @@ class RoutingStore:
             )
         return int(num_tokens)
 
-    def _host_slots(
-        self, slot_mapping: npt.ArrayLike | torch.Tensor, n: int
-    ) -> np.ndarray:
+    def _host_slots(self, slot_mapping: npt.ArrayLike | torch.Tensor, n: int) -> np.ndarray:
         """``slot_mapping`` as a new int64 array [n], checked to be in [-1, num_kv_slots)."""
         if isinstance(slot_mapping, torch.Tensor):
             if slot_mapping.device.type != "cpu":
@@ -325,9 +313,7 @@ class RoutingStore:
         if n == 0:
             return np.empty(0, dtype=np.int64)
         if slots.dtype.kind not in "iu":
-            raise ValueError(
-                f"slot_mapping: expected integers, got dtype {slots.dtype}"
-            )
+            raise ValueError(f"slot_mapping: expected integers, got dtype {slots.dtype}")
         low, high = int(slots.min()), int(slots.max())
         if low < -1 or high >= self.spec.num_kv_slots:
             raise ValueError(

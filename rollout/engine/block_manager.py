@@ -46,21 +46,15 @@ class BlockManager:
         prefix_cache_hits: of those, tokens served from the cache.
     """
 
-    def __init__(
-        self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True
-    ):
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
         self.num_blocks = check_int("num_blocks", num_blocks, minimum=1)
         self.block_size = check_int("block_size", block_size, minimum=1)
-        self.enable_prefix_caching = check_bool(
-            "enable_prefix_caching", enable_prefix_caching
-        )
+        self.enable_prefix_caching = check_bool("enable_prefix_caching", enable_prefix_caching)
         self._ref_counts = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._generation = [0] * num_blocks
         self._block_hash: list[int | None] = [None] * num_blocks
-        self._block_key: list[tuple[int, int, tuple[int, ...]] | None] = [
-            None
-        ] * num_blocks
+        self._block_key: list[tuple[int, int, tuple[int, ...]] | None] = [None] * num_blocks
         self._hash_to_block: dict[int, int] = {}
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -76,9 +70,7 @@ class BlockManager:
     def hit_rate(self) -> float:
         """``prefix_cache_hits / prefix_cache_queries`` (0 before any query)."""
         return (
-            self.prefix_cache_hits / self.prefix_cache_queries
-            if self.prefix_cache_queries
-            else 0.0
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
         )
 
     def ref_count(self, block_id: int) -> int:
@@ -107,9 +99,7 @@ class BlockManager:
 
     def max_appendable_tokens(self, seq: Sequence) -> int:
         """Most new tokens ``seq`` can be given now: its table's room plus all free blocks."""
-        return (
-            len(seq.block_table) + len(self._free)
-        ) * self.block_size - seq.num_computed_tokens
+        return (len(seq.block_table) + len(self._free)) * self.block_size - seq.num_computed_tokens
 
     # ------------------------------------------------------------------ transitions
 
@@ -122,9 +112,7 @@ class BlockManager:
         ``seq.num_cached_tokens`` records them and the hit counters are updated.
         """
         assert not seq.block_table, f"allocate: {seq} already holds blocks"
-        assert not seq.pending_rows, (
-            f"allocate: {seq} has placeholders (its tokens are hashed)"
-        )
+        assert not seq.pending_rows, f"allocate: {seq} has placeholders (its tokens are hashed)"
         matched = self._match(seq)
         num_cached = len(matched) * self.block_size
         assert num_cached < num_tokens <= len(seq), (num_cached, num_tokens, seq)
@@ -144,9 +132,7 @@ class BlockManager:
     def may_append(self, seq: Sequence, num_new_tokens: int = 1) -> None:
         """Grow the table of ``seq`` to cover ``num_new_tokens`` tokens past the computed ones."""
         grow = self._blocks_to_grow(seq, num_new_tokens)
-        assert grow <= len(self._free), (
-            f"may_append: {grow} blocks needed, {len(self._free)} free"
-        )
+        assert grow <= len(self._free), f"may_append: {grow} blocks needed, {len(self._free)} free"
         self._grow(seq, grow)
 
     def cache_full_blocks(self, seq: Sequence, start: int, end: int) -> None:
@@ -178,9 +164,7 @@ class BlockManager:
     def deallocate(self, seq: Sequence) -> None:
         """Release every block of ``seq`` and empty its table (registered blocks stay cached)."""
         for block_id in reversed(seq.block_table):
-            assert self._ref_counts[block_id] > 0, (
-                f"deallocate: block {block_id} is not held"
-            )
+            assert self._ref_counts[block_id] > 0, f"deallocate: block {block_id} is not held"
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
                 self._free[block_id] = None
@@ -215,9 +199,7 @@ class BlockManager:
             hashes.append(hash_block(parent, tuple(seq.block_token_ids(i))))
         return hashes
 
-    def _key(
-        self, parent: int, seq: Sequence, index: int
-    ) -> tuple[int, int, tuple[int, ...]]:
+    def _key(self, parent: int, seq: Sequence, index: int) -> tuple[int, int, tuple[int, ...]]:
         generation = self._generation[parent] if parent != _NO_PARENT else 0
         return (parent, generation, tuple(seq.block_token_ids(index)))
 
@@ -230,9 +212,7 @@ class BlockManager:
         parent = _NO_PARENT
         for i in range(max_blocks):
             block_id = self._hash_to_block.get(hashes[i])
-            if block_id is None or self._block_key[block_id] != self._key(
-                parent, seq, i
-            ):
+            if block_id is None or self._block_key[block_id] != self._key(parent, seq, i):
                 break
             matched.append(block_id)
             parent = block_id

@@ -137,9 +137,7 @@ class DataParallelEngine:
             _check_expert_split(config)
         self.config = config
         self.instance_id = shm.new_instance_id() if instance_id is None else instance_id
-        self.segment_names = tuple(
-            shm.segment_name(self.instance_id, r) for r in range(size)
-        )
+        self.segment_names = tuple(shm.segment_name(self.instance_id, r) for r in range(size))
         self.tokenizer = load_tokenizer(config.model)
         self._next_request_id = 0
         self._sleeping = False
@@ -208,9 +206,7 @@ class DataParallelEngine:
     def stats(self) -> EngineStats:
         """The ranks' counters summed (KV blocks, preemptions, prefix-cache tokens); block size,
         context length and CUDA graph sizes are rank 0's (the same on every rank)."""
-        per_rank: list[EngineStats] = self._command(
-            range(self.data_parallel_size), ("stats",)
-        )
+        per_rank: list[EngineStats] = self._command(range(self.data_parallel_size), ("stats",))
         return dataclasses.replace(
             per_rank[0],
             num_kv_blocks=sum(s.num_kv_blocks for s in per_rank),
@@ -263,29 +259,21 @@ class DataParallelEngine:
                 batch = [(list(prompt_token_ids[i]), params[i]) for i in assigned[r]]
                 self._conns[r].send(("add", batch))
             added = dict(zip(busy, self._gather(busy), strict=True))
-            refused = {
-                r: reply for r, reply in added.items() if isinstance(reply, _BadRequest)
-            }
+            refused = {r: reply for r, reply in added.items() if isinstance(reply, _BadRequest)}
             if refused:
                 kept = [r for r in busy if r not in refused]
                 for r in kept:
                     self._conns[r].send(("abort", added[r]))
                 self._gather(kept)
-                rank, bad = min(
-                    refused.items(), key=lambda kv: assigned[kv[0]][kv[1].position]
-                )
+                rank, bad = min(refused.items(), key=lambda kv: assigned[kv[0]][kv[1].position])
                 index = assigned[rank][bad.position]
                 raise ValueError(f"prompts[{index}]: {bad.error}") from bad.error
             # dp_attention: every rank steps, in lockstep, until none has work.
             runners = list(range(size)) if self.config.dp_attention else busy
             for r in runners:
                 self._conns[r].send(("run",))
-            with tqdm(
-                total=len(params), desc="generate", unit="req", disable=not use_tqdm
-            ) as bar:
-                finished = self._gather_run(
-                    runners, lambda r: bar.update(len(assigned[r]))
-                )
+            with tqdm(total=len(params), desc="generate", unit="req", disable=not use_tqdm) as bar:
+                finished = self._gather_run(runners, lambda r: bar.update(len(assigned[r])))
         except (KeyboardInterrupt, EOFError, OSError):
             self.shutdown()
             raise
@@ -297,9 +285,7 @@ class DataParallelEngine:
                 outputs[i] = dataclasses.replace(out, request_id=first_id + i)
         return outputs  # type: ignore[return-value]
 
-    def update_weights(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
-    ) -> set[str]:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into every rank's model (rank 0 broadcasts them through the
         process group, one at a time; each rank copies what it holds) and reset every rank's
         prefix cache.
@@ -320,9 +306,7 @@ class DataParallelEngine:
                     f"named_tensors[{i}]: expected a str name, got {type(name).__name__}"
                 )
             if not isinstance(tensor, torch.Tensor):
-                raise TypeError(
-                    f"{name}: expected a torch.Tensor, got {type(tensor).__name__}"
-                )
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
             # Through the pipe as host memory: CUDA IPC handles would tie rank 0 to our device.
             items.append((name, tensor.detach().to("cpu").contiguous()))
         self._conns[0].send(("update_weights", items))
@@ -380,9 +364,7 @@ class DataParallelEngine:
             self.shutdown()
             raise
 
-    def _gather(
-        self, ranks: Iterable[int], on_reply=None, fail_fast: bool = False
-    ) -> list[Any]:
+    def _gather(self, ranks: Iterable[int], on_reply=None, fail_fast: bool = False) -> list[Any]:
         """One reply from each of ``ranks`` (as they come); the first rank error is raised once
         all replied, or as soon as it comes with ``fail_fast``."""
         ranks = list(ranks)
@@ -431,9 +413,7 @@ def _stop_ranks(
     for rank, process in enumerate(processes):
         process.join(_STOP_TIMEOUT_S)
         if process.is_alive():
-            logger.warning(
-                "data parallel rank %d did not stop in time: terminating it", rank
-            )
+            logger.warning("data parallel rank %d did not stop in time: terminating it", rank)
             process.terminate()
             process.join(_STOP_TIMEOUT_S)
         if process.exitcode != 0:
@@ -458,9 +438,7 @@ def _rank_main(
     # SIGTERM (terminate) unwinds through the finally blocks: the engine unlinks its segment.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     size = config.data_parallel_size
-    on_cuda = config.device == "cuda" or (
-        config.device is None and torch.cuda.is_available()
-    )
+    on_cuda = config.device == "cuda" or (config.device is None and torch.cuda.is_available())
     engine: LLMEngine | None = None
     try:
         if on_cuda:
@@ -625,9 +603,7 @@ def _broadcast(
         yield name, tensor
 
 
-def _reply_error(
-    conn: multiprocessing.connection.Connection, exc: BaseException
-) -> None:
+def _reply_error(conn: multiprocessing.connection.Connection, exc: BaseException) -> None:
     trace = traceback.format_exc()
     try:
         conn.send(("error", exc, trace))

@@ -116,9 +116,7 @@ class LLMEngine:
         if pipelined is None:
             pipelined = not config.dp_attention
         if not isinstance(pipelined, bool):
-            raise TypeError(
-                f"pipelined: expected None or a bool, got {type(pipelined).__name__}"
-            )
+            raise TypeError(f"pipelined: expected None or a bool, got {type(pipelined).__name__}")
         if pipelined and config.dp_attention:
             raise ValueError(
                 "pipelined: expected None or False with data_parallel_mode='dp_attention' "
@@ -135,21 +133,15 @@ class LLMEngine:
             load_format=config.load_format,
             seed=config.seed,
             parallel=(
-                MoEParallelConfig(
-                    ep_rank=self.dp_rank, ep_size=config.data_parallel_size
-                )
+                MoEParallelConfig(ep_rank=self.dp_rank, ep_size=config.data_parallel_size)
                 if config.dp_attention
                 else None
             ),
         )
         model = checkpoint.model
-        max_model_len = config.resolve_max_model_len(
-            checkpoint.hf_config.max_position_embeddings
-        )
+        max_model_len = config.resolve_max_model_len(checkpoint.hf_config.max_position_embeddings)
         self.config = config
-        self.routing_spec = RoutingSpec.from_model(
-            model.moe_layers, model.routing_params
-        )
+        self.routing_spec = RoutingSpec.from_model(model.moe_layers, model.routing_params)
         # The capture buffer exists before the runner: it is a static input of its CUDA graphs
         # and counts in its memory profile.
         routing = (
@@ -215,9 +207,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams
-    ) -> int:
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> int:
         """Queue a request; return its id.
 
         Raises:
@@ -229,18 +219,14 @@ class LLMEngine:
         """
         self._check_awake("add_request")
         if not isinstance(params, SamplingParams):
-            raise TypeError(
-                f"params: expected SamplingParams, got {type(params).__name__}"
-            )
+            raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
         if params.return_routed_experts and self.routing is None:
             raise ValueError(
                 "return_routed_experts: expected False on an engine built with "
                 "capture_routing=False (set capture_routing=True to record routed experts), "
                 "got True"
             )
-        if prompt_token_ids and not all(
-            0 <= t < self.vocab_size for t in prompt_token_ids
-        ):
+        if prompt_token_ids and not all(0 <= t < self.vocab_size for t in prompt_token_ids):
             bad = next(t for t in prompt_token_ids if not 0 <= t < self.vocab_size)
             raise ValueError(
                 f"prompt_token_ids: expected token ids in [0, {self.vocab_size}), got {bad}"
@@ -292,25 +278,17 @@ class LLMEngine:
         return self._complete(step)
 
     def _output(self, seq: EngineSequence) -> RequestOutput:
-        text = (
-            None
-            if self.tokenizer is None
-            else self.tokenizer.decode(seq.generated_token_ids)
-        )
+        text = None if self.tokenizer is None else self.tokenizer.decode(seq.generated_token_ids)
         routed_experts = (
             self.routing.rows(seq)
             if self.routing is not None and seq.params.return_routed_experts
             else None
         )
-        return RequestOutput.from_sequence(
-            seq, text=text, routed_experts=routed_experts
-        )
+        return RequestOutput.from_sequence(seq, text=text, routed_experts=routed_experts)
 
     # ------------------------------------------------------------------ weights, state
 
-    def update_weights(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
-    ) -> set[str]:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into the model in place and forget the prefix cache.
 
         Returns the names of the model parameters written completely.
@@ -322,9 +300,7 @@ class LLMEngine:
         """
         unfinished = self.scheduler.num_unfinished
         if unfinished:
-            raise RuntimeError(
-                f"update_weights: expected no unfinished requests, got {unfinished}"
-            )
+            raise RuntimeError(f"update_weights: expected no unfinished requests, got {unfinished}")
         self._drain()  # a batch of finished requests may still read the weights
         try:
             return self.runner.update_weights(named_tensors)
@@ -349,9 +325,7 @@ class LLMEngine:
         """
         unfinished = self.scheduler.num_unfinished
         if unfinished:
-            raise RuntimeError(
-                f"sleep: expected no unfinished requests, got {unfinished}"
-            )
+            raise RuntimeError(f"sleep: expected no unfinished requests, got {unfinished}")
         if self.is_sleeping:
             return
         self._drain()  # a batch of finished requests may still use the KV cache

@@ -129,10 +129,7 @@ class StepBuffers:
             for name, (n, dtype) in sizes.items()
         }
         self.device = (
-            {
-                name: torch.zeros(n, dtype=dtype, device=device)
-                for name, (n, dtype) in sizes.items()
-            }
+            {name: torch.zeros(n, dtype=dtype, device=device) for name, (n, dtype) in sizes.items()}
             if pinned
             else self.host
         )
@@ -160,9 +157,7 @@ class StepBuffers:
         table.fill(-1)
         total = int(lengths.sum())
         if total:
-            flat = np.fromiter(
-                itertools.chain.from_iterable(rows), dtype=table.dtype, count=total
-            )
+            flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=table.dtype, count=total)
             row_ids = np.repeat(np.arange(len(rows)), lengths)
             starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
             table[row_ids, np.arange(total) - starts] = flat
@@ -239,12 +234,8 @@ class ModelRunner:
         self.after_forward = after_forward
         self.max_blocks_per_seq = math.ceil(max_model_len / config.block_size)
         # Naive dispatch changes the collectives' shapes every step: eager only.
-        use_graphs = (
-            self.device.type == "cuda" and not config.enforce_eager and dispatch is None
-        )
-        max_graph = min(
-            config.max_num_seqs, config.max_num_batched_tokens, MAX_CUDA_GRAPH_SIZE
-        )
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager and dispatch is None
+        max_graph = min(config.max_num_seqs, config.max_num_batched_tokens, MAX_CUDA_GRAPH_SIZE)
         self.spec = self.model.attention_spec
         # Kept for wake_up, which rebuilds the backend that sleep released.
         self._backend_kwargs = dict(
@@ -284,9 +275,7 @@ class ModelRunner:
             self.device,
             routing_capture=self._check_capture(routing_capture),
         )
-        self.bytes_per_block = kv_cache_bytes_per_block(
-            self.spec, config.block_size, self.dtype
-        )
+        self.bytes_per_block = kv_cache_bytes_per_block(self.spec, config.block_size, self.dtype)
         # Step state, set before the memory profile (on CUDA it runs a step).
         # Recorded after a step's input copies were enqueued: the pinned host buffers they
         # read (ours and FlashInfer's plan workspace) are rewritten only once it completed.
@@ -311,9 +300,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ the step
 
-    def prepare(
-        self, batch: ScheduledBatch, previous: SampledTokens | None = None
-    ) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, previous: SampledTokens | None = None) -> StepInputs:
         """Stage ``batch`` into the static inputs, plan attention and build sampling inputs.
 
         ``previous``: the sampled tokens of the step in flight, which the batch's placeholders
@@ -364,16 +351,12 @@ class ModelRunner:
         return self._logits(hidden_TH, inputs)
 
     @torch.no_grad()
-    def sample_async(
-        self, logits_SV: torch.Tensor, inputs: StepInputs
-    ) -> SampledTokens:
+    def sample_async(self, logits_SV: torch.Tensor, inputs: StepInputs) -> SampledTokens:
         """Sample one token per sampling row on the device and start copying the ids and
         their logprobs to the host (no synchronisation)."""
         return SampledTokens(*self.sampler(logits_SV, inputs.sampling))
 
-    def sample(
-        self, logits_SV: torch.Tensor, inputs: StepInputs
-    ) -> tuple[list[int], list[float]]:
+    def sample(self, logits_SV: torch.Tensor, inputs: StepInputs) -> tuple[list[int], list[float]]:
         """Sampled token ids and their logprobs, one per sampling row, as host lists (waits)."""
         return self.sample_async(logits_SV, inputs).tolist()
 
@@ -383,9 +366,7 @@ class ModelRunner:
         Forwards one padding token (token 0, position 0, slot -1: no KV written, length 0) so
         that this rank joins the MoE layers' collectives; the output is discarded, nothing is
         sampled and no hook runs."""
-        assert self.dispatch is not None, (
-            "run_idle: only a dp_attention rank steps without work"
-        )
+        assert self.dispatch is not None, "run_idle: only a dp_attention rank steps without work"
         assert not self.is_sleeping, "run_idle: the runner is asleep (wake_up first)"
         self._wait_staging_reusable()
         self.dispatch.begin_step(1)
@@ -404,9 +385,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ weights
 
-    def update_weights(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
-    ) -> set[str]:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into the model in place (storage kept: graphs stay valid);
         return the names of the parameters written completely."""
         return self.model.load_weights(named_tensors)
@@ -485,9 +464,7 @@ class ModelRunner:
         count = len(batch.placeholder_indices)
         if count == 0:
             return
-        assert (
-            previous is not None and max(batch.placeholder_rows) < previous.num_rows
-        ), (
+        assert previous is not None and max(batch.placeholder_rows) < previous.num_rows, (
             f"prepare: {count} placeholders without their source rows "
             f"(previous step: {None if previous is None else previous.num_rows} rows)"
         )
@@ -552,9 +529,7 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def _reserved_bytes(self) -> int:
-        return (
-            torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
-        )
+        return torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
 
     def _unbind_kv_cache(self) -> None:
         # The attention layers hold views of the cache: drop them so that its memory is freed.
@@ -628,9 +603,7 @@ class ModelRunner:
             attn_backend=self.backend,
             routing_capture=buf.routing_capture,
         )
-        forward.attn_state = self.backend.plan(
-            forward, cuda_graph=graph_size is not None
-        )
+        forward.attn_state = self.backend.plan(forward, cuda_graph=graph_size is not None)
         return forward
 
     @torch.no_grad()
@@ -724,9 +697,7 @@ class ModelRunner:
         # Not run(): its hook files rows by slot, and these slots are the temporary cache's.
         self.sample(self._logits(self._forward(inputs), inputs), inputs)
         rows = config.max_num_seqs
-        logits_SV = torch.zeros(
-            rows, self.vocab_size, dtype=torch.float32, device=device
-        )
+        logits_SV = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=device)
         self.sampler(logits_SV, self.sampler.prepare([params] * rows, [0] * rows))
         torch.cuda.synchronize(device)
         peak_torch = torch.cuda.max_memory_allocated(device) - temporary_kv.numel() * (

@@ -100,12 +100,8 @@ class RoutingRecorder:
 
     def open_store(self, *, name: str, num_kv_slots: int) -> None:
         """Create the shared-memory store ``name`` with a row per KV slot."""
-        assert self.store is None, (
-            f"open_store: store {self.store.name!r} is open already"
-        )
-        self.store = RoutingStore.for_capturer(
-            self.capturer, name=name, num_kv_slots=num_kv_slots
-        )
+        assert self.store is None, f"open_store: store {self.store.name!r} is open already"
+        self.store = RoutingStore.for_capturer(self.capturer, name=name, num_kv_slots=num_kv_slots)
 
     def reader_spec(self) -> ReaderSpec:
         """What a ``RoutedExpertsReader`` in another process needs to attach to the store."""
@@ -120,9 +116,7 @@ class RoutingRecorder:
         them and are not copied).
         """
         self.commit()  # the previous step's rows, when no read needed them earlier
-        self._store().after_forward(
-            self.capturer.buffer, batch.num_tokens, batch.slot_mapping
-        )
+        self._store().after_forward(self.capturer.buffer, batch.num_tokens, batch.slot_mapping)
         self._pending_batch = batch
 
     def commit(self) -> None:
@@ -152,9 +146,7 @@ class RoutingRecorder:
         if batch is None:
             return False
         if self._pending_starts is None:
-            self._pending_starts = {
-                entry.seq.seq_id: entry.start for entry in batch.entries
-            }
+            self._pending_starts = {entry.seq.seq_id: entry.start for entry in batch.entries}
         start = self._pending_starts.get(seq.seq_id)
         return start is not None and start < end
 
@@ -169,9 +161,7 @@ class RoutingRecorder:
             else np.empty((0, spec.num_moe_layers, spec.top_k), dtype=spec.dtype)
         )
         start = seq.params.routed_experts_start
-        assert (not saved or saved[0][0] == start) and rows.shape[0] == len(
-            seq
-        ) - 1 - start, (
+        assert (not saved or saved[0][0] == start) and rows.shape[0] == len(seq) - 1 - start, (
             f"{seq}: saved routing rows {[(p, len(b)) for p, b in saved]}, expected positions "
             f"[{start}, {len(seq) - 1})"
         )

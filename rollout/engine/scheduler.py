@@ -241,9 +241,7 @@ class Scheduler:
         Raises ValueError for an empty prompt, prompt + ``max_tokens`` beyond
         ``max_model_len``, or a request needing more KV blocks than the cache has.
         """
-        seq = Sequence(
-            next(self._next_id), prompt_token_ids, params, block_size=self.block_size
-        )
+        seq = Sequence(next(self._next_id), prompt_token_ids, params, block_size=self.block_size)
         total = len(seq) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -385,9 +383,7 @@ class Scheduler:
         Raises RuntimeError for any other batch.
         """
         if batch is not self._scheduled:
-            raise RuntimeError(
-                "advance: expected the batch returned by the last schedule"
-            )
+            raise RuntimeError("advance: expected the batch returned by the last schedule")
         self._scheduled = None
         self._in_flight.append(batch)
         # Sequences aborted since schedule are finished: nothing to record for them.
@@ -432,9 +428,7 @@ class Scheduler:
         self._in_flight.popleft()
         bs = self.block_size
         finished: list[Sequence] = []
-        for index, token_id, logprob in zip(
-            batch.sample_indices, sampled_token_ids, logprobs
-        ):
+        for index, token_id, logprob in zip(batch.sample_indices, sampled_token_ids, logprobs):
             seq = batch.entries[index].seq
             if seq.is_finished:
                 continue  # aborted, or stopped by the batch before, while this one was in flight
@@ -451,9 +445,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ internals
 
-    def _stop_reason(
-        self, seq: Sequence, token_id: int, position: int
-    ) -> FinishReason | None:
+    def _stop_reason(self, seq: Sequence, token_id: int, position: int) -> FinishReason | None:
         if token_id in seq.params.stop_token_ids or (
             not seq.params.ignore_eos and token_id in self.eos_token_ids
         ):
@@ -463,14 +455,10 @@ class Scheduler:
             return "length"
         return None
 
-    def _make_room(
-        self, seq: Sequence, num_new_tokens: int, scheduled: set[int]
-    ) -> bool:
+    def _make_room(self, seq: Sequence, num_new_tokens: int, scheduled: set[int]) -> bool:
         """Preempt newer unscheduled sequences until ``seq`` can grow; False if it cannot."""
         while not self.block_manager.can_append(seq, num_new_tokens):
-            victim = next(
-                s for s in reversed(self.running) if s.seq_id not in scheduled
-            )
+            victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
             if victim is seq:
                 return False
             self._preempt(victim)
@@ -486,9 +474,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
-        logger.debug(
-            "preempted %s (free blocks: %d)", seq, self.block_manager.num_free_blocks
-        )
+        logger.debug("preempted %s (free blocks: %d)", seq, self.block_manager.num_free_blocks)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         # Tokens sampled after the finishing one were never asked for; nor is their KV kept.

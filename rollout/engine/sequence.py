@@ -105,9 +105,7 @@ class Sequence:
         block_size: int,
     ) -> None:
         if not isinstance(params, SamplingParams):
-            raise TypeError(
-                f"params: expected SamplingParams, got {type(params).__name__}"
-            )
+            raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
         prompt = check_token_ids("prompt_token_ids", prompt_token_ids)
         if not prompt:
             raise ValueError("prompt_token_ids: expected at least 1 token, got 0")

@@ -74,19 +74,13 @@ class AttentionSpec:
                 f"got {self.num_heads}"
             )
         if not (math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(
-                f"scale: expected a finite positive float, got {self.scale}"
-            )
+            raise ValueError(f"scale: expected a finite positive float, got {self.scale}")
 
 
-def kv_cache_bytes_per_block(
-    spec: AttentionSpec, block_size: int, dtype: torch.dtype
-) -> int:
+def kv_cache_bytes_per_block(spec: AttentionSpec, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one KV block takes over all layers (for sizing the cache from free memory)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return (
-        spec.num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim * itemsize
-    )
+    return spec.num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim * itemsize
 
 
 def allocate_kv_cache(
@@ -118,9 +112,7 @@ def allocate_kv_cache(
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _check_cache(
-    kv_cache: torch.Tensor, q_TND: torch.Tensor, spec: AttentionSpec
-) -> None:
+def _check_cache(kv_cache: torch.Tensor, q_TND: torch.Tensor, spec: AttentionSpec) -> None:
     if (
         kv_cache.dim() != 5
         or kv_cache.shape[1] != 2
@@ -212,12 +204,8 @@ class TorchAttentionBackend(AttentionBackend):
                 continue
             num_pages = -(-context // page_size)
             pages = batch.block_tables[i, :num_pages].long()
-            k_CGD = kv_cache[pages, 0].reshape(
-                num_pages * page_size, *kv_cache.shape[3:]
-            )[:context]
-            v_CGD = kv_cache[pages, 1].reshape(
-                num_pages * page_size, *kv_cache.shape[3:]
-            )[:context]
+            k_CGD = kv_cache[pages, 0].reshape(num_pages * page_size, *kv_cache.shape[3:])[:context]
+            v_CGD = kv_cache[pages, 1].reshape(num_pages * page_size, *kv_cache.shape[3:])[:context]
             out_TND[start:end] = _causal_attention(
                 q_TND[start:end], k_CGD, v_CGD, scale=self.spec.scale, group=group
             ).to(q_TND.dtype)
@@ -287,18 +275,14 @@ class FlashInferAttentionBackend(AttentionBackend):
 
         device = torch.device(device)
         if device.type != "cuda":
-            raise ValueError(
-                f"device: expected a CUDA device for FlashInfer, got {device}"
-            )
+            raise ValueError(f"device: expected a CUDA device for FlashInfer, got {device}")
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(
                 f"dtype: expected torch.float16 or torch.bfloat16 for FlashInfer, got {dtype}"
             )
         if block_size <= 0:
             raise ValueError(f"block_size: expected a positive int, got {block_size}")
-        if cuda_graph_max_batch_size < 0 or (
-            cuda_graph_max_batch_size and max_blocks_per_seq <= 0
-        ):
+        if cuda_graph_max_batch_size < 0 or (cuda_graph_max_batch_size and max_blocks_per_seq <= 0):
             raise ValueError(
                 "cuda_graph_max_batch_size, max_blocks_per_seq: expected max_blocks_per_seq > 0 "
                 f"when graphs are on, got {cuda_graph_max_batch_size}, {max_blocks_per_seq}"
@@ -314,9 +298,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         )
         self._flashinfer = flashinfer
         self._workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=device)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self._workspace, "NHD"
-        )
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._workspace, "NHD", use_tensor_cores=self.use_tensor_cores
         )
@@ -352,9 +334,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             self._graph_wrappers[batch_size] = wrapper
         return wrapper
 
-    def plan(
-        self, batch: ForwardBatch, *, cuda_graph: bool = False
-    ) -> _FlashInferState:
+    def plan(self, batch: ForwardBatch, *, cuda_graph: bool = False) -> _FlashInferState:
         if cuda_graph and not batch.is_decode:
             raise ValueError(
                 "cuda_graph: only decode batches run in CUDA graphs, got a prefill batch"
@@ -363,13 +343,9 @@ class FlashInferAttentionBackend(AttentionBackend):
             batch.seq_lens_cpu, batch.block_tables_cpu, self.block_size
         )
         spec = self.spec
-        common = dict(
-            q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=spec.scale
-        )
+        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=spec.scale)
         if batch.is_decode:
-            wrapper = (
-                self._graph_wrapper(batch.num_seqs) if cuda_graph else self._decode
-            )
+            wrapper = self._graph_wrapper(batch.num_seqs) if cuda_graph else self._decode
             if cuda_graph:
                 # FlashInfer copies host page indices into the graph's buffer with a blocking
                 # copy, which would wait for the step in flight; a device tensor is copied
@@ -472,9 +448,7 @@ def paged_kv_metadata(
     tables_BM = torch.where(padding_B[:, None] & (cols_M[None, :] == 0), 0, tables_BM)
     indices = tables_BM[cols_M[None, :] < pages_B[:, None]]
     if bool((indices < 0).any()):
-        raise ValueError(
-            "block_tables: expected valid block ids for every used page, got -1"
-        )
+        raise ValueError("block_tables: expected valid block ids for every used page, got -1")
     indptr = torch.zeros(seq_B.shape[0] + 1, dtype=torch.int32)
     indptr[1:] = torch.cumsum(pages_B, 0)
     return indptr, indices.contiguous(), last_B.to(torch.int32)
@@ -504,7 +478,5 @@ class Attention(nn.Module):
                 f"kv_cache: layer {self.layer_index} has none; call model.bind_kv_cache first"
             )
         if batch.attn_backend is None:
-            raise ValueError(
-                "attn_backend: expected the backend that planned the batch, got None"
-            )
+            raise ValueError("attn_backend: expected the backend that planned the batch, got None")
         return batch.attn_backend.forward(q_TND, k_TGD, v_TGD, self.kv_cache, batch)

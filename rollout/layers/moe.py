@@ -70,9 +70,7 @@ __all__ = [
 
 # torch 2.13 renamed the tensor collectives (the old names warn there); older torch has only them.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = (
-    getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 ALL2ALL_BACKENDS = (
     "allgather_reducescatter",
@@ -106,13 +104,9 @@ class RoutingParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, RoutingMethod):
-            raise TypeError(
-                f"method: expected a RoutingMethod, got {type(self.method).__name__}"
-            )
+            raise TypeError(f"method: expected a RoutingMethod, got {type(self.method).__name__}")
         if not isinstance(self.num_experts, int) or self.num_experts <= 0:
-            raise ValueError(
-                f"num_experts: expected a positive int, got {self.num_experts!r}"
-            )
+            raise ValueError(f"num_experts: expected a positive int, got {self.num_experts!r}")
         if not isinstance(self.top_k, int) or not 0 < self.top_k <= self.num_experts:
             raise ValueError(
                 f"top_k: expected an int in [1, {self.num_experts}], got {self.top_k!r}"
@@ -178,18 +172,14 @@ class MoEParallelConfig:
         if self.ep_size < 1:
             raise ValueError(f"ep_size: expected an int >= 1, got {self.ep_size}")
         if not 0 <= self.ep_rank < self.ep_size:
-            raise ValueError(
-                f"ep_rank: expected an int in [0, {self.ep_size}), got {self.ep_rank}"
-            )
+            raise ValueError(f"ep_rank: expected an int in [0, {self.ep_size}), got {self.ep_rank}")
         if self.all2all_backend not in ALL2ALL_BACKENDS:
             raise ValueError(
                 f"all2all_backend: expected one of {ALL2ALL_BACKENDS}, got {self.all2all_backend!r}"
             )
 
 
-def shared_experts_overlap(
-    *, device: torch.device | str, parallel: MoEParallelConfig
-) -> bool:
+def shared_experts_overlap(*, device: torch.device | str, parallel: MoEParallelConfig) -> bool:
     """Whether shared experts should run on a side stream, overlapped with the routed experts."""
     if torch.device(device).type != "cuda":
         return False
@@ -256,9 +246,7 @@ class NaiveDispatch:
         capturer: RoutedExpertsCapturer | None = None,
     ) -> None:
         self.experts = expert_slice(num_experts, rank, world_size)
-        group = (
-            (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else None
-        )
+        group = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else None
         if group != (rank, world_size):
             raise ValueError(
                 f"data_parallel_size: expected rank {rank} of an initialized default process "
@@ -293,9 +281,7 @@ class NaiveDispatch:
         if all(count == longest for count in counts):
             self._rows_X = None
         else:
-            rows = np.concatenate(
-                [q * longest + np.arange(c) for q, c in enumerate(counts)]
-            )
+            rows = np.concatenate([q * longest + np.arange(c) for q, c in enumerate(counts)])
             self._rows_X = torch.from_numpy(rows).to(self.device)
         if self._capturer is not None:
             self.capture_rows = self._capturer.rank_rows(sum(counts), self.dp)
@@ -352,9 +338,7 @@ class Router(nn.Module):
             torch.empty(num_experts, hidden_size, dtype=dtype), requires_grad=False
         )
         self.e_score_correction_bias = (
-            nn.Parameter(
-                torch.empty(num_experts, dtype=torch.float32), requires_grad=False
-            )
+            nn.Parameter(torch.empty(num_experts, dtype=torch.float32), requires_grad=False)
             if correction_bias
             else None
         )
@@ -473,9 +457,7 @@ class SparseMoeBlock(nn.Module):
         )
         self._shared_name = shared_name if shared_intermediate_size else None
         if shared_intermediate_size:
-            self.add_module(
-                shared_name, GatedMLP(hidden_size, shared_intermediate_size)
-            )
+            self.add_module(shared_name, GatedMLP(hidden_size, shared_intermediate_size))
         if shared_gate and not shared_intermediate_size:
             raise ValueError(
                 "shared_gate: expected shared experts (shared_intermediate_size > 0), got none"
@@ -495,9 +477,7 @@ class SparseMoeBlock(nn.Module):
     @dispatch.setter
     def dispatch(self, dispatch: NaiveDispatch | None) -> None:
         held = self.experts.local
-        computed = (
-            range(self.routing.num_experts) if dispatch is None else dispatch.experts
-        )
+        computed = range(self.routing.num_experts) if dispatch is None else dispatch.experts
         if computed != held:
             raise ValueError(
                 f"dispatch: expected one computing experts [{held.start}, {held.stop}) (the "
@@ -531,9 +511,7 @@ class SparseMoeBlock(nn.Module):
             capture_out=capture_TK,
         )
 
-    def _routed(
-        self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _routed(self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None) -> torch.Tensor:
         dispatch = self._dispatch
         if dispatch is None:
             if not self.experts.holds_all:
@@ -553,9 +531,7 @@ class SparseMoeBlock(nn.Module):
         x_XH = dispatch.gather(x_TH)
         weights_XK, ids_XK = self._route(x_XH, None)
         if capture_TK is not None:
-            assert dispatch.capture_rows is not None, (
-                "capture on, but the dispatch has no capturer"
-            )
+            assert dispatch.capture_rows is not None, "capture on, but the dispatch has no capturer"
             start, stop = dispatch.capture_rows
             capture_TK.copy_(ids_XK[start:stop])
         # The block holds exactly the dispatch's experts (the setter checks): local ids index them.
@@ -569,9 +545,7 @@ class SparseMoeBlock(nn.Module):
         )
         return dispatch.combine(partial_XH)
 
-    def forward(
-        self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None = None) -> torch.Tensor:
         """MoE output [T, H]; the top-k ids of these T tokens are also written to ``capture_TK``
         [T, K] when given (under ``dispatch``: this rank's rows of the routed batch)."""
         if self._shared_name is None:

@@ -125,9 +125,7 @@ class DecoderArgs:
                 f"{self.num_kv_heads}, got {self.num_heads}"
             )
         if self.qk_norm not in ("none", "head", "full"):
-            raise ValueError(
-                f"qk_norm: expected 'none', 'head' or 'full', got {self.qk_norm!r}"
-            )
+            raise ValueError(f"qk_norm: expected 'none', 'head' or 'full', got {self.qk_norm!r}")
         if not self.moe_layers:
             raise ValueError("moe_layers: expected at least one MoE layer, got none")
         if list(self.moe_layers) != sorted(set(self.moe_layers)) or not all(
@@ -147,9 +145,7 @@ class DecoderArgs:
                 f"moe_intermediate_size: expected a positive int, got {self.moe_intermediate_size}"
             )
         if self.clip_qkv is not None and not self.clip_qkv > 0:
-            raise ValueError(
-                f"clip_qkv: expected None or a positive float, got {self.clip_qkv}"
-            )
+            raise ValueError(f"clip_qkv: expected None or a positive float, got {self.clip_qkv}")
 
 
 def check_silu(config: Any) -> None:
@@ -161,10 +157,7 @@ def check_silu(config: Any) -> None:
 
 def head_dim_of(config: Any) -> int:
     """``config.head_dim`` when set, else ``hidden_size // num_attention_heads`` (HF's rule)."""
-    return (
-        getattr(config, "head_dim", None)
-        or config.hidden_size // config.num_attention_heads
-    )
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class Embedding(nn.Module):
@@ -172,9 +165,7 @@ class Embedding(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(
-            torch.empty(vocab_size, hidden_size), requires_grad=False
-        )
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, ids_T: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids_T, self.weight)
@@ -314,9 +305,7 @@ class DecoderModel(nn.Module):
 _EXPERT_NAME = re.compile(
     r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$"
 )
-_SHARD_NAME = re.compile(
-    r"^(?P<prefix>.+\.)(?P<shard>q|k|v|gate|up)_proj\.(?P<kind>weight|bias)$"
-)
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+\.)(?P<shard>q|k|v|gate|up)_proj\.(?P<kind>weight|bias)$")
 _LAYER_NAME = re.compile(r"^model\.layers\.(?P<layer>\d+)\.")
 
 
@@ -451,9 +440,7 @@ class MoECausalLM(nn.Module):
         module = self.get_submodule(module_name)
         return module if isinstance(module, Experts) else None
 
-    def _target(
-        self, name: str, params: dict[str, nn.Parameter], *, selected: bool
-    ) -> _Target:
+    def _target(self, name: str, params: dict[str, nn.Parameter], *, selected: bool) -> _Target:
         """Where the tensor of canonical HF name ``name`` goes (``selected``: a fused expert
         tensor holds this model's experts only, as ``checkpoint_rows`` selects them)."""
         if name in params:
@@ -467,9 +454,7 @@ class MoECausalLM(nn.Module):
         match = _EXPERT_NAME.match(name)
         if match:
             prefix, expert, proj = match["prefix"], int(match["expert"]), match["proj"]
-            experts = (
-                self.get_submodule(prefix) if f"{prefix}.down_proj" in params else None
-            )
+            experts = self.get_submodule(prefix) if f"{prefix}.down_proj" in params else None
             if isinstance(experts, Experts) and expert < experts.num_experts:
                 size = experts.intermediate_size
                 hidden = experts.down_proj.shape[1]
@@ -480,9 +465,7 @@ class MoECausalLM(nn.Module):
                 if proj == "down":
                     return _Target(f"{prefix}.down_proj", (j,), None, shape, (expert,))
                 rows = slice(0, size) if proj == "gate" else slice(size, 2 * size)
-                return _Target(
-                    f"{prefix}.gate_up_proj", (j, rows), None, shape, (expert, proj)
-                )
+                return _Target(f"{prefix}.gate_up_proj", (j, rows), None, shape, (expert, proj))
         match = _SHARD_NAME.match(name)
         if match:
             fused = "qkv_proj" if match["shard"] in ("q", "k", "v") else "gate_up_proj"
@@ -491,12 +474,8 @@ class MoECausalLM(nn.Module):
                 module = self.get_submodule(f"{match['prefix']}{fused}")
                 start, end = module.shards[match["shard"]]
                 shape = (end - start, *params[target].shape[1:])
-                return _Target(
-                    target, (slice(start, end),), None, shape, match["shard"]
-                )
-        raise ValueError(
-            f"weights: unknown parameter name {name!r} for {type(self).__name__}"
-        )
+                return _Target(target, (slice(start, end),), None, shape, match["shard"])
+        raise ValueError(f"weights: unknown parameter name {name!r} for {type(self).__name__}")
 
     def _pieces(self, name: str) -> set:
         """The pieces that make up parameter ``name`` (all must be written to load it)."""
@@ -583,17 +562,11 @@ class MoECausalLM(nn.Module):
                 continue
             param = params[target.param]
             dst = param[target.index] if target.index else param
-            dst.copy_(
-                tensor if target.source_rows is None else tensor[target.source_rows]
-            )
+            dst.copy_(tensor if target.source_rows is None else tensor[target.source_rows])
             name = aliases[target.param]
             pieces = written.setdefault(name, set())
-            pieces.update(
-                self._pieces(name) if target.piece is None else {target.piece}
-            )
-        return {
-            name for name, pieces in written.items() if pieces >= self._pieces(name)
-        }
+            pieces.update(self._pieces(name) if target.piece is None else {target.piece})
+        return {name for name, pieces in written.items() if pieces >= self._pieces(name)}
 
 
 class _Target(NamedTuple):

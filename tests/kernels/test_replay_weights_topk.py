@@ -106,18 +106,10 @@ def test_reference_replays_trace_rows_and_keeps_native_rows(method, dtype, rng):
     expected_TK = replay_weights_reference(
         logits64_TE, ids_TK[rep_T], method, routed_scaling_factor=_scale(method)
     )
-    tolerance = (
-        dict(rtol=1e-5, atol=1e-6)
-        if dtype == torch.float32
-        else dict(rtol=8e-3, atol=4e-3)
-    )
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=4e-3)
     torch.testing.assert_close(weights_TK[rep_T].double(), expected_TK, **tolerance)
-    (expected_grad_TE,) = torch.autograd.grad(
-        expected_TK, logits64_TE, grad_TK[rep_T].double()
-    )
-    torch.testing.assert_close(
-        grad_logits_TE[rep_T].double(), expected_grad_TE, **tolerance
-    )
+    (expected_grad_TE,) = torch.autograd.grad(expected_TK, logits64_TE, grad_TK[rep_T].double())
+    torch.testing.assert_close(grad_logits_TE[rep_T].double(), expected_grad_TE, **tolerance)
     assert torch.count_nonzero(grad_logits_TE[~rep_T]) == 0
     assert torch.equal(grad_native_TK[~rep_T], grad_TK[~rep_T])
     assert torch.count_nonzero(grad_native_TK[rep_T]) == 0
@@ -191,9 +183,7 @@ def test_wrong_types_raise(impl, rng):
     for index, name in [(1, "native_weights"), (2, "native_ids"), (4, "replay")]:
         bad = list(args)
         bad[index] = bad[index].tolist()
-        with pytest.raises(
-            TypeError, match=f"{name}: expected a torch.Tensor, got list"
-        ):
+        with pytest.raises(TypeError, match=f"{name}: expected a torch.Tensor, got list"):
             impl(*bad, RoutingMethod.DEFAULT)
 
 
@@ -221,9 +211,7 @@ def test_triton_matches_reference(shape, method, mask, rng, triton_device):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize(
-    "trace_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64]
-)
+@pytest.mark.parametrize("trace_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("method", [RoutingMethod.DEFAULT, RoutingMethod.DEEPSEEK_V3])
 def test_triton_bfloat16_and_trace_dtypes(method, trace_dtype, rng, triton_device):
     """What training runs: bf16 logits and router weights, compact trace ids, int64 native."""
@@ -284,9 +272,7 @@ def test_triton_empty_batch(rng, triton_device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "method", [RoutingMethod.RENORMALIZE_NAIVE, RoutingMethod.DEFAULT]
-)
+@pytest.mark.parametrize("method", [RoutingMethod.RENORMALIZE_NAIVE, RoutingMethod.DEFAULT])
 def test_cuda_forward_and_backward_never_synchronize(method, rng):
     case = _case(4096, 128, 8, method, rng, dtype=torch.bfloat16)
     case = {name: t.cuda() for name, t in case.items()}

@@ -37,9 +37,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 def enable_checkpointing(model: nn.Module, *, reentrant: bool) -> None:
     """HF's gradient_checkpointing_enable (5.23 deprecates the name, 5.17 has only it)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", "`gradient_checkpointing_enable` is deprecated"
-        )
+        warnings.filterwarnings("ignore", "`gradient_checkpointing_enable` is deprecated")
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": reentrant}
         )
@@ -55,9 +53,7 @@ def random_traces(
     traces = []
     for n in lengths:
         rows = n - 1 - start
-        ids = torch.rand(rows, len(moe_layers), NUM_EXPERTS, generator=rng).argsort(-1)[
-            ..., :TOP_K
-        ]
+        ids = torch.rand(rows, len(moe_layers), NUM_EXPERTS, generator=rng).argsort(-1)[..., :TOP_K]
         traces.append(RoutedExperts(ids.numpy(), moe_layers, NUM_EXPERTS, start=start))
     return traces
 
@@ -66,9 +62,7 @@ def tokens(rng: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=rng)
 
 
-def reference_weights(
-    method: str, logits_TE: torch.Tensor, ids_TK: torch.Tensor, factor: float
-):
+def reference_weights(method: str, logits_TE: torch.Tensor, ids_TK: torch.Tensor, factor: float):
     """Gate weights at given ids, as the HF routers compute them for their own ids."""
     x_TE = logits_TE.float()
     if method == "DEFAULT":
@@ -81,9 +75,7 @@ def reference_weights(
     return s_TK / s_TK.sum(-1, keepdim=True) * factor
 
 
-def per_token_ids(
-    traces: list[RoutedExperts], seq_len: int, position: int
-) -> dict[int, list]:
+def per_token_ids(traces: list[RoutedExperts], seq_len: int, position: int) -> dict[int, list]:
     """Flat token -> trace ids at MoE layer ``position``, for one unpadded sequence per row."""
     out = {}
     for b, trace in enumerate(traces):
@@ -93,9 +85,7 @@ def per_token_ids(
     return out
 
 
-def reference_model(
-    model: nn.Module, family: str, traces: list[RoutedExperts], seq_len: int
-):
+def reference_model(model: nn.Module, family: str, traces: list[RoutedExperts], seq_len: int):
     """An unpatched copy whose routers are overridden by forward hooks: trace ids where a row
     exists, weights from ``reference_weights`` of the router's logits."""
     reference = copy.deepcopy(model)
@@ -106,15 +96,11 @@ def reference_model(
         def hook(module, args, output, table=table):
             logits_TE, weights_TK, ids_TK = output
             ids_TK = ids_TK.clone()
-            replay_T = torch.zeros(
-                ids_TK.shape[0], dtype=torch.bool, device=ids_TK.device
-            )
+            replay_T = torch.zeros(ids_TK.shape[0], dtype=torch.bool, device=ids_TK.device)
             for token, ids in table.items():
                 ids_TK[token] = torch.tensor(ids, device=ids_TK.device)
                 replay_T[token] = True
-            replayed_TK = reference_weights(method, logits_TE, ids_TK, factor).to(
-                weights_TK.dtype
-            )
+            replayed_TK = reference_weights(method, logits_TE, ids_TK, factor).to(weights_TK.dtype)
             return (
                 logits_TE,
                 torch.where(replay_T[:, None], replayed_TK, weights_TK),
@@ -140,15 +126,11 @@ class ExpertsSpy:
         self.ids.append(args[1].detach().clone())
 
     def _on_router(self, module, args) -> None:
-        self.router_inputs.append(
-            args[0].detach().reshape(-1, args[0].shape[-1]).clone()
-        )
+        self.router_inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
 
 
 def param_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
-    }
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_grads_close(a: dict, b: dict, atol: float = 1e-5) -> None:
@@ -161,9 +143,7 @@ def assert_grads_close(a: dict, b: dict, atol: float = 1e-5) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_record_then_replay_reproduces_native_logits(
-    family: str, rng: torch.Generator
-) -> None:
+def test_record_then_replay_reproduces_native_logits(family: str, rng: torch.Generator) -> None:
     model = tiny_moe(family)
     spy = ExpertsSpy(model)
     ctl = patch(model)
@@ -199,9 +179,7 @@ def test_replay_forces_trace_ids_and_routes_the_rest_natively(
     traces = [random_traces(rng, [seq_len], moe_layers)[0]]
     # Sequence 1 starts its trace at token 2 and has an invalid row: those route natively.
     ids = random_traces(rng, [seq_len], moe_layers, start=2)[0].ids
-    traces.append(
-        RoutedExperts(ids, moe_layers, NUM_EXPERTS, start=2, valid=[True, False, True])
-    )
+    traces.append(RoutedExperts(ids, moe_layers, NUM_EXPERTS, start=2, valid=[True, False, True]))
     with ctl.replay(traces):
         model(tokens(rng, 2, seq_len))
 
@@ -241,9 +219,7 @@ def test_replay_through_the_triton_kernel(
     assert len(launches) == len(EXPECTED[family][0])
 
 
-def check_gradients_against_reference(
-    family: str, device: str, rng: torch.Generator
-) -> None:
+def check_gradients_against_reference(family: str, device: str, rng: torch.Generator) -> None:
     """Replayed logits and every parameter's gradient equal those of the reference model."""
     model = tiny_moe(family).to(device)
     seq_len = 6
@@ -275,9 +251,7 @@ def test_traces_without_valid_rows_leave_the_router_output_alone(
     model = tiny_moe("qwen3_moe")
     ctl = patch(model)
     calls = []
-    monkeypatch.setattr(
-        replay.controller, "replay_topk", lambda *a, **k: calls.append(a)
-    )
+    monkeypatch.setattr(replay.controller, "replay_topk", lambda *a, **k: calls.append(a))
     x = tokens(rng, 2, 5)
     traces = random_traces(rng, [5, 5], EXPECTED["qwen3_moe"][0])
     invalid = [
@@ -292,9 +266,7 @@ def test_traces_without_valid_rows_leave_the_router_output_alone(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["off", "replay", "record"])
-def test_routers_never_synchronize_with_the_host(
-    mode: str, rng: torch.Generator
-) -> None:
+def test_routers_never_synchronize_with_the_host(mode: str, rng: torch.Generator) -> None:
     """Every router call (its own forward plus the seam) runs under sync debug mode "error":
     a host synchronization anywhere in the patched routing raises."""
     model = tiny_moe("qwen3_moe").cuda().train()
@@ -313,12 +285,8 @@ def test_routers_never_synchronize_with_the_host(
 
     step()  # compiles the Triton kernels outside the check
     for router in routers(model):
-        router.register_forward_pre_hook(
-            lambda m, a: torch.cuda.set_sync_debug_mode("error")
-        )
-        router.register_forward_hook(
-            lambda m, a, o: torch.cuda.set_sync_debug_mode("default")
-        )
+        router.register_forward_pre_hook(lambda m, a: torch.cuda.set_sync_debug_mode("error"))
+        router.register_forward_hook(lambda m, a, o: torch.cuda.set_sync_debug_mode("default"))
     try:
         step()
     finally:
@@ -365,18 +333,12 @@ def test_checkpoint_recompute_after_exit_replays_the_same_ids(
     loss.backward()  # recomputes outside the context
 
     # CUDA's eager experts accumulate with atomics: equal up to summation order there.
-    assert_grads_close(
-        param_grads(model), expected, atol=1e-6 if device == "cpu" else 1e-5
-    )
-    assert any(
-        not torch.allclose(native[n], expected[n]) for n in native
-    )  # replay mattered
+    assert_grads_close(param_grads(model), expected, atol=1e-6 if device == "cpu" else 1e-5)
+    assert any(not torch.allclose(native[n], expected[n]) for n in native)  # replay mattered
 
 
 @pytest.mark.parametrize("second", ["replay", "native"])
-def test_checkpointed_forwards_keep_their_own_routing(
-    second: str, rng: torch.Generator
-) -> None:
+def test_checkpointed_forwards_keep_their_own_routing(second: str, rng: torch.Generator) -> None:
     model = tiny_moe("qwen3_moe").train()
     ctl = patch(model)
     moe_layers = EXPECTED["qwen3_moe"][0]
@@ -466,9 +428,7 @@ def test_padded_batch_replays_and_records_like_single_sequences(
     with ctl.record(attention_mask=mask) as rec:
         model(x, attention_mask=mask)
     for b, (single_logits, trace) in enumerate(singles):
-        torch.testing.assert_close(
-            logits[b, spans[b]], single_logits, atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(logits[b, spans[b]], single_logits, atol=1e-5, rtol=1e-5)
         assert rec.traces[b] == trace
 
 
@@ -563,9 +523,7 @@ def test_a_layer_that_did_not_consume_its_trace_raises(rng: torch.Generator) -> 
     assert ctl.mode is Mode.OFF
     model.config.num_hidden_layers = 3
     with (
-        pytest.raises(
-            RuntimeError, match=r"expected a forward of the model inside the context"
-        ),
+        pytest.raises(RuntimeError, match=r"expected a forward of the model inside the context"),
         ctl.replay(traces),
     ):
         pass
@@ -596,9 +554,7 @@ def test_misuse_of_contexts_raises(rng: torch.Generator) -> None:
     traces = random_traces(rng, [5], EXPECTED["olmoe"][0])
     context = ctl.replay(traces)
     with ctl.record():
-        with pytest.raises(
-            RuntimeError, match="mode: expected OFF to enter REPLAY, got RECORD"
-        ):
+        with pytest.raises(RuntimeError, match="mode: expected OFF to enter REPLAY, got RECORD"):
             context.__enter__()
         model(tokens(rng, 1, 5))
     wrong_shape = r"replay: expected a forward of batch shape \(1, 5\).*got \(1, 6\)"

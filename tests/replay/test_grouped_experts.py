@@ -16,17 +16,13 @@ from replay.grouped_experts import (
 from replay.patch import patch
 from replay.routed_experts import RoutedExperts
 
-HAS_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm") or hasattr(
-    torch, "_grouped_mm"
-)
+HAS_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
 
 
 def routing(rng: torch.Generator, num_tokens: int, num_experts: int = NUM_EXPERTS):
     """Random distinct ids per token drawn from the first half of the experts (so some experts
     get no token) and random positive weights."""
-    ids_TK = torch.rand(num_tokens, num_experts // 2, generator=rng).argsort(-1)[
-        :, :TOP_K
-    ]
+    ids_TK = torch.rand(num_tokens, num_experts // 2, generator=rng).argsort(-1)[:, :TOP_K]
     weights_TK = torch.rand(num_tokens, TOP_K, generator=rng) + 0.1
     return ids_TK, weights_TK
 
@@ -54,9 +50,7 @@ def run(forward, experts, hidden_TH, ids_TK, weights_TK, probe_TH):
 OUTPUTS = ("out", "d_hidden", "d_weights", "d_gate_up", "d_down")
 BACKENDS = [
     "loop",
-    pytest.param(
-        "grouped_mm", marks=pytest.mark.skipif(not HAS_GROUPED_MM, reason="no kernel")
-    ),
+    pytest.param("grouped_mm", marks=pytest.mark.skipif(not HAS_GROUPED_MM, reason="no kernel")),
 ]
 
 
@@ -116,9 +110,7 @@ def test_use_grouped_experts_keeps_model_outputs_and_replay(
         out.sum().backward()
         logits.append(out)
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
-    for (name, p), q in zip(
-        model.named_parameters(), grouped.parameters(), strict=True
-    ):
+    for (name, p), q in zip(model.named_parameters(), grouped.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
@@ -138,9 +130,7 @@ def test_unsupported_experts_and_backends_raise() -> None:
 def test_cuda_bfloat16_grouped_mm_matches_eager(
     family: str, backend: str, rng: torch.Generator
 ) -> None:
-    model = tiny_moe(
-        family, hidden_size=64, moe_intermediate_size=32, intermediate_size=32
-    )
+    model = tiny_moe(family, hidden_size=64, moe_intermediate_size=32, intermediate_size=32)
     experts = experts_modules(model)[0].to("cuda", torch.bfloat16)
     hidden_TH = torch.randn(257, 64, generator=rng).to("cuda", torch.bfloat16)
     ids_TK, weights_TK = routing(rng, 257)
@@ -161,9 +151,7 @@ def test_cuda_bfloat16_grouped_mm_matches_eager(
 def test_cuda_grouped_mm_forward_never_synchronizes(rng: torch.Generator) -> None:
     """The expert offsets come from a search over the sorted ids, not ``bincount`` (which reads
     the ids' min and max back to the host): the forward queues without waiting on the GPU."""
-    model = tiny_moe(
-        "qwen3_moe", hidden_size=64, moe_intermediate_size=32, intermediate_size=32
-    )
+    model = tiny_moe("qwen3_moe", hidden_size=64, moe_intermediate_size=32, intermediate_size=32)
     experts = experts_modules(model)[0].to("cuda", torch.bfloat16)
     hidden_TH = torch.randn(257, 64, generator=rng).to("cuda", torch.bfloat16)
     ids_TK, weights_TK = routing(rng, 257)

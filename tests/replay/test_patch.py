@@ -27,9 +27,7 @@ from replay.routed_experts import RoutedExperts
 def random_traces(rng: torch.Generator, batch: int, seq_len: int, moe_layers) -> list:
     ids = torch.rand(batch, seq_len - 1, len(moe_layers), NUM_EXPERTS, generator=rng)
     ids = ids.argsort(-1)[..., :TOP_K]
-    return [
-        RoutedExperts(ids[b].numpy(), moe_layers, NUM_EXPERTS) for b in range(batch)
-    ]
+    return [RoutedExperts(ids[b].numpy(), moe_layers, NUM_EXPERTS) for b in range(batch)]
 
 
 def tokens(rng: torch.Generator, *shape: int) -> torch.Tensor:
@@ -52,22 +50,16 @@ def test_patching_twice_returns_the_same_controller() -> None:
     ctl = patch(model)
     assert patch(model) is ctl
     assert patch(model, method="renormalize_naive") is ctl
-    with pytest.raises(
-        ValueError, match="method: expected RENORMALIZE_NAIVE .* got DEFAULT"
-    ):
+    with pytest.raises(ValueError, match="method: expected RENORMALIZE_NAIVE .* got DEFAULT"):
         patch(model, method="default")
-    with pytest.raises(
-        ValueError, match="routed_scaling_factor: expected None without method="
-    ):
+    with pytest.raises(ValueError, match="routed_scaling_factor: expected None without method="):
         patch(model, routed_scaling_factor=2.0)
 
 
 def test_patching_a_submodule_of_a_patched_model_raises() -> None:
     model = tiny_moe("mixtral")
     patch(model)
-    with pytest.raises(
-        ValueError, match=r"layers\.0\.mlp\.gate: expected an unpatched router"
-    ):
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.gate: expected an unpatched router"):
         patch(model.model)
 
 
@@ -133,10 +125,7 @@ def test_a_deep_copy_of_a_patched_model_is_patched_independently(
     ctl = patch(model)
     twin = copy.deepcopy(model)
     twin_ctl = patch(twin)
-    assert (
-        twin_ctl is not ctl
-        and twin_ctl.layers[0].router is twin.model.layers[1].mlp.gate
-    )
+    assert twin_ctl is not ctl and twin_ctl.layers[0].router is twin.model.layers[1].mlp.gate
     x = tokens(rng, 1, 6)
     native = model(x).logits
     with ctl.replay(random_traces(rng, 1, 6, ctl.moe_layers)):
@@ -155,9 +144,7 @@ def test_off_mode_skips_the_controller_once_no_replayed_forward_is_alive(
     ctl = patch(model)
     calls = []
     select_topk = ctl.select_topk
-    monkeypatch.setattr(
-        ctl, "select_topk", lambda *args: calls.append(1) or select_topk(*args)
-    )
+    monkeypatch.setattr(ctl, "select_topk", lambda *args: calls.append(1) or select_topk(*args))
     x = tokens(rng, 1, 5)
     model(x)
     assert calls == []  # OFF: the router output goes straight to the experts
@@ -241,9 +228,7 @@ def test_a_wrapper_installed_over_the_seam_keeps_working(rng: torch.Generator) -
         router.forward = lambda *args, **kwargs: inner(*args, **kwargs)
         replayed = model(x).logits.detach()
     gc.collect()
-    assert torch.equal(
-        model(x).logits, reference(x).logits
-    )  # OFF again: passes through
+    assert torch.equal(model(x).logits, reference(x).logits)  # OFF again: passes through
     with ctl.replay(traces):
         assert torch.equal(model(x).logits, replayed)
     gc.collect()

@@ -78,9 +78,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_learner(checkpoint: Path, case: str, world_size: int) -> Learner:
-    trainer = TrainerConfig(
-        **{**BASE, **CASES[case]["trainer"], "world_size": world_size}
-    )
+    trainer = TrainerConfig(**{**BASE, **CASES[case]["trainer"], "world_size": world_size})
     grpo = GRPOConfig(group_size=2, **CASES[case]["grpo"])
     return Learner(checkpoint, trainer=trainer, grpo=grpo, routing="r3", seed=3)
 
@@ -89,20 +87,12 @@ def random_batch(rng: torch.Generator, count: int) -> tuple[Batch, np.ndarray]:
     """Answers with random routing traces (replay forces them) and rollout logprobs."""
     prompts, answers, traces = [], [], []
     for _ in range(count):
-        p = torch.randint(
-            2, 14, (int(torch.randint(3, 7, (1,), generator=rng)),), generator=rng
-        )
-        a = torch.randint(
-            0, 14, (int(torch.randint(1, 5, (1,), generator=rng)),), generator=rng
-        )
+        p = torch.randint(2, 14, (int(torch.randint(3, 7, (1,), generator=rng)),), generator=rng)
+        a = torch.randint(0, 14, (int(torch.randint(1, 5, (1,), generator=rng)),), generator=rng)
         rows = len(p) + len(a) - 1
-        ids = torch.rand(
-            rows, SPEC.num_layers, SPEC.num_experts, generator=rng
-        ).argsort(-1)
+        ids = torch.rand(rows, SPEC.num_layers, SPEC.num_experts, generator=rng).argsort(-1)
         traces.append(
-            replay.RoutedExperts(
-                ids[..., : SPEC.top_k].numpy(), (0, 1), SPEC.num_experts
-            )
+            replay.RoutedExperts(ids[..., : SPEC.top_k].numpy(), (0, 1), SPEC.num_experts)
         )
         prompts.append(tuple(p.tolist()))
         answers.append(tuple(a.tolist()))
@@ -110,8 +100,7 @@ def random_batch(rng: torch.Generator, count: int) -> tuple[Batch, np.ndarray]:
         prompt_token_ids=tuple(prompts),
         token_ids=tuple(answers),
         logprobs=tuple(
-            (-3 * torch.rand(len(a), generator=rng)).numpy().astype(np.float32)
-            for a in answers
+            (-3 * torch.rand(len(a), generator=rng)).numpy().astype(np.float32) for a in answers
         ),
         finish_reasons=("stop",) * count,
         texts=(None,) * count,
@@ -121,9 +110,7 @@ def random_batch(rng: torch.Generator, count: int) -> tuple[Batch, np.ndarray]:
     return batch, advantages
 
 
-def _rank_main(
-    rank: int, port: int, checkpoint: Path, batch: Batch, adv: np.ndarray, out: Path
-):
+def _rank_main(rank: int, port: int, checkpoint: Path, batch: Batch, adv: np.ndarray, out: Path):
     """One of the two ranks: each case's step, its weights and metrics; a checkpoint; a resumed
     step; the uneven-batch error. Rank 0 saves what it got to ``out/rank0.pt``."""
     torch.set_num_threads(1)
@@ -160,9 +147,7 @@ def _rank_main(
 def assert_weights_close(got: dict, want: dict, what: str) -> None:
     assert list(got) == list(want), what  # HF names, in model order
     for name, tensor in want.items():
-        torch.testing.assert_close(
-            got[name], tensor, atol=2e-6, rtol=0, msg=f"{what}: {name}"
-        )
+        torch.testing.assert_close(got[name], tensor, atol=2e-6, rtol=0, msg=f"{what}: {name}")
 
 
 def assert_metrics_close(got: dict, want: dict, case: str) -> None:
@@ -175,9 +160,7 @@ def assert_metrics_close(got: dict, want: dict, case: str) -> None:
     assert got["train_tokens"] == want["train_tokens"]
 
 
-def test_two_ranks_match_one_rank(
-    checkpoint: Path, rng: torch.Generator, tmp_path: Path
-) -> None:
+def test_two_ranks_match_one_rank(checkpoint: Path, rng: torch.Generator, tmp_path: Path) -> None:
     batch, advantages = random_batch(rng, 8)
     mp.spawn(
         _rank_main,
@@ -185,9 +168,7 @@ def test_two_ranks_match_one_rank(
         nprocs=WORLD,
     )
     got = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    initial = dict(
-        transformers.AutoModelForCausalLM.from_pretrained(checkpoint).named_parameters()
-    )
+    initial = dict(transformers.AutoModelForCausalLM.from_pretrained(checkpoint).named_parameters())
     singles = {case: make_learner(checkpoint, case, 1) for case in CASES}
     for case, single in singles.items():
         want_metrics = single.step(batch, advantages)
@@ -196,9 +177,7 @@ def test_two_ranks_match_one_rank(
         assert_metrics_close(metrics, want_metrics, case)
         assert_weights_close(weights, want, case)
         moved = max(float((want[n] - initial[n].detach()).abs().max()) for n in want)
-        assert moved > 1e-3, (
-            case
-        )  # the step changed the policy well beyond the tolerance
+        assert moved > 1e-3, case  # the step changed the policy well beyond the tolerance
     # The checkpoint of two ranks holds the gathered policy, and its optimizer state resumes
     # on two ranks and on one like the uninterrupted run.
     saved = dict(
@@ -206,13 +185,9 @@ def test_two_ranks_match_one_rank(
             Learner.policy_dir(tmp_path / "ckpt")
         ).named_parameters()
     )
-    assert_weights_close(
-        {n: p.detach() for n, p in saved.items()}, got["r3"][1], "saved"
-    )
+    assert_weights_close({n: p.detach() for n, p in saved.items()}, got["r3"][1], "saved")
     # The rollout engine picks its model class by this, so FSDP's class must not leak into it.
-    config = transformers.AutoConfig.from_pretrained(
-        Learner.policy_dir(tmp_path / "ckpt")
-    )
+    config = transformers.AutoConfig.from_pretrained(Learner.policy_dir(tmp_path / "ckpt"))
     assert config.architectures == ["Qwen3MoeForCausalLM"]
     singles["r3"].step(batch, advantages)
     want = singles["r3"].named_weights()
@@ -275,9 +250,7 @@ def test_ray_trainer_group_of_two_ranks(
     single = make_learner(checkpoint, "r3_gspo_kl_tis", 1)
     want_metrics = single.step(batch, advantages)
     case = CASES["r3_gspo_kl_tis"]
-    trainer = TrainerConfig(
-        **{**BASE, **case["trainer"], "world_size": WORLD, "num_cpus": 1}
-    )
+    trainer = TrainerConfig(**{**BASE, **case["trainer"], "world_size": WORLD, "num_cpus": 1})
     ray.init(num_cpus=WORLD, include_dashboard=False, log_to_driver=False)
     try:
         group = start_trainer(
@@ -289,16 +262,12 @@ def test_ray_trainer_group_of_two_ranks(
         )
         assert group.world_size == WORLD and group.moe_layers() == (0, 1)
         assert_metrics_close(group.step(batch, advantages), want_metrics, "ray")
-        assert_weights_close(
-            ray.get(group.named_weights()), single.named_weights(), "ray"
-        )
+        assert_weights_close(ray.get(group.named_weights()), single.named_weights(), "ray")
         group.save(tmp_path)
         group.shutdown()
     finally:
         ray.shutdown()
-    saved = transformers.AutoModelForCausalLM.from_pretrained(
-        Learner.policy_dir(tmp_path)
-    )
+    saved = transformers.AutoModelForCausalLM.from_pretrained(Learner.policy_dir(tmp_path))
     assert_weights_close(
         {n: p.detach() for n, p in saved.named_parameters()},
         single.named_weights(),
@@ -307,8 +276,4 @@ def test_ray_trainer_group_of_two_ranks(
     state = torch.load(tmp_path / "trainer_state.pt", weights_only=False)
     # The optimizer state is keyed by HF parameter name (resumable on any number of ranks).
     names = set(state["optimizer"]["state"])
-    assert (
-        state["step"] == 1
-        and names
-        and names <= {n for n, _ in saved.named_parameters()}
-    )
+    assert state["step"] == 1 and names and names <= {n for n, _ in saved.named_parameters()}

@@ -47,19 +47,13 @@ def load(path: Path) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def random_sequences(
-    rng: torch.Generator, count: int
-) -> tuple[list[list[int]], list[list[int]]]:
+def random_sequences(rng: torch.Generator, count: int) -> tuple[list[list[int]], list[list[int]]]:
     prompts = [
-        torch.randint(
-            2, 14, (int(torch.randint(3, 7, (1,), generator=rng)),), generator=rng
-        )
+        torch.randint(2, 14, (int(torch.randint(3, 7, (1,), generator=rng)),), generator=rng)
         for _ in range(count)
     ]
     answers = [
-        torch.randint(
-            0, 14, (int(torch.randint(1, 5, (1,), generator=rng)),), generator=rng
-        )
+        torch.randint(0, 14, (int(torch.randint(1, 5, (1,), generator=rng)),), generator=rng)
         for _ in range(count)
     ]
     return [p.tolist() for p in prompts], [a.tolist() for a in answers]
@@ -120,17 +114,13 @@ def perturbed_traces(
 
 def learner(checkpoint: Path, routing: str, **trainer: object) -> Learner:
     config = TrainerConfig(**{**CPU, "micro_batch_size": 3, "lr": 1e-3, **trainer})
-    return Learner(
-        checkpoint, trainer=config, grpo=GRPOConfig(group_size=2), routing=routing
-    )
+    return Learner(checkpoint, trainer=config, grpo=GRPOConfig(group_size=2), routing=routing)
 
 
 # ---------------------------------------------------------------------- Batch
 
 
-def output(
-    prompt, answer, logprobs, routed=None, reason="stop"
-) -> rollout.RequestOutput:
+def output(prompt, answer, logprobs, routed=None, reason="stop") -> rollout.RequestOutput:
     return rollout.RequestOutput(
         request_id=0,
         prompt_token_ids=prompt,
@@ -179,9 +169,7 @@ def test_batch_from_outputs_and_tensors() -> None:
 def test_batch_errors() -> None:
     good = output([5, 6], [7], [-1.0], np.zeros((2, 2, 2), dtype=np.uint8) + [0, 1])
     bare = output([5, 6], [7], [-1.0])
-    with pytest.raises(
-        ValueError, match=r"outputs\[1\]\.routed_experts: expected routing"
-    ):
+    with pytest.raises(ValueError, match=r"outputs\[1\]\.routed_experts: expected routing"):
         Batch.from_outputs([good, bare], SPEC_2x8)
     with pytest.raises(ValueError, match="routing_spec: expected the engine's spec"):
         Batch.from_outputs([good])
@@ -196,18 +184,14 @@ def test_batch_errors() -> None:
         )
     with pytest.raises(ValueError, match=r"logprobs\[0\]: expected shape \(1,\)"):
         Batch.from_outputs([output([5], [7], [-1.0, -2.0])])
-    with pytest.raises(
-        ValueError, match="routing r3: expected the rollout's routed experts"
-    ):
+    with pytest.raises(ValueError, match="routing r3: expected the rollout's routed experts"):
         Batch.from_outputs([bare]).require_traces("routing r3")
 
 
 # ---------------------------------------------------------------------- ExpertsTap
 
 
-def test_tap_sees_native_and_replayed_ids(
-    checkpoint: Path, rng: torch.Generator
-) -> None:
+def test_tap_sees_native_and_replayed_ids(checkpoint: Path, rng: torch.Generator) -> None:
     model = load(checkpoint)
     ctl = replay.patch(model)
     ids = torch.randint(2, 14, (3, 6), generator=rng)
@@ -232,9 +216,7 @@ def test_tap_sees_native_and_replayed_ids(
 def test_r3_without_routing_raises(checkpoint: Path, rng: torch.Generator) -> None:
     prompts, answers = random_sequences(rng, 4)
     batch = make_batch(load(checkpoint), prompts, answers, None)
-    with pytest.raises(
-        ValueError, match="routing r3: expected the rollout's routed experts"
-    ):
+    with pytest.raises(ValueError, match="routing r3: expected the rollout's routed experts"):
         learner(checkpoint, "r3").step(batch, np.ones(4))
 
 
@@ -269,12 +251,8 @@ def test_modes_with_minibatches_update_the_policy(
     trainer = learner(checkpoint, routing, num_minibatches=2, micro_batch_size=2)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     metrics = trainer.step(batch, np.linspace(-1, 1, 8))
-    changed = [
-        n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])
-    ]
-    assert any(
-        n.endswith("mlp.gate.weight") for n in changed
-    )  # the router learns, replayed or not
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.endswith("mlp.gate.weight") for n in changed)  # the router learns, replayed or not
     assert metrics["grad_norm"] > 0 and np.isfinite(metrics["loss"])
     assert metrics["train_tokens"] == sum(
         len(p) + len(a) for p, a in zip(prompts, answers, strict=True)
@@ -286,9 +264,7 @@ def test_modes_with_minibatches_update_the_policy(
         assert metrics["router_agreement"] == 1.0
 
 
-def test_uneven_minibatches_cover_every_answer_once(
-    checkpoint: Path, rng: torch.Generator
-) -> None:
+def test_uneven_minibatches_cover_every_answer_once(checkpoint: Path, rng: torch.Generator) -> None:
     prompts, answers = random_sequences(rng, 7)
     batch = make_batch(load(checkpoint), prompts, answers, None)
     trainer = learner(checkpoint, "none", num_minibatches=3, micro_batch_size=2)
@@ -324,9 +300,7 @@ def test_checkpoint_resume_continues_identically(
     first.save(tmp_path)
     assert (Learner.policy_dir(tmp_path) / "tokenizer.json").exists()
     want = first.step(batch, advantages)
-    resumed = learner(
-        Learner.policy_dir(tmp_path), "none", num_minibatches=2, micro_batch_size=2
-    )
+    resumed = learner(Learner.policy_dir(tmp_path), "none", num_minibatches=2, micro_batch_size=2)
     resumed.load_state(tmp_path)
     assert resumed.step_count == 1
     got = resumed.step(batch, advantages)
@@ -346,17 +320,13 @@ def test_weight_sync_into_the_engine(
 ) -> None:
     prompts, answers = random_sequences(rng, 4)
     trainer = learner(checkpoint, "none")
-    trainer.step(
-        make_batch(load(checkpoint), prompts, answers, None), np.array([1.0, -1, 1, -1])
-    )
+    trainer.step(make_batch(load(checkpoint), prompts, answers, None), np.array([1.0, -1, 1, -1]))
     llm_kwargs = {"device": "cpu", "max_num_seqs": 4, "max_model_len": 32}
     worker = RolloutWorker(str(checkpoint), rank=0, seed=0, llm_kwargs=llm_kwargs)
     weights = trainer.named_weights()
     assert worker.update_weights(weights) > 0
     trainer.save(tmp_path)
-    fresh = RolloutWorker(
-        str(Learner.policy_dir(tmp_path)), rank=0, seed=0, llm_kwargs=llm_kwargs
-    )
+    fresh = RolloutWorker(str(Learner.policy_dir(tmp_path)), rank=0, seed=0, llm_kwargs=llm_kwargs)
     sampling = [rollout.SamplingParams(max_tokens=5, seed=s) for s in range(4)]
     synced = worker.generate(prompts, sampling)
     reference = fresh.generate(prompts, sampling)

@@ -71,9 +71,7 @@ def test_cuda_ipc_config_needs_cuda_and_one_rank() -> None:
             trainer=TrainerConfig(weight_sync="cuda_ipc"),
         )
     # From YAML overrides, the error names the section too.
-    with pytest.raises(
-        ValueError, match=r"^trainer\.weight_sync: expected 'object_store' with"
-    ):
+    with pytest.raises(ValueError, match=r"^trainer\.weight_sync: expected 'object_store' with"):
         load_config(
             None,
             [
@@ -86,9 +84,7 @@ def test_cuda_ipc_config_needs_cuda_and_one_rank() -> None:
 
 
 def test_share_and_open_reject_bad_input() -> None:
-    with pytest.raises(
-        ValueError, match=r"tensors: expected at least one tensor to share"
-    ):
+    with pytest.raises(ValueError, match=r"tensors: expected at least one tensor to share"):
         share_cuda_tensors({})
     with pytest.raises(
         ValueError, match=r"tensors\['w'\]: expected a CUDA tensor .* got device cpu"
@@ -133,15 +129,12 @@ def test_cuda_ipc_sync_into_colocated_engines(tmp_path: Path) -> None:
     def engine_weights(worker: RolloutWorkers) -> dict[str, torch.Tensor]:
         # A lambda is pickled by value, so the actor needs no import of this test module.
         peek = lambda actor_self: {
-            n: p.detach().cpu()
-            for n, p in actor_self.llm.engine.runner.model.named_parameters()
+            n: p.detach().cpu() for n, p in actor_self.llm.engine.runner.model.named_parameters()
         }
         return ray.get(worker._actors[0].__ray_call__.remote(peek))
 
     prompts = ["12+34=", "5+6=", "99+1="]
-    sampling = [
-        rollout.SamplingParams(max_tokens=4, seed=s) for s in range(len(prompts))
-    ]
+    sampling = [rollout.SamplingParams(max_tokens=4, seed=s) for s in range(len(prompts))]
     ray.init(num_gpus=1, num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         trainer = start_trainer(

@@ -90,9 +90,7 @@ def _check_rows(out: RequestOutput, spec: RoutingSpec, start: int = 0) -> np.nda
     assert rows.dtype == np.uint8 == spec.id_dtype
     assert rows.shape == (num_tokens - 1 - start, len(spec.moe_layers), spec.top_k)
     assert rows.size == 0 or int(rows.max()) < spec.num_experts
-    assert (np.diff(np.sort(rows, axis=-1), axis=-1) > 0).all(), (
-        "repeated id within a row"
-    )
+    assert (np.diff(np.sort(rows, axis=-1), axis=-1) > 0).all(), "repeated id within a row"
     return rows
 
 
@@ -126,9 +124,7 @@ def _hf_routing(hf, spec: RoutingSpec, tokens: list[int]):
         for hook in hooks:
             hook.remove()
     ids = torch.stack([outputs[layer][2] for layer in spec.moe_layers], dim=1)
-    logits = torch.stack(
-        [outputs[layer][0].float() for layer in spec.moe_layers], dim=1
-    )
+    logits = torch.stack([outputs[layer][0].float() for layer in spec.moe_layers], dim=1)
     return ids.numpy().astype(np.int64), logits
 
 
@@ -141,10 +137,7 @@ def _selection(logits_TLE: torch.Tensor, hf, spec: RoutingSpec):
     inf = torch.tensor(torch.inf)
     if spec.method is RoutingMethod.DEEPSEEK_V3:
         bias_LE = torch.stack(
-            [
-                hf.model.layers[l].mlp.gate.e_score_correction_bias.float()
-                for l in spec.moe_layers
-            ]
+            [hf.model.layers[l].mlp.gate.e_score_correction_bias.float() for l in spec.moe_layers]
         )
         choice_TLE = torch.sigmoid(logits_TLE) + bias_LE
     else:
@@ -152,9 +145,7 @@ def _selection(logits_TLE: torch.Tensor, hf, spec: RoutingSpec):
     group_gap_TL = inf.expand(choice_TLE.shape[:2])
     if spec.n_group is not None:
         groups, kept = spec.n_group, spec.topk_group
-        score_TLG = (
-            choice_TLE.unflatten(-1, (groups, -1)).topk(2, dim=-1).values.sum(-1)
-        )
+        score_TLG = choice_TLE.unflatten(-1, (groups, -1)).topk(2, dim=-1).values.sum(-1)
         ranked_TLG = score_TLG.sort(dim=-1, descending=True).values
         if kept < groups:
             group_gap_TL = ranked_TLG[..., kept - 1] - ranked_TLG[..., kept]
@@ -177,20 +168,14 @@ def test_rows_are_what_hf_routers_choose(family, tmp_path, rng):
     hf = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    dense = [
-        i
-        for i, layer in enumerate(hf.model.layers)
-        if not hasattr(layer.mlp, "experts")
-    ]
+    dense = [i for i, layer in enumerate(hf.model.layers) if not hasattr(layer.mlp, "experts")]
     shared = _prompts(rng, [14])[0]
     prompts = [
         *_prompts(rng, [5, 37]),
         shared + _prompts(rng, [3])[0],
         shared + [7, 8, 9, 10],
     ]
-    sampling = SamplingParams(
-        max_tokens=20, temperature=1.0, seed=11, return_routed_experts=True
-    )
+    sampling = SamplingParams(max_tokens=20, temperature=1.0, seed=11, return_routed_experts=True)
     with _llm(path) as llm:
         spec = llm.routing_spec
         outs = llm.generate(prompts, sampling, use_tqdm=False)
@@ -205,9 +190,7 @@ def test_rows_are_what_hf_routers_choose(family, tmp_path, rng):
         modelled, margin_TL = _selection(logits_TLE, hf, spec)
         margins.append(margin_TL.min())
         # The near-tie analysis is only as good as its model of HF's selection.
-        assert (margin_TL[(modelled != theirs).any(-1)] < NEAR_TIE).all(), (
-            "selection model"
-        )
+        assert (margin_TL[(modelled != theirs).any(-1)] < NEAR_TIE).all(), "selection model"
         same_TL = (ours == theirs).all(axis=-1)
         rows += same_TL.size
         matches += int(same_TL.sum())
@@ -216,9 +199,7 @@ def test_rows_are_what_hf_routers_choose(family, tmp_path, rng):
                 f"{family}: token {t} layer {spec.moe_layers[l]}: ours {ours[t, l]}, HF "
                 f"{theirs[t, l]}, HF selection margin {margin_TL[t, l]:.3g} is no near-tie"
             )
-    print(
-        f"{family}: {matches}/{rows} rows equal HF's; smallest HF margin {min(margins):.2g}"
-    )
+    print(f"{family}: {matches}/{rows} rows equal HF's; smallest HF margin {min(margins):.2g}")
     assert matches >= MIN_AGREEMENT * rows
 
 
@@ -268,10 +249,7 @@ def test_preemption_keeps_the_sampling_time_rows(glm4, rng, prefix_caching):
     rows, which the outputs must equal (with several ``routed_experts_start`` too)."""
     prompts = _prompts(rng, [5, 17, 23, 9, 30])
     starts = [0, 3, 23, 9, 12]
-    params = [
-        dataclasses.replace(GREEDY, max_tokens=24, routed_experts_start=s)
-        for s in starts
-    ]
+    params = [dataclasses.replace(GREEDY, max_tokens=24, routed_experts_start=s) for s in starts]
     llm = _llm(glm4, kv_cache_blocks=18, enable_prefix_caching=prefix_caching)
     engine = llm.engine
     num_experts = llm.routing_spec.num_experts
@@ -282,14 +260,11 @@ def test_preemption_keeps_the_sampling_time_rows(glm4, rng, prefix_caching):
     def on_preempt(seq):
         nonlocal saves
         fed, before = seq.num_computed_tokens, _saved_end(seq)
-        fed_before_preemption[seq.seq_id] = max(
-            fed, fed_before_preemption.get(seq.seq_id, 0)
-        )
+        fed_before_preemption[seq.seq_id] = max(fed, fed_before_preemption.get(seq.seq_id, 0))
         save_rows(seq)
         if fed > max(before, seq.params.routed_experts_start):
             assert (
-                _saved_end(seq) == fed
-                and min(seq.saved_routing) == seq.params.routed_experts_start
+                _saved_end(seq) == fed and min(seq.saved_routing) == seq.params.routed_experts_start
             )
             saves += 1
         else:
@@ -373,12 +348,8 @@ def test_rows_of_finished_requests_do_not_wait_for_the_batch_in_flight(glm4, rng
         tokens = free[i].token_ids
         firsts = [k for k in range(1, len(tokens) - 1) if tokens[k] not in tokens[:k]]
         if firsts:  # a token first generated mid-run stops the request there
-            stopping[i] = dataclasses.replace(
-                params[i], stop_token_ids=(tokens[firsts[-1]],)
-            )
-    outs, committed, _ = _run_recording_commits(
-        glm4, prompts, stopping, kv_cache_blocks=64
-    )
+            stopping[i] = dataclasses.replace(params[i], stop_token_ids=(tokens[firsts[-1]],))
+    outs, committed, _ = _run_recording_commits(glm4, prompts, stopping, kv_cache_blocks=64)
     assert any(out.finish_reason == "stop" for out in outs)
     assert not any(committed[:4]), committed
     _assert_same(outs, _cold(glm4, prompts, stopping), "pipelined run with stops")
@@ -421,9 +392,7 @@ def test_routed_experts_start_returns_rows_from_there(qwen3, rng):
 def test_return_routed_experts_needs_capture_routing(qwen3):
     with LLM(qwen3, **ENGINE) as llm:
         with pytest.raises(ValueError, match="return_routed_experts.*capture_routing"):
-            llm.generate(
-                [[1, 2, 3]], SamplingParams(return_routed_experts=True), use_tqdm=False
-            )
+            llm.generate([[1, 2, 3]], SamplingParams(return_routed_experts=True), use_tqdm=False)
         assert not llm.engine.has_unfinished()
 
 
@@ -453,9 +422,7 @@ def test_mixed_batches_aborts_and_reused_blocks(glm4, rng):
         after_forward(batch)
         if steps == 3:
             seq = next(e.seq for e in batch.entries if e.seq.seq_id == ids[2])
-            assert seq.num_cached_tokens == 12, (
-                "expected a prefix shared with request 0"
-            )
+            assert seq.num_cached_tokens == 12, "expected a prefix shared with request 0"
             engine.abort_request(ids[2])
 
     engine.runner.after_forward = abort_in_flight
@@ -478,9 +445,7 @@ def test_mixed_batches_aborts_and_reused_blocks(glm4, rng):
         assert out.token_ids == cold[i].token_ids, f"request {i}"
         if asks[i]:
             _check_rows(out, llm.routing_spec)
-            np.testing.assert_array_equal(
-                out.routed_experts, cold[i].routed_experts, str(i)
-            )
+            np.testing.assert_array_equal(out.routed_experts, cold[i].routed_experts, str(i))
         else:
             assert out.routed_experts is None
     llm.shutdown()
@@ -508,10 +473,7 @@ def test_capture_off_creates_nothing_and_changes_no_output(qwen3, rng):
     off = LLM(qwen3, **ENGINE, enable_prefix_caching=False)
     engine = off.engine
     assert engine.routing is None and off.routing_reader_spec is None
-    assert (
-        engine.runner.buffers.routing_capture is None
-        and engine.runner.after_forward is None
-    )
+    assert engine.runner.buffers.routing_capture is None and engine.runner.after_forward is None
     assert engine.scheduler.on_preempt is None and engine.scheduler.on_finish is None
     assert not _own_segments() - before
     assert not os.path.exists(f"/dev/shm/{segment_name(engine.instance_id, 0)}")
@@ -555,9 +517,7 @@ def test_reader_in_another_process_reads_a_finished_requests_rows(qwen3, rng):
         save_rows(seq)
 
     engine.scheduler.on_finish = on_finish
-    first = engine.add_request(
-        _prompts(rng, [10])[0], dataclasses.replace(GREEDY, max_tokens=3)
-    )
+    first = engine.add_request(_prompts(rng, [10])[0], dataclasses.replace(GREEDY, max_tokens=3))
     engine.add_request(_prompts(rng, [7])[0], GREEDY)
     finished = []
     while not finished:
@@ -597,8 +557,7 @@ def _decode_profile(path, *, capture: bool, eager: bool, prompts, steps: int):
         for prompt in prompts:
             engine.add_request(prompt, sampling)
         while (
-            not all(seq.is_decoding for seq in engine.scheduler.running)
-            or engine.scheduler.waiting
+            not all(seq.is_decoding for seq in engine.scheduler.running) or engine.scheduler.waiting
         ):
             engine.step()
         engine.step()  # one decode step outside the profile (lazy initialisations)
@@ -628,12 +587,8 @@ def test_cuda_capture_adds_no_kernel_launch(cuda_qwen3, rng, eager):
     written inside the routing kernel); it adds one device-to-host memcpy (its side-stream
     copy)."""
     prompts = _prompts(rng, [5, 9, 14])
-    off = _decode_profile(
-        cuda_qwen3, capture=False, eager=eager, prompts=prompts, steps=8
-    )
-    on = _decode_profile(
-        cuda_qwen3, capture=True, eager=eager, prompts=prompts, steps=8
-    )
+    off = _decode_profile(cuda_qwen3, capture=False, eager=eager, prompts=prompts, steps=8)
+    on = _decode_profile(cuda_qwen3, capture=True, eager=eager, prompts=prompts, steps=8)
     print(f"eager={eager}: per decode step kernels/memcpys off {off}, on {on}")
     assert on[0] == off[0] > 0
     assert on[1] == off[1] + 1
@@ -664,12 +619,8 @@ def test_cuda_capture_allocates_only_its_buffer(cuda_qwen3, rng):
     capture buffer more (rounded to the allocator's 512 bytes), and its steps allocate nothing
     more at their peak."""
     prompts = _prompts(rng, [5, 9, 14, 20])
-    _allocated_by_engine(
-        cuda_qwen3, capture=False, prompts=prompts
-    )  # warm-up: cuBLAS, compile
-    off_built, off_peak, _ = _allocated_by_engine(
-        cuda_qwen3, capture=False, prompts=prompts
-    )
+    _allocated_by_engine(cuda_qwen3, capture=False, prompts=prompts)  # warm-up: cuBLAS, compile
+    off_built, off_peak, _ = _allocated_by_engine(cuda_qwen3, capture=False, prompts=prompts)
     on_built, on_peak, buffer_bytes = _allocated_by_engine(
         cuda_qwen3, capture=True, prompts=prompts
     )
@@ -689,9 +640,7 @@ def test_cuda_graphs_capture_the_rows_of_eager_steps(cuda_qwen3, rng):
     prompts = _prompts(rng, [5, 9, 14, 20])
     results = []
     for eager in (True, False):
-        with LLM(
-            cuda_qwen3, **GPU_ENGINE, capture_routing=True, enforce_eager=eager
-        ) as llm:
+        with LLM(cuda_qwen3, **GPU_ENGINE, capture_routing=True, enforce_eager=eager) as llm:
             assert bool(llm.stats.cuda_graph_sizes) is not eager
             results.append(llm.generate(prompts, GREEDY, use_tqdm=False))
             for out in results[-1]:
@@ -708,9 +657,6 @@ def test_cuda_capture_with_a_memory_sized_cache(cuda_qwen3, rng):
         outs = llm.generate(_prompts(rng, [5, 30]), GREEDY, use_tqdm=False)
         spec = llm.routing_spec
         stats = llm.stats
-        assert (
-            llm.routing_reader_spec.num_kv_slots
-            == stats.num_kv_blocks * stats.block_size
-        )
+        assert llm.routing_reader_spec.num_kv_slots == stats.num_kv_blocks * stats.block_size
     for out in outs:
         _check_rows(out, spec)

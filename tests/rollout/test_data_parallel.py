@@ -35,9 +35,7 @@ ENGINE = {
 # Each rank batches a subset of the requests: other GEMM shapes and prefill chunks than the single
 # engine's batches, so float32 logprobs differ by rounding (tokens and rows are exact).
 LOGPROB_ATOL = 1e-5
-GREEDY = SamplingParams(
-    max_tokens=12, temperature=0.0, ignore_eos=True, return_routed_experts=True
-)
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, return_routed_experts=True)
 
 
 @pytest.fixture(autouse=True)
@@ -115,25 +113,19 @@ def test_two_ranks_equal_one_engine(glm4, rng):
         outs = dp.generate(prompts, params, use_tqdm=False)
         _assert_same(outs, want, "first call")
         assert [out.request_id for out in outs] == list(range(len(prompts)))
-        again = dp.generate(
-            prompts, params, use_tqdm=False
-        )  # hits on both ranks' caches
+        again = dp.generate(prompts, params, use_tqdm=False)  # hits on both ranks' caches
         _assert_same(again, want_again, "second call")
         stats = dp.stats
         assert stats.prefix_cache_hits > 0
         # Both ranks served requests: each rank's cache saw queries.
         per_rank = front._command(range(2), ("stats",))
         assert all(s.prefix_cache_queries > 0 for s in per_rank)
-        assert stats.prefix_cache_queries == sum(
-            s.prefix_cache_queries for s in per_rank
-        )
+        assert stats.prefix_cache_queries == sum(s.prefix_cache_queries for s in per_rank)
 
         dp.update_weights(changed)
         changed_outs = dp.generate(prompts, params, use_tqdm=False)
         _assert_same(changed_outs, want_changed, "after update_weights")
-        assert any(
-            a.token_ids != b.token_ids for a, b in zip(changed_outs, want, strict=True)
-        )
+        assert any(a.token_ids != b.token_ids for a, b in zip(changed_outs, want, strict=True))
         dp.update_weights([(name, weights[name])])
         restored = dp.generate(prompts, params, use_tqdm=False)
         for out, ref in zip(restored, want, strict=True):
@@ -153,23 +145,17 @@ def test_two_ranks_equal_one_engine(glm4, rng):
     finally:
         dp.shutdown()
     assert all(not p.is_alive() and p.exitcode == 0 for p in processes)
-    assert not any(os.path.exists(f"/dev/shm/{n}") for n in names), (
-        "shutdown unlinks segments"
-    )
+    assert not any(os.path.exists(f"/dev/shm/{n}") for n in names), "shutdown unlinks segments"
     with pytest.raises(RuntimeError, match="shut down"):
         dp.generate(prompts[:1], GREEDY)
 
 
 def test_bad_arguments_raise_before_any_rank_starts(glm4):
-    with pytest.raises(
-        ValueError, match=r"data_parallel_size: expected an int >= 1, got 0"
-    ):
+    with pytest.raises(ValueError, match=r"data_parallel_size: expected an int >= 1, got 0"):
         LLM(glm4, **ENGINE, data_parallel_size=0)
     with pytest.raises(TypeError, match="data_parallel_size: expected an int"):
         LLM(glm4, **ENGINE, data_parallel_size=2.0)
-    with pytest.raises(
-        ValueError, match=r"data_parallel_mode: expected one of .*'pipeline'"
-    ):
+    with pytest.raises(ValueError, match=r"data_parallel_mode: expected one of .*'pipeline'"):
         LLM(glm4, **ENGINE, data_parallel_size=2, data_parallel_mode="pipeline")
     with pytest.raises(
         ValueError, match="num_experts: expected a multiple of data_parallel_size=3"
@@ -180,9 +166,7 @@ def test_bad_arguments_raise_before_any_rank_starts(glm4):
 
 
 def test_single_rank_runs_in_process(glm4):
-    with LLM(
-        glm4, **ENGINE, data_parallel_size=1, data_parallel_mode="dp_attention"
-    ) as llm:
+    with LLM(glm4, **ENGINE, data_parallel_size=1, data_parallel_mode="dp_attention") as llm:
         assert not isinstance(llm.engine, DataParallelEngine)
         assert llm.routing_reader_specs == (llm.routing_reader_spec,)
 

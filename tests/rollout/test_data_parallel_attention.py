@@ -171,22 +171,17 @@ def test_dp_attention_equals_one_engine(tiny, rng):
     assert stats.prefix_cache_hits > 0 and stats.cuda_graph_sizes == ()
     # Each rank holds half of the experts, and everything else whole.
     for rank, held in enumerate(rank_shapes):
-        experts = [
-            n for n in held if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
-        ]
+        experts = [n for n in held if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
         assert len(experts) == 2 * len(model.moe_layers), rank
         for n, shape in held.items():
-            want_shape = (
-                (num_experts // 2, *shapes[n][1:]) if n in experts else shapes[n]
-            )
+            want_shape = (num_experts // 2, *shapes[n][1:]) if n in experts else shapes[n]
             assert shape == want_shape, (rank, n)
     contexts = ["uneven", "prefix hits", "alone", "after update_weights", "full sync"]
     for context, outs, ref in zip(contexts, got, want, strict=True):
         _assert_same(outs, ref, context)
     _assert_same(got[4], got[0], "restored by the full sync")
     assert any(
-        a.token_ids != b.token_ids
-        or not np.array_equal(a.routed_experts, b.routed_experts)
+        a.token_ids != b.token_ids or not np.array_equal(a.routed_experts, b.routed_experts)
         for a, b in zip(got[3], got[1], strict=True)
     ), "update_weights changed nothing"
 
@@ -200,9 +195,7 @@ def test_experts_that_do_not_split_raise_before_any_rank_starts(tmp_path):
         LLM(path, **ENGINE, data_parallel_size=3, data_parallel_mode="dp_attention")
     # A dp_attention rank's engine needs the process group of its ranks.
     config = EngineConfig(model=path, **ENGINE, **DP_ATTENTION)
-    with pytest.raises(
-        ValueError, match="expected rank 0 of an initialized default process group"
-    ):
+    with pytest.raises(ValueError, match="expected rank 0 of an initialized default process group"):
         LLMEngine(config)
 
 
@@ -210,9 +203,7 @@ def test_dp_attention_runs_eager():
     config = EngineConfig(model="m", enforce_eager=False, **DP_ATTENTION)
     assert config.dp_attention and config.enforce_eager
     # One rank is the in-process engine: nothing is collective, CUDA graphs stay allowed.
-    single = EngineConfig(
-        model="m", data_parallel_size=1, data_parallel_mode="dp_attention"
-    )
+    single = EngineConfig(model="m", data_parallel_size=1, data_parallel_mode="dp_attention")
     assert not single.dp_attention and not single.enforce_eager
     replicas = EngineConfig(model="m", data_parallel_size=2)
     assert not replicas.dp_attention and not replicas.enforce_eager
@@ -222,14 +213,10 @@ def test_dp_attention_runs_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL)"
-)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL)")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_dp_attention_matches_one_engine(dtype, tmp_path, rng):
-    path = make_tiny_moe(
-        "qwen2_moe", tmp_path / "qwen2", **flashinfer_overrides("qwen2_moe")
-    )
+    path = make_tiny_moe("qwen2_moe", tmp_path / "qwen2", **flashinfer_overrides("qwen2_moe"))
     engine = {**ENGINE, "device": "cuda", "dtype": dtype}
     if dtype == "float32":
         engine["kv_cache_blocks"] = 256
@@ -246,13 +233,8 @@ def test_cuda_dp_attention_matches_one_engine(dtype, tmp_path, rng):
             np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=0, atol=1e-4)
             np.testing.assert_array_equal(out.routed_experts, ref.routed_experts)
         return
-    tokens = np.concatenate(
-        [np.equal(o.token_ids, r.token_ids) for o, r in zip(got, want)]
-    )
+    tokens = np.concatenate([np.equal(o.token_ids, r.token_ids) for o, r in zip(got, want)])
     rows = np.concatenate(
-        [
-            (o.routed_experts == r.routed_experts).all(-1).ravel()
-            for o, r in zip(got, want)
-        ]
+        [(o.routed_experts == r.routed_experts).all(-1).ravel() for o, r in zip(got, want)]
     )
     assert tokens.mean() >= 0.9 and rows.mean() >= 0.95, (tokens.mean(), rows.mean())

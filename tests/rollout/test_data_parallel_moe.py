@@ -134,9 +134,7 @@ def test_triton_expert_slices_sum_to_the_unsharded_experts(top_k, triton_device,
 def test_masked_ids_only_with_masked(rng):
     hidden, gate_up, down, weights, ids = _expert_inputs(4, 2, rng)
     ids[1, 0] = MASKED_ID
-    with pytest.raises(
-        ValueError, match=r"topk_ids_TK: expected values in \[0, 8\), got min -1"
-    ):
+    with pytest.raises(ValueError, match=r"topk_ids_TK: expected values in \[0, 8\), got min -1"):
         fused_experts_reference(hidden, gate_up, down, weights, ids)
     ids[2, 1] = -2
     with pytest.raises(ValueError, match=r"expected values in \[-1, 8\), got min -2"):
@@ -162,23 +160,15 @@ def test_expert_slice_partitions_the_experts():
 
 
 def test_dispatch_needs_its_process_group():
-    with pytest.raises(
-        ValueError, match="data_parallel_size: expected rank 0 of an initialized"
-    ):
-        NaiveDispatch(
-            num_experts=EXPERTS, rank=0, world_size=2, device=torch.device("cpu")
-        )
+    with pytest.raises(ValueError, match="data_parallel_size: expected rank 0 of an initialized"):
+        NaiveDispatch(num_experts=EXPERTS, rank=0, world_size=2, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="num_experts: expected a multiple of"):
-        NaiveDispatch(
-            num_experts=EXPERTS, rank=0, world_size=3, device=torch.device("cpu")
-        )
+        NaiveDispatch(num_experts=EXPERTS, rank=0, world_size=3, device=torch.device("cpu"))
 
 
 def test_parallel_config_checks_its_ranks():
     assert MoEParallelConfig(ep_rank=3, ep_size=4).ep_rank == 3
-    with pytest.raises(
-        ValueError, match=r"ep_rank: expected an int in \[0, 2\), got 2"
-    ):
+    with pytest.raises(ValueError, match=r"ep_rank: expected an int in \[0, 2\), got 2"):
         MoEParallelConfig(ep_rank=2, ep_size=2)
     with pytest.raises(ValueError, match="ep_size: expected an int >= 1, got 0"):
         MoEParallelConfig(ep_rank=0, ep_size=0)
@@ -192,17 +182,13 @@ def test_experts_allocate_only_their_slice():
     assert experts.down_proj.shape == (4, HIDDEN, INTER)
     assert not experts.holds_all and Experts(EXPERTS, HIDDEN, INTER).holds_all
     for bad in (range(4, 4), range(0, 8, 2), range(6, 10), [0, 1]):
-        with pytest.raises(
-            ValueError, match=r"local: expected a non-empty range of step 1"
-        ):
+        with pytest.raises(ValueError, match=r"local: expected a non-empty range of step 1"):
             Experts(EXPERTS, HIDDEN, INTER, local=bad)
 
 
 def test_block_with_a_slice_needs_its_dispatch(rng):
     block = _block("renormalize", seed=0, experts=expert_slice(EXPERTS, 1, 2))
-    with pytest.raises(
-        ValueError, match=r"dispatch: expected a NaiveDispatch .* \[4, 8\)"
-    ):
+    with pytest.raises(ValueError, match=r"dispatch: expected a NaiveDispatch .* \[4, 8\)"):
         block(torch.randn(3, HIDDEN, generator=rng))
     with pytest.raises(
         ValueError,
@@ -232,9 +218,7 @@ def _block(name: str, seed: int, experts: range | None = None) -> SparseMoeBlock
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in whole.parameters():
-            param.copy_(
-                torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5
-            )
+            param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
     if experts is None:
         return whole
     block = SparseMoeBlock(
@@ -256,9 +240,7 @@ def _block(name: str, seed: int, experts: range | None = None) -> SparseMoeBlock
 
 
 def _tokens(counts: list[int], seed: int) -> torch.Tensor:
-    return torch.randn(
-        sum(counts), HIDDEN, generator=torch.Generator().manual_seed(seed)
-    )
+    return torch.randn(sum(counts), HIDDEN, generator=torch.Generator().manual_seed(seed))
 
 
 def _rank_worker(rank: int, world: int, init_method: str, conn) -> None:
@@ -267,9 +249,7 @@ def _rank_worker(rank: int, world: int, init_method: str, conn) -> None:
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(
-            "gloo", init_method=init_method, rank=rank, world_size=world
-        )
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
         results = {}
         for b, name in enumerate(BLOCKS):
             block = _block(name, seed=b, experts=expert_slice(EXPERTS, rank, world))
@@ -286,9 +266,7 @@ def _rank_worker(rank: int, world: int, init_method: str, conn) -> None:
                 start = sum(counts[:rank])
                 x_TH = _tokens(counts, seed=s)[start : start + counts[rank]]
                 capturer.buffer.fill_(255)
-                assert block.dispatch.begin_step(
-                    counts[rank]
-                ).num_tokens_across_dp == tuple(counts)
+                assert block.dispatch.begin_step(counts[rank]).num_tokens_across_dp == tuple(counts)
                 with torch.no_grad():
                     out_TH = block(x_TH, capturer.layer_view(1, counts[rank]))
                 # As numpy arrays: pickled by value (tensors would go as file descriptors that
@@ -308,9 +286,7 @@ def rank_results(tmp_path_factory):
     conns, processes = [], []
     for rank in range(2):
         parent, child = context.Pipe()
-        process = context.Process(
-            target=_rank_worker, args=(rank, 2, init_method, child)
-        )
+        process = context.Process(target=_rank_worker, args=(rank, 2, init_method, child))
         process.start()
         child.close()
         conns.append(parent)
@@ -348,16 +324,10 @@ def test_two_ranks_equal_the_unsharded_block(name, rank_results, one_thread):
         for rank in range(2):
             out_TH, buffer = map(torch.from_numpy, rank_results[rank][name, s])
             start, mine = sum(counts[:rank]), counts[rank]
-            torch.testing.assert_close(
-                out_TH, want_XH[start : start + mine], rtol=1e-5, atol=1e-5
-            )
+            torch.testing.assert_close(out_TH, want_XH[start : start + mine], rtol=1e-5, atol=1e-5)
             # The capture entry's DP rule on the routed batch of all ranks gives the same rows.
-            entry = RoutedExpertsCapturer(
-                8, 2, routing.top_k, device="cpu", dp_rank=rank
-            )
+            entry = RoutedExpertsCapturer(8, 2, routing.top_k, device="cpu", dp_rank=rank)
             entry.buffer.fill_(255)
             assert entry.capture(1, ids_XK, dp) == mine
             assert torch.equal(buffer, entry.buffer), (name, counts, rank)
-            assert torch.equal(
-                buffer[:mine, 1], ids_XK[start : start + mine].to(buffer.dtype)
-            )
+            assert torch.equal(buffer[:mine, 1], ids_XK[start : start + mine].to(buffer.dtype))

@@ -51,9 +51,7 @@ def _forward(model, tokens, num_blocks=16):
     spec = model.attention_spec
     dtype = model.model.embed_tokens.weight.dtype
     model.bind_kv_cache(
-        allocate_kv_cache(
-            spec, num_blocks=num_blocks, block_size=4, dtype=dtype, device="cpu"
-        )
+        allocate_kv_cache(spec, num_blocks=num_blocks, block_size=4, dtype=dtype, device="cpu")
     )
     builder = PagedBatchBuilder(
         TorchAttentionBackend(spec, block_size=4), num_blocks=num_blocks, block_size=4
@@ -170,9 +168,7 @@ def test_glm4_skips_multi_token_prediction_layers(checkpoints, tmp_path):
     def add_layer3(t):
         t["model.layers.3.self_attn.q_proj.weight"] = torch.zeros(64, 64)
 
-    load_checkpoint(
-        _copy(checkpoints["glm4_moe"], tmp_path / "g", edit=add_layer3), device="cpu"
-    )
+    load_checkpoint(_copy(checkpoints["glm4_moe"], tmp_path / "g", edit=add_layer3), device="cpu")
     with pytest.raises(ValueError, match="model.layers.3.self_attn.q_proj.weight"):
         load_checkpoint(
             _copy(checkpoints["qwen3_moe"], tmp_path / "q", edit=add_layer3),
@@ -184,9 +180,7 @@ def test_glm4_skips_multi_token_prediction_layers(checkpoints, tmp_path):
 def test_load_weights_round_trip_in_place(checkpoints, family):
     """HF's in-memory v5 names (fused experts, GLM's bias buffer) load in place into a model."""
     reference = load_checkpoint(checkpoints[family], device="cpu").model
-    model = load_checkpoint(
-        checkpoints[family], device="cpu", load_format="dummy", seed=1
-    ).model
+    model = load_checkpoint(checkpoints[family], device="cpu", load_format="dummy", seed=1).model
     storage = {name: p.data_ptr() for name, p in model.named_parameters()}
     hf = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32)
     state = hf.state_dict()
@@ -204,9 +198,7 @@ def test_partial_update_reports_only_complete_parameters(checkpoints):
     start, end = qkv.shards["v"]
     new_v = torch.full((end - start, 64), 0.5)
     before = qkv.weight.clone()
-    assert (
-        model.load_weights([("model.layers.0.self_attn.v_proj.weight", new_v)]) == set()
-    )
+    assert model.load_weights([("model.layers.0.self_attn.v_proj.weight", new_v)]) == set()
     assert torch.equal(qkv.weight[start:end], new_v)
     assert torch.equal(qkv.weight[:start], before[:start])
     full = [
@@ -217,9 +209,7 @@ def test_partial_update_reports_only_complete_parameters(checkpoints):
 
 
 def test_sharded_checkpoint(checkpoints, tmp_path):
-    hf = AutoModelForCausalLM.from_pretrained(
-        checkpoints["glm4_moe"], dtype=torch.float32
-    )
+    hf = AutoModelForCausalLM.from_pretrained(checkpoints["glm4_moe"], dtype=torch.float32)
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
     sharded = load_checkpoint(tmp_path / "sharded", device="cpu").model
@@ -230,9 +220,7 @@ def test_sharded_checkpoint(checkpoints, tmp_path):
 
 def test_tied_embeddings(tmp_path, rng):
     path = make_tiny_moe("qwen2_moe", tmp_path / "tied", tie_word_embeddings=True)
-    assert not any(
-        k.startswith("lm_head") for k in load_file(str(path / "model.safetensors"))
-    )
+    assert not any(k.startswith("lm_head") for k in load_file(str(path / "model.safetensors")))
     model = load_checkpoint(path, device="cpu").model
     assert model.lm_head.weight is model.model.embed_tokens.weight
     tokens = torch.randint(0, model.args.vocab_size, (6,), generator=rng).tolist()
@@ -244,9 +232,7 @@ def test_tied_embeddings(tmp_path, rng):
     assert (_forward(model, tokens) - expected).abs().max().item() <= 1e-4
     # An update naming lm_head writes the shared matrix.
     new = torch.randn_like(model.lm_head.weight)
-    assert model.load_weights([("lm_head.weight", new)]) == {
-        "model.embed_tokens.weight"
-    }
+    assert model.load_weights([("lm_head.weight", new)]) == {"model.embed_tokens.weight"}
     assert torch.equal(model.model.embed_tokens.weight, new)
 
 
@@ -292,14 +278,11 @@ def test_dtypes(checkpoints):
     config.dtype = torch.bfloat16
     assert resolve_dtype("auto", config, torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype(torch.float16, config, torch.device("cpu")) == torch.float16
-    model = load_checkpoint(
-        checkpoints["glm4_moe"], device="cpu", dtype="bfloat16"
-    ).model
+    model = load_checkpoint(checkpoints["glm4_moe"], device="cpu", dtype="bfloat16").model
     gate = model.model.layers[1].mlp.gate
     assert model.model.layers[1].self_attn.qkv_proj.weight.dtype == torch.bfloat16
     assert (
-        gate.weight.dtype == torch.float32
-        and gate.e_score_correction_bias.dtype == torch.float32
+        gate.weight.dtype == torch.float32 and gate.e_score_correction_bias.dtype == torch.float32
     )
     assert torch.isfinite(_forward(model, [1, 2, 3, 4, 5])).all()
 
@@ -372,9 +355,7 @@ def _check_rank_model(model, whole, experts):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "glm4_moe"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_expert_parallel_load_reads_only_its_experts(
-    checkpoints, family, rank, monkeypatch
-):
+def test_expert_parallel_load_reads_only_its_experts(checkpoints, family, rank, monkeypatch):
     whole = load_checkpoint(checkpoints[family], device="cpu").model
     num_experts = whole.routing_params.num_experts
     experts = range(rank * num_experts // 2, (rank + 1) * num_experts // 2)
@@ -386,15 +367,11 @@ def test_expert_parallel_load_reads_only_its_experts(
         ).model
     _check_rank_model(model, whole, experts)
     stored = load_file(str(checkpoints[family] / "model.safetensors"))
-    others = {
-        n for n in stored if (m := _EXPERT_INDEX.search(n)) and int(m[1]) not in experts
-    }
+    others = {n for n in stored if (m := _EXPERT_INDEX.search(n)) and int(m[1]) not in experts}
     assert others and sorted(reads) == sorted((n, None) for n in set(stored) - others)
 
 
-def test_expert_parallel_load_slices_fused_expert_tensors(
-    checkpoints, tmp_path, monkeypatch
-):
+def test_expert_parallel_load_slices_fused_expert_tensors(checkpoints, tmp_path, monkeypatch):
     # A checkpoint of HF's in-memory names: fused experts [E, 2I, H] / [E, H, I] on disk.
     folder = _copy(checkpoints["qwen2_moe"], tmp_path / "fused")
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -416,9 +393,7 @@ def test_expert_parallel_load_slices_fused_expert_tensors(
 
 
 def test_expert_parallel_dummy_weights_are_the_single_models_slice(checkpoints):
-    whole = load_checkpoint(
-        checkpoints["glm4_moe"], device="cpu", load_format="dummy", seed=5
-    )
+    whole = load_checkpoint(checkpoints["glm4_moe"], device="cpu", load_format="dummy", seed=5)
     for rank, experts in enumerate([range(8), range(8, 16)]):
         model = load_checkpoint(
             checkpoints["glm4_moe"],
@@ -444,9 +419,7 @@ def test_expert_parallel_load_weights(checkpoints):
         parallel=MoEParallelConfig(ep_rank=1, ep_size=2),
     ).model
     storage = {name: p.data_ptr() for name, p in model.named_parameters()}
-    hf = AutoModelForCausalLM.from_pretrained(
-        checkpoints["qwen3_moe"], dtype=torch.float32
-    )
+    hf = AutoModelForCausalLM.from_pretrained(checkpoints["qwen3_moe"], dtype=torch.float32)
     assert model.load_weights(hf.state_dict().items()) == set(storage)
     _check_rank_model(model, whole, range(4, 8))
     assert all(p.data_ptr() == storage[n] for n, p in model.named_parameters())
@@ -458,10 +431,7 @@ def test_expert_parallel_load_weights(checkpoints):
     other = [(f"{prefix}.{j}.down_proj.weight", torch.ones(h, i)) for j in range(4)]
     assert model.load_weights(other) == set()
     assert torch.equal(down, before)
-    mine = [
-        (f"{prefix}.{j}.down_proj.weight", torch.full((h, i), float(j)))
-        for j in range(4, 8)
-    ]
+    mine = [(f"{prefix}.{j}.down_proj.weight", torch.full((h, i), float(j))) for j in range(4, 8)]
     assert model.load_weights(mine) == {f"{prefix}.down_proj"}
     assert torch.equal(down, torch.arange(4, 8.0)[:, None, None].expand(4, h, i))
     # Shapes are checked for every expert, and a fused tensor must hold all E experts.
@@ -469,18 +439,14 @@ def test_expert_parallel_load_weights(checkpoints):
         ValueError, match=rf"experts.2.down_proj.weight.* expected shape \({h}, {i}\)"
     ):
         model.load_weights([(f"{prefix}.2.down_proj.weight", torch.ones(h, i - 1))])
-    with pytest.raises(
-        ValueError, match=rf"expected shape \(8, {h}, {i}\) .* got \(4, {h}, {i}\)"
-    ):
+    with pytest.raises(ValueError, match=rf"expected shape \(8, {h}, {i}\) .* got \(4, {h}, {i}\)"):
         model.load_weights([(f"{prefix}.down_proj", torch.ones(4, h, i))])
     with pytest.raises(ValueError, match="unknown parameter name"):
         model.load_weights([(f"{prefix}.8.down_proj.weight", torch.ones(h, i))])
 
 
 def test_experts_that_do_not_split_raise(checkpoints):
-    with pytest.raises(
-        ValueError, match=r"num_experts: expected a multiple of .*=3 .* got 8"
-    ):
+    with pytest.raises(ValueError, match=r"num_experts: expected a multiple of .*=3 .* got 8"):
         load_checkpoint(
             checkpoints["qwen3_moe"],
             device="cpu",

@@ -57,9 +57,7 @@ def _engine(path, *, pipelined: bool, **overrides) -> LLMEngine:
     return LLMEngine(config, pipelined=pipelined)
 
 
-def _generate(
-    engine: LLMEngine, prompts, params, abort_at: dict[int, int] | None = None
-):
+def _generate(engine: LLMEngine, prompts, params, abort_at: dict[int, int] | None = None):
     """Step until done; ``abort_at``: step index -> request to abort before that step. Returns
     the outputs in request order (None for an aborted request) and the scheduled batches."""
     abort_at = abort_at or {}
@@ -69,9 +67,7 @@ def _generate(
     def recording_schedule():
         batch = schedule()
         if batch is not None:
-            batches.append(
-                [(e.seq.seq_id, e.start, e.num_new_tokens) for e in batch.entries]
-            )
+            batches.append([(e.seq.seq_id, e.start, e.num_new_tokens) for e in batch.entries])
         return batch
 
     engine.scheduler.schedule = recording_schedule
@@ -97,9 +93,7 @@ def _workload(rng):
     prompts = [rand(5), shared + rand(7), shared + rand(3), rand(23), rand(9)]
     prompts.append(list(prompts[2]))
     params = [
-        SamplingParams(
-            max_tokens=m, temperature=0.0, ignore_eos=True, return_routed_experts=True
-        )
+        SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, return_routed_experts=True)
         for m in (20, 14, 18, 9, 24, 11)
     ]
     params[3] = SamplingParams(
@@ -130,12 +124,8 @@ def _compare(pipelined_outs, synchronous_outs, *, logprob_atol: float) -> float:
             continue
         assert a.token_ids == b.token_ids, f"request {i}: tokens differ"
         assert a.finish_reason == b.finish_reason
-        np.testing.assert_array_equal(
-            a.routed_experts, b.routed_experts, err_msg=f"request {i}"
-        )
-        assert not np.isnan(a.logprobs).any(), (
-            f"request {i}: a placeholder's logprob is left"
-        )
+        np.testing.assert_array_equal(a.routed_experts, b.routed_experts, err_msg=f"request {i}")
+        assert not np.isnan(a.logprobs).any(), f"request {i}: a placeholder's logprob is left"
         if len(a.logprobs):
             largest = max(largest, float(np.abs(a.logprobs - b.logprobs).max()))
     assert largest <= logprob_atol, f"max |logprob diff| {largest:.3g}"
@@ -154,21 +144,11 @@ def test_pipelined_steps_equal_synchronous_steps_bit_for_bit(glm4, rng):
         engine.shutdown()
     (outs, batches, stats), (want, want_batches, want_stats) = results
     assert batches == want_batches
-    assert (
-        stats == want_stats
-        and stats.prefix_cache_hits > 0
-        and stats.num_preemptions == 0
-    )
-    assert any(b[0][2] > 1 and len(b) > 1 for b in batches), (
-        "expected mixed prefill steps"
-    )
-    assert outs[1] is None and all(
-        out is not None for i, out in enumerate(outs) if i != 1
-    )
+    assert stats == want_stats and stats.prefix_cache_hits > 0 and stats.num_preemptions == 0
+    assert any(b[0][2] > 1 and len(b) > 1 for b in batches), "expected mixed prefill steps"
+    assert outs[1] is None and all(out is not None for i, out in enumerate(outs) if i != 1)
     _compare(outs, want, logprob_atol=0.0)
-    assert [o and o.num_cached_tokens for o in outs] == [
-        o and o.num_cached_tokens for o in want
-    ]
+    assert [o and o.num_cached_tokens for o in outs] == [o and o.num_cached_tokens for o in want]
 
 
 @pytest.mark.parametrize("kv_cache_blocks", [None, 12])
@@ -245,9 +225,7 @@ def test_step_launches_the_next_batch_before_waiting(glm4, rng, monkeypatch, pip
         per_step.append(events[start:])
     engine.shutdown()
     assert len(launched) > 10
-    assert sorted(n for kind, n in events if kind == "wait") == list(
-        range(len(launched))
-    )
+    assert sorted(n for kind, n in events if kind == "wait") == list(range(len(launched)))
     for step_events in per_step:
         launched = [n for kind, n in step_events if kind == "launch"]
         waited = [n for kind, n in step_events if kind == "wait"]
@@ -273,10 +251,7 @@ def test_a_batch_in_flight_after_generate_is_drained(glm4, rng):
         assert stop is not None, f"expected a new token mid-run in {free}"
         stopping = dataclasses.replace(greedy, stop_token_ids=(stop,))
         first = llm.generate([prompt], stopping, use_tqdm=False)[0]
-        assert (
-            first.finish_reason == "stop"
-            and first.token_ids == free[: free.index(stop) + 1]
-        )
+        assert first.finish_reason == "stop" and first.token_ids == free[: free.index(stop) + 1]
         engine = llm.engine
         assert engine.has_unfinished() and not engine.scheduler.has_unfinished()
         llm.update_weights(load_file(str(glm4 / "model.safetensors")).items())
@@ -292,12 +267,8 @@ def test_a_batch_in_flight_after_generate_is_drained(glm4, rng):
 
 
 def test_pipelined_is_checked(glm4):
-    config = EngineConfig(
-        model=str(glm4), data_parallel_size=2, data_parallel_mode="dp_attention"
-    )
-    with pytest.raises(
-        ValueError, match=r"pipelined: expected None or False .*dp_attention"
-    ):
+    config = EngineConfig(model=str(glm4), data_parallel_size=2, data_parallel_mode="dp_attention")
+    with pytest.raises(ValueError, match=r"pipelined: expected None or False .*dp_attention"):
         LLMEngine(config, pipelined=True)
     with pytest.raises(TypeError, match="pipelined: expected None or a bool, got int"):
         LLMEngine(EngineConfig(model=str(glm4)), pipelined=1)
@@ -337,9 +308,7 @@ def test_cuda_launch_does_not_wait_for_the_batch_in_flight(cuda_qwen3, rng, capt
         dataclasses.replace(greedy, temperature=1.0, seed=5),
     ]
     for n, sampling in zip((5, 9, 14), params):
-        engine.add_request(
-            torch.randint(0, 300, (n,), generator=rng).tolist(), sampling
-        )
+        engine.add_request(torch.randint(0, 300, (n,), generator=rng).tolist(), sampling)
     for _ in range(8):  # prefill and warm-up (lazy initialisations may synchronise)
         engine.step()
     torch.cuda.synchronize()
@@ -349,9 +318,7 @@ def test_cuda_launch_does_not_wait_for_the_batch_in_flight(cuda_qwen3, rng, capt
 
     def slow_run(inputs):
         if len(launched) == 2:
-            torch.cuda._sleep(
-                1 << 28
-            )  # ~0.1-0.3 s of device time ahead of this forward
+            torch.cuda._sleep(1 << 28)  # ~0.1-0.3 s of device time ahead of this forward
         if launched:
             ready_at_launch.append(launched[-1].is_ready())
         return run(inputs)
@@ -373,30 +340,20 @@ def test_cuda_launch_does_not_wait_for_the_batch_in_flight(cuda_qwen3, rng, capt
     while engine.has_unfinished():
         engine.step()
     engine.shutdown()
-    assert not slow_ready_after_its_step, (
-        "the step that launched the slow batch waited for it"
-    )
-    assert not ready_at_launch[2], (
-        "the launch of the next batch waited for the slow one"
-    )
+    assert not slow_ready_after_its_step, "the step that launched the slow batch waited for it"
+    assert not ready_at_launch[2], "the launch of the next batch waited for the slow one"
 
 
 @pytest.mark.gpu
 def test_cuda_pipelined_outputs_equal_synchronous_ones(cuda_qwen3, rng):
     """bf16, CUDA graphs, routing capture, no stops or preemption: the same batches, so the
     same tokens, logprobs and rows."""
-    prompts = [
-        torch.randint(0, 300, (n,), generator=rng).tolist() for n in (5, 9, 14, 20, 31)
-    ]
+    prompts = [torch.randint(0, 300, (n,), generator=rng).tolist() for n in (5, 9, 14, 20, 31)]
     params = [
-        SamplingParams(
-            max_tokens=m, temperature=0.0, ignore_eos=True, return_routed_experts=True
-        )
+        SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, return_routed_experts=True)
         for m in (12, 30, 7, 24, 16)
     ]
-    params[2] = SamplingParams(
-        max_tokens=20, temperature=1.0, seed=3, return_routed_experts=True
-    )
+    params[2] = SamplingParams(max_tokens=20, temperature=1.0, seed=3, return_routed_experts=True)
     results = []
     for pipelined in (True, False):
         engine = _cuda_engine(cuda_qwen3, pipelined=pipelined, capture_routing=True)

@@ -45,9 +45,7 @@ def logprob_of(digest: int) -> float:
     return -((digest >> 3) % 1000) / 100.0
 
 
-def reference(
-    prompt: list[int], params: SamplingParams, max_model_len: int, eos=(EOS,)
-):
+def reference(prompt: list[int], params: SamplingParams, max_model_len: int, eos=(EOS,)):
     """(generated tokens, logprobs, finish reason) computed straight from the tokens."""
     tokens, digest = list(prompt), 0
     for token in prompt:
@@ -80,9 +78,7 @@ class FakeRunner:
         flight, which the batch's placeholders stand for."""
         bs = self.block_size
         input_ids = list(batch.input_ids)
-        for index, row in zip(
-            batch.placeholder_indices, batch.placeholder_rows, strict=True
-        ):
+        for index, row in zip(batch.placeholder_indices, batch.placeholder_rows, strict=True):
             assert input_ids[index] == PLACEHOLDER and previous is not None
             input_ids[index] = previous[row]
         assert PLACEHOLDER not in input_ids, "a placeholder without its source row"
@@ -98,12 +94,8 @@ class FakeRunner:
             digest = 0
             for position in range(entry.start):
                 stored = self.kv[slot(position)]
-                assert stored is not None, (
-                    f"{entry.seq}: read an unwritten slot at {position}"
-                )
-                assert stored[1] == chain(digest, stored[0]), (
-                    f"{entry.seq}: stale KV at {position}"
-                )
+                assert stored is not None, f"{entry.seq}: read an unwritten slot at {position}"
+                assert stored[1] == chain(digest, stored[0]), f"{entry.seq}: stale KV at {position}"
                 digest = stored[1]
             for k in range(lo, hi):
                 assert batch.slot_mapping[k] == slot(batch.positions[k])
@@ -132,9 +124,7 @@ def make_scheduler(
         max_num_seqs=max_num_seqs,
         enable_prefix_caching=prefix_caching,
     )
-    state = EngineState(
-        num_kv_blocks=num_blocks, max_model_len=max_model_len, eos_token_ids=(EOS,)
-    )
+    state = EngineState(num_kv_blocks=num_blocks, max_model_len=max_model_len, eos_token_ids=(EOS,))
     return Scheduler(config, state, on_preempt=on_preempt, on_finish=on_finish)
 
 
@@ -147,17 +137,13 @@ def _finishes_in_flight(seq: Sequence) -> bool:
     return bool(seq.pending_rows) and seq.num_generated_tokens >= seq.params.max_tokens
 
 
-def check_batch(
-    scheduler: Scheduler, batch: ScheduledBatch, running_before, preemptions_before
-):
+def check_batch(scheduler: Scheduler, batch: ScheduledBatch, running_before, preemptions_before):
     """The invariants of a freshly scheduled batch."""
     bm = scheduler.block_manager
     for seq in scheduler.waiting:
         assert seq.num_computed_tokens == 0 and seq.block_table == [], seq
     ids = [seq.seq_id for seq in scheduler.running]
-    assert ids == sorted(ids), (
-        "running must stay in arrival order (victims are the newest)"
-    )
+    assert ids == sorted(ids), "running must stay in arrival order (victims are the newest)"
     scheduled = {e.seq.seq_id for e in batch.entries}
     if batch.num_tokens < scheduler.max_num_batched_tokens:
         # Work conserving: a running sequence left out had no room for a single token, or its
@@ -169,9 +155,7 @@ def check_batch(
                 or _finishes_in_flight(seq)
             ), seq
     assert not any(_finishes_in_flight(e.seq) for e in batch.entries)
-    if (
-        scheduler.num_preemptions > preemptions_before
-    ):  # no admission in a preempting step
+    if scheduler.num_preemptions > preemptions_before:  # no admission in a preempting step
         assert scheduled <= running_before
     assert batch.num_tokens <= scheduler.max_num_batched_tokens
     assert len(batch.entries) <= scheduler.max_num_seqs
@@ -185,9 +169,7 @@ def check_batch(
         assert batch.input_ids[lo:hi] == entry.seq.token_ids[entry.start : entry.end]
         assert entry.samples == (entry.end == len(entry.seq))
         assert batch.seq_lens[i] == entry.end
-    assert (
-        batch.is_decode == (batch.num_tokens == len(batch.entries)) != batch.is_prefill
-    )
+    assert batch.is_decode == (batch.num_tokens == len(batch.entries)) != batch.is_prefill
     # Exactly the fed placeholders have a source row.
     assert sorted(batch.placeholder_indices) == [
         k for k, token in enumerate(batch.input_ids) if token == PLACEHOLDER
@@ -225,9 +207,7 @@ def drive(
             assert batch.entries
             check_batch(scheduler, batch, running_before, preemptions_before)
             assert pipelined or not batch.placeholder_indices
-            tokens, logprobs = runner.run(
-                batch, None if in_flight is None else in_flight[1]
-            )
+            tokens, logprobs = runner.run(batch, None if in_flight is None else in_flight[1])
             batches.append(batch)
             if not pipelined:
                 scheduler.postprocess(batch, tokens, logprobs)
@@ -244,13 +224,9 @@ def drive(
     return batches
 
 
-def check_outputs(
-    seqs: list[Sequence], max_model_len: int = 256, context: object = ""
-) -> None:
+def check_outputs(seqs: list[Sequence], max_model_len: int = 256, context: object = "") -> None:
     for seq in seqs:
-        generated, logprobs, reason = reference(
-            seq.prompt_token_ids, seq.params, max_model_len
-        )
+        generated, logprobs, reason = reference(seq.prompt_token_ids, seq.params, max_model_len)
         assert seq.status is SequenceStatus.FINISHED, context
         assert not seq.pending_rows and seq.num_computed_tokens <= len(seq) - 1, (
             context,
@@ -269,9 +245,7 @@ def test_random_workloads_match_the_reference(pipelined: bool) -> None:
     """Random requests, pool sizes, budgets and block sizes, each trial from a fresh seed."""
     exercised = {"preemption": 0, "prefix hit": 0, "mid-prompt chunk": 0, "stop": 0}
     if pipelined:
-        exercised.update(
-            {"placeholder fed": 0, "stopped in flight": 0, "preempted in flight": 0}
-        )
+        exercised.update({"placeholder fed": 0, "stopped in flight": 0, "preempted in flight": 0})
 
     def on_preempt(seq: Sequence) -> None:
         # A sequence of the batch in flight: its token resolves while it waits.
@@ -281,15 +255,10 @@ def test_random_workloads_match_the_reference(pipelined: bool) -> None:
         seed = int.from_bytes(os.urandom(4), "little")
         rng = random.Random(seed)
         bs = rng.choice([1, 2, 3, 4, 8])
-        prefixes = [
-            [rng.randrange(1, VOCAB) for _ in range(rng.randint(0, 12))]
-            for _ in range(3)
-        ]
+        prefixes = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(0, 12))] for _ in range(3)]
         requests = []
         for _ in range(rng.randint(1, 10)):
-            prompt = rng.choice(prefixes) + [
-                rng.randrange(VOCAB) for _ in range(rng.randint(1, 9))
-            ]
+            prompt = rng.choice(prefixes) + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 9))]
             params = SamplingParams(
                 max_tokens=rng.randint(1, 12),
                 ignore_eos=rng.random() < 0.5,
@@ -310,17 +279,11 @@ def test_random_workloads_match_the_reference(pipelined: bool) -> None:
         check_outputs(seqs, context=f"seed {seed}")
         exercised["preemption"] += scheduler.num_preemptions > 0
         exercised["prefix hit"] += scheduler.block_manager.prefix_cache_hits > 0
-        exercised["mid-prompt chunk"] += any(
-            not e.samples for b in batches for e in b.entries
-        )
+        exercised["mid-prompt chunk"] += any(not e.samples for b in batches for e in b.entries)
         exercised["stop"] += any(s.finish_reason == "stop" for s in seqs)
         # Only a pipelined step feeds a finished sequence's last token: one that stopped.
-        last_fed = [
-            e.seq for b in batches for e in b.entries if e.start == len(e.seq) - 1
-        ]
-        assert all(pipelined and seq.finish_reason == "stop" for seq in last_fed), (
-            last_fed
-        )
+        last_fed = [e.seq for b in batches for e in b.entries if e.start == len(e.seq) - 1]
+        assert all(pipelined and seq.finish_reason == "stop" for seq in last_fed), last_fed
         if pipelined:
             exercised["placeholder fed"] += any(b.placeholder_indices for b in batches)
             exercised["stopped in flight"] += bool(last_fed)
@@ -339,21 +302,15 @@ def test_preempted_sequence_resumes_and_matches_the_reference(pipelined: bool) -
             and len(seq.block_table) >= bm.num_blocks_for(seq.num_computed_tokens)
             and all(bm.ref_count(b) >= 1 for b in seq.block_table)
         )
-        seen.append(
-            (seq.seq_id, list(seq.block_table), seq.num_computed_tokens, intact)
-        )
+        seen.append((seq.seq_id, list(seq.block_table), seq.num_computed_tokens, intact))
 
     # 8 blocks of 2 tokens; three requests of up to 4 + 10 - 1 tokens (7 blocks) each.
-    scheduler = make_scheduler(
-        num_blocks=8, block_size=2, budget=16, on_preempt=on_preempt
-    )
+    scheduler = make_scheduler(num_blocks=8, block_size=2, budget=16, on_preempt=on_preempt)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     seqs = [scheduler.add([1 + i, 2, 3, 4], params) for i in range(3)]
     drive(scheduler, pipelined=pipelined)
     check_outputs(seqs)
-    assert scheduler.num_preemptions > 0 and sum(
-        s.num_preemptions for s in seqs
-    ) == len(seen)
+    assert scheduler.num_preemptions > 0 and sum(s.num_preemptions for s in seqs) == len(seen)
     assert all(intact for *_, intact in seen), seen
     assert all(table and computed > 0 for _, table, computed, _ in seen), seen
     assert all(len(s.generated_token_ids) == 10 for s in seqs)
@@ -374,9 +331,7 @@ def test_on_finish_sees_every_fed_token_in_its_blocks(pipelined: bool) -> None:
     seen: list[tuple[int, str | None, bool]] = []
 
     def on_finish(seq: Sequence) -> None:
-        held = bool(seq.block_table) and all(
-            bm.ref_count(b) >= 1 for b in seq.block_table
-        )
+        held = bool(seq.block_table) and all(bm.ref_count(b) >= 1 for b in seq.block_table)
         seen.append((seq.seq_id, seq.finish_reason, held))
         assert not seq.pending_rows
         if seq.finish_reason != "abort" and seq.status is SequenceStatus.WAITING:
@@ -388,16 +343,12 @@ def test_on_finish_sees_every_fed_token_in_its_blocks(pipelined: bool) -> None:
             assert [token for token, _ in stored] == seq.token_ids[:-1], seq
 
     # Small cache and budget: preemption, chunked prefill and prefix hits along the way.
-    scheduler = make_scheduler(
-        num_blocks=7, block_size=2, budget=6, on_finish=on_finish
-    )
+    scheduler = make_scheduler(num_blocks=7, block_size=2, budget=6, on_finish=on_finish)
     bm = scheduler.block_manager
     runner = runner_for(scheduler)
     stop_at = reference([3, 1, 4, 1, 5], SamplingParams(max_tokens=9), 256)[0][2]
     seqs = [
-        scheduler.add(
-            [3, 1, 4, 1, 5], SamplingParams(max_tokens=9, stop_token_ids=[stop_at])
-        ),
+        scheduler.add([3, 1, 4, 1, 5], SamplingParams(max_tokens=9, stop_token_ids=[stop_at])),
         scheduler.add([3, 1, 4, 1, 6], SamplingParams(max_tokens=7, ignore_eos=True)),
         scheduler.add([2, 7], SamplingParams(max_tokens=8, ignore_eos=True)),
         scheduler.add([9] * 5, SamplingParams(max_tokens=3, ignore_eos=True)),
@@ -432,9 +383,7 @@ def test_preemption_of_a_partly_prefilled_sequence(pipelined: bool) -> None:
 
 @pytest.mark.parametrize("pipelined", [False, True])
 def test_recompute_refeeds_generated_tokens_and_counts_them(pipelined: bool) -> None:
-    scheduler = make_scheduler(
-        num_blocks=5, block_size=2, budget=4, prefix_caching=False
-    )
+    scheduler = make_scheduler(num_blocks=5, block_size=2, budget=4, prefix_caching=False)
     seqs = [
         scheduler.add([3, 4], SamplingParams(max_tokens=8, ignore_eos=True)),
         scheduler.add([7, 8], SamplingParams(max_tokens=8, ignore_eos=True)),
@@ -444,11 +393,7 @@ def test_recompute_refeeds_generated_tokens_and_counts_them(pipelined: bool) -> 
     victim = seqs[1]
     assert victim.num_preemptions > 0
     # After a preemption the victim restarts at position 0 and re-feeds generated tokens.
-    assert any(
-        e.seq is victim and e.start == 0 and e.end > 2
-        for b in batches
-        for e in b.entries
-    )
+    assert any(e.seq is victim and e.start == 0 and e.end > 2 for b in batches for e in b.entries)
     assert len(victim.generated_token_ids) == 8 == len(victim.logprobs)
 
 
@@ -476,15 +421,10 @@ def test_chunked_prefill_boundaries(
     prefill = [b.entries[0] for b in batches if b.entries[0].start < len(prompt)]
     assert [(e.start, e.num_new_tokens) for e in prefill] == expected_chunks
     assert [e.samples for e in prefill] == [False] * (len(prefill) - 1) + [True]
-    assert [b.sample_indices for b in batches[: len(prefill) - 1]] == [[]] * (
-        len(prefill) - 1
-    )
+    assert [b.sample_indices for b in batches[: len(prefill) - 1]] == [[]] * (len(prefill) - 1)
     # Each chunk keeps the earlier chunks' blocks.
     tables = [b.block_tables[0] for b in batches[: len(prefill)]]
-    assert all(
-        later[: len(earlier)] == earlier
-        for earlier, later in itertools.pairwise(tables)
-    )
+    assert all(later[: len(earlier)] == earlier for earlier, later in itertools.pairwise(tables))
 
 
 def test_decodes_come_first_and_prefill_takes_the_rest_of_the_budget() -> None:
@@ -498,17 +438,14 @@ def test_decodes_come_first_and_prefill_takes_the_rest_of_the_budget() -> None:
         (decoding, 2, 1),
         (long, 0, 4),
     ]
-    assert (
-        batch.is_prefill and batch.sample_indices == [0] and batch.logits_indices == [0]
-    )
+    assert batch.is_prefill and batch.sample_indices == [0] and batch.logits_indices == [0]
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
 def test_max_num_seqs_is_respected(pipelined: bool) -> None:
     scheduler = make_scheduler(num_blocks=64, block_size=2, budget=100, max_num_seqs=3)
     seqs = [
-        scheduler.add([i + 1, 2], SamplingParams(max_tokens=4, ignore_eos=True))
-        for i in range(7)
+        scheduler.add([i + 1, 2], SamplingParams(max_tokens=4, ignore_eos=True)) for i in range(7)
     ]
     batches = drive(scheduler, pipelined=pipelined)
     check_outputs(seqs)
@@ -537,9 +474,7 @@ def test_whole_prompt_cached_still_samples_from_its_last_token(pipelined: bool) 
 def test_same_step_requests_share_blocks_computed_in_that_step(pipelined: bool) -> None:
     scheduler = make_scheduler(num_blocks=32, block_size=4, budget=64)
     prompt = [2, 7, 1, 8, 2, 8, 1, 8, 2, 8]
-    seqs = [
-        scheduler.add(prompt, SamplingParams(max_tokens=5, seed=i)) for i in range(4)
-    ]
+    seqs = [scheduler.add(prompt, SamplingParams(max_tokens=5, seed=i)) for i in range(4)]
     batches = drive(scheduler, pipelined=pipelined)
     check_outputs(seqs)
     assert len(batches[0].entries) == 4
@@ -551,9 +486,7 @@ def test_same_step_requests_share_blocks_computed_in_that_step(pipelined: bool) 
 def test_prefix_caching_off_and_on_give_the_same_outputs(pipelined: bool) -> None:
     outputs = []
     for caching in (False, True):
-        scheduler = make_scheduler(
-            num_blocks=12, block_size=2, budget=7, prefix_caching=caching
-        )
+        scheduler = make_scheduler(num_blocks=12, block_size=2, budget=7, prefix_caching=caching)
         prompts = [[5, 6, 7, 8, 9, 1 + i] for i in range(4)]
         seqs = [scheduler.add(p, SamplingParams(max_tokens=6)) for p in prompts]
         drive(scheduler, pipelined=pipelined)
@@ -569,19 +502,14 @@ def test_prefix_caching_off_and_on_give_the_same_outputs(pipelined: bool) -> Non
 def test_stop_rules(pipelined: bool) -> None:
     scheduler = make_scheduler(num_blocks=64, block_size=4, max_model_len=12)
     prompt = [4, 4]
-    reference_tokens, *_ = reference(
-        prompt, SamplingParams(max_tokens=10, ignore_eos=True), 12
-    )
+    reference_tokens, *_ = reference(prompt, SamplingParams(max_tokens=10, ignore_eos=True), 12)
     stop_at = reference_tokens[2]
     by_stop_id = scheduler.add(
         prompt, SamplingParams(max_tokens=10, stop_token_ids=[stop_at], ignore_eos=True)
     )
     by_length = scheduler.add(prompt, SamplingParams(max_tokens=10, ignore_eos=True))
     drive(scheduler, pipelined=pipelined)
-    assert (
-        by_stop_id.finish_reason == "stop"
-        and by_stop_id.generated_token_ids[-1] == stop_at
-    )
+    assert by_stop_id.finish_reason == "stop" and by_stop_id.generated_token_ids[-1] == stop_at
     assert len(by_stop_id.generated_token_ids) == reference_tokens.index(stop_at) + 1
     assert by_length.finish_reason == "length" and len(by_length) == 12
 
@@ -592,8 +520,7 @@ def test_eos_stops_unless_ignored(pipelined: bool) -> None:
         [a, b]
         for a in range(1, VOCAB)
         for b in range(1, VOCAB)
-        if reference([a, b], SamplingParams(max_tokens=8, ignore_eos=True), 256)[0][1]
-        == EOS
+        if reference([a, b], SamplingParams(max_tokens=8, ignore_eos=True), 256)[0][1] == EOS
     )
     scheduler = make_scheduler(num_blocks=16, block_size=2)
     stops = scheduler.add(prompt, SamplingParams(max_tokens=8))
@@ -612,9 +539,7 @@ def test_abort_waiting_running_and_in_flight_sequences() -> None:
     batch = scheduler.schedule()  # a (3 tokens) and the first token of b; c waits
     assert [(e.seq, e.num_new_tokens) for e in batch.entries] == [(a, 3), (b, 1)]
     assert scheduler.abort(c.seq_id) is c and c.finish_reason == "abort"
-    assert (
-        scheduler.abort(b.seq_id) is b
-    )  # in flight: its entry is skipped by postprocess
+    assert scheduler.abort(b.seq_id) is b  # in flight: its entry is skipped by postprocess
     assert b.block_table == [] and b.status is SequenceStatus.FINISHED
     assert scheduler.postprocess(batch, *runner.run(batch)) == []
     assert len(a.generated_token_ids) == 1 and b.generated_token_ids == []
@@ -632,22 +557,14 @@ def test_requests_that_can_never_fit_raise_at_add() -> None:
     scheduler = make_scheduler(num_blocks=4, block_size=4, max_model_len=64)
     with pytest.raises(ValueError, match=r"4 blocks of 4 tokens.*needing 5 blocks"):
         scheduler.add(list(range(1, 15)), SamplingParams(max_tokens=4))
-    scheduler.add(
-        list(range(1, 14)), SamplingParams(max_tokens=4)
-    )  # 16 KV slots exactly
+    scheduler.add(list(range(1, 14)), SamplingParams(max_tokens=4))  # 16 KV slots exactly
     with pytest.raises(ValueError, match=r"max_model_len 64, got 65"):
         scheduler.add([1] * 60, SamplingParams(max_tokens=5))
-    with pytest.raises(
-        ValueError, match=r"prompt_token_ids: expected at least 1 token"
-    ):
+    with pytest.raises(ValueError, match=r"prompt_token_ids: expected at least 1 token"):
         scheduler.add([], SamplingParams())
-    with pytest.raises(
-        ValueError, match=r"prompt_token_ids\[1\]: expected an int >= 0, got -1"
-    ):
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[1\]: expected an int >= 0, got -1"):
         scheduler.add([1, -1], SamplingParams())
-    with pytest.raises(
-        ValueError, match=r"routed_experts_start: expected <= the prompt length 2"
-    ):
+    with pytest.raises(ValueError, match=r"routed_experts_start: expected <= the prompt length 2"):
         scheduler.add([1, 2], SamplingParams(routed_experts_start=3))
 
 
@@ -665,9 +582,7 @@ def test_step_protocol_errors() -> None:
     scheduler.postprocess(batch, [1], [0.0])
     with pytest.raises(RuntimeError, match="expected the oldest batch in flight"):
         scheduler.postprocess(batch, [1], [0.0])
-    with pytest.raises(
-        RuntimeError, match="advance: expected the batch returned by the last"
-    ):
+    with pytest.raises(RuntimeError, match="advance: expected the batch returned by the last"):
         scheduler.advance(batch)
 
 
@@ -680,14 +595,10 @@ def test_pipelined_protocol_errors() -> None:
     first_tokens = runner.run(first)
     scheduler.advance(first)
     second = scheduler.schedule()
-    with pytest.raises(
-        RuntimeError, match="advance: expected the batch returned by the last"
-    ):
+    with pytest.raises(RuntimeError, match="advance: expected the batch returned by the last"):
         scheduler.advance(first)
     scheduler.advance(second)
-    with pytest.raises(
-        RuntimeError, match=r"not been advanced or postprocessed \(2 in flight\)"
-    ):
+    with pytest.raises(RuntimeError, match=r"not been advanced or postprocessed \(2 in flight\)"):
         scheduler.schedule()
     with pytest.raises(RuntimeError, match="expected the oldest batch in flight"):
         scheduler.postprocess(second, [1], [0.0])
@@ -700,9 +611,7 @@ def test_pipelined_protocol_errors() -> None:
 
 
 def _batch_shapes(batches: list[ScheduledBatch]) -> list[list[tuple[int, int, int]]]:
-    return [
-        [(e.seq.seq_id, e.start, e.num_new_tokens) for e in b.entries] for b in batches
-    ]
+    return [[(e.seq.seq_id, e.start, e.num_new_tokens) for e in b.entries] for b in batches]
 
 
 def test_lookahead_skips_a_last_token_in_flight_and_frees_its_seat() -> None:
@@ -711,9 +620,7 @@ def test_lookahead_skips_a_last_token_in_flight_and_frees_its_seat() -> None:
     takes its seat (``max_num_seqs``) in the same batch as it would synchronously."""
     shapes = []
     for pipelined in (False, True):
-        scheduler = make_scheduler(
-            num_blocks=32, block_size=2, budget=16, max_num_seqs=2
-        )
+        scheduler = make_scheduler(num_blocks=32, block_size=2, budget=16, max_num_seqs=2)
         seqs = [
             scheduler.add([3, 1, 4], SamplingParams(max_tokens=6, ignore_eos=True)),
             scheduler.add([2, 7, 1, 8], SamplingParams(max_tokens=2, ignore_eos=True)),
@@ -739,9 +646,7 @@ def test_a_stop_in_flight_costs_one_entry_and_is_undone() -> None:
     for pipelined in (False, True):
 
         def on_finish(seq: Sequence) -> None:
-            states.append(
-                (list(seq.token_ids), list(seq.logprobs), seq.num_computed_tokens)
-            )
+            states.append((list(seq.token_ids), list(seq.logprobs), seq.num_computed_tokens))
 
         scheduler = make_scheduler(num_blocks=32, block_size=2, on_finish=on_finish)
         seq = scheduler.add(prompt, params)
@@ -760,9 +665,7 @@ def test_a_sequence_preempted_in_flight_gets_its_token_while_waiting() -> None:
 
     def on_preempt(seq: Sequence) -> None:
         assert seq.status is SequenceStatus.RUNNING and seq.block_table
-        events.append(
-            ("preempt", seq.seq_id, len(seq.pending_rows), seq.num_computed_tokens)
-        )
+        events.append(("preempt", seq.seq_id, len(seq.pending_rows), seq.num_computed_tokens))
 
     def on_finish(seq: Sequence) -> None:
         events.append(("finish", seq.seq_id, seq.status, seq.num_computed_tokens))
@@ -813,16 +716,10 @@ def test_schedule_returns_none_when_idle() -> None:
 
 def test_engine_config_defaults_and_validation() -> None:
     config = EngineConfig(model=Path("/ckpt"))
-    assert (
-        config.model == "/ckpt"
-        and config.block_size == 16
-        and config.max_num_seqs == 256
-    )
+    assert config.model == "/ckpt" and config.block_size == 16 and config.max_num_seqs == 256
     assert config.resolve_max_model_len(4096) == 4096
     assert EngineConfig(model="m", max_model_len=128).resolve_max_model_len(4096) == 128
-    with pytest.raises(
-        ValueError, match=r"max_model_len: expected <= .* 4096, got 8192"
-    ):
+    with pytest.raises(ValueError, match=r"max_model_len: expected <= .* 4096, got 8192"):
         EngineConfig(model="m", max_model_len=8192).resolve_max_model_len(4096)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.block_size = 8  # type: ignore[misc]
@@ -852,13 +749,9 @@ def test_engine_state_validation() -> None:
     state = EngineState(num_kv_blocks=3, max_model_len=16, eos_token_ids=[2, 7])
     assert state.eos_token_ids == (2, 7)
     state.num_kv_blocks = 5  # run-time values may change after construction
-    with pytest.raises(
-        ValueError, match=r"^num_kv_blocks: expected an int >= 1, got 0"
-    ):
+    with pytest.raises(ValueError, match=r"^num_kv_blocks: expected an int >= 1, got 0"):
         EngineState(num_kv_blocks=0, max_model_len=16)
-    with pytest.raises(
-        ValueError, match=r"^eos_token_ids\[0\]: expected an int >= 0, got -1"
-    ):
+    with pytest.raises(ValueError, match=r"^eos_token_ids\[0\]: expected an int >= 0, got -1"):
         EngineState(num_kv_blocks=1, max_model_len=16, eos_token_ids=(-1,))
 
 

@@ -30,12 +30,8 @@ from rollout.capture import RoutedExpertsReader
 from rollout.engine import model_runner
 from rollout.testing import flashinfer_overrides, make_tiny_moe
 
-ENGINE = dict(
-    block_size=4, max_num_batched_tokens=32, max_num_seqs=8, capture_routing=True
-)
-GREEDY = SamplingParams(
-    max_tokens=10, temperature=0.0, ignore_eos=True, return_routed_experts=True
-)
+ENGINE = dict(block_size=4, max_num_batched_tokens=32, max_num_seqs=8, capture_routing=True)
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, return_routed_experts=True)
 
 
 @pytest.fixture(autouse=True)
@@ -61,22 +57,16 @@ def _prompts(rng, lengths, vocab=300) -> list[list[int]]:
 def _perturbed(path, gen) -> tuple[dict, dict]:
     """(the checkpoint's tensors, the same with noise): other outputs and other routes."""
     original = load_file(os.path.join(path, "model.safetensors"))
-    noisy = {
-        n: t + 0.2 * torch.randn(t.shape, generator=gen) for n, t in original.items()
-    }
+    noisy = {n: t + 0.2 * torch.randn(t.shape, generator=gen) for n, t in original.items()}
     return original, noisy
 
 
-def _assert_same(
-    outs: list[RequestOutput], want: list[RequestOutput], context: str
-) -> None:
+def _assert_same(outs: list[RequestOutput], want: list[RequestOutput], context: str) -> None:
     """Exactly equal tokens, logprobs and rows (same engine, same batches, same kernels)."""
     assert len(outs) == len(want), context
     for i, (out, ref) in enumerate(zip(outs, want, strict=True)):
         assert out.token_ids == ref.token_ids, f"{context} {i}: tokens differ"
-        np.testing.assert_array_equal(
-            out.logprobs, ref.logprobs, err_msg=f"{context} {i}"
-        )
+        np.testing.assert_array_equal(out.logprobs, ref.logprobs, err_msg=f"{context} {i}")
         if ref.routed_experts is None:
             assert out.routed_experts is None, f"{context} {i}"
         else:
@@ -90,16 +80,12 @@ def _assert_same(
 
 
 def _kv_views(llm: LLM) -> list:
-    return [
-        layer.self_attn.attn.kv_cache for layer in llm.engine.runner.model.model.layers
-    ]
+    return [layer.self_attn.attn.kv_cache for layer in llm.engine.runner.model.model.layers]
 
 
 def test_outputs_and_rows_after_wake_up_equal_those_before(glm4, rng):
     prompts = _prompts(rng, [5, 13, 21, 9])
-    prompts.append(
-        list(prompts[1])
-    )  # a repeat: served from the prefix cache when there is one
+    prompts.append(list(prompts[1]))  # a repeat: served from the prefix cache when there is one
     with LLM(glm4, **ENGINE) as llm:
         runner = llm.engine.runner
         blocks, kv_shape = runner.num_kv_blocks, tuple(runner.kv_cache.shape)
@@ -110,18 +96,14 @@ def test_outputs_and_rows_after_wake_up_equal_those_before(glm4, rng):
         llm.sleep()
         assert llm.is_sleeping and llm.engine.is_sleeping
         assert runner.kv_cache is None and runner.backend is None
-        assert all(view is None for view in _kv_views(llm)), (
-            "a layer keeps the cache alive"
-        )
+        assert all(view is None for view in _kv_views(llm)), "a layer keeps the cache alive"
         llm.sleep()  # a no-op
         assert llm.is_sleeping
         assert llm.stats.num_kv_blocks == blocks
 
         llm.wake_up()
         assert not llm.is_sleeping
-        assert (
-            runner.num_kv_blocks == blocks and tuple(runner.kv_cache.shape) == kv_shape
-        )
+        assert runner.num_kv_blocks == blocks and tuple(runner.kv_cache.shape) == kv_shape
         assert all(view is not None for view in _kv_views(llm))
         kv = runner.kv_cache
         llm.wake_up()  # a no-op: the cache is the same tensor
@@ -144,21 +126,15 @@ def test_update_weights_while_asleep_is_used_after_wake_up(glm4, rng):
 
         llm.sleep()
         written = llm.update_weights(noisy.items())
-        assert written == {
-            name for name, _ in llm.engine.runner.model.named_parameters()
-        }
+        assert written == {name for name, _ in llm.engine.runner.model.named_parameters()}
         assert llm.is_sleeping
         llm.wake_up()
-        _assert_same(
-            llm.generate(prompts, GREEDY, use_tqdm=False), want_changed, "new weights"
-        )
+        _assert_same(llm.generate(prompts, GREEDY, use_tqdm=False), want_changed, "new weights")
 
         llm.sleep()
         llm.update_weights(original.items())
         llm.wake_up()
-        _assert_same(
-            llm.generate(prompts, GREEDY, use_tqdm=False), before, "restored weights"
-        )
+        _assert_same(llm.generate(prompts, GREEDY, use_tqdm=False), before, "restored weights")
 
 
 def test_asleep_engine_refuses_work_and_busy_engine_refuses_sleep(glm4, rng):
@@ -168,9 +144,7 @@ def test_asleep_engine_refuses_work_and_busy_engine_refuses_sleep(glm4, rng):
         first = engine.add_request(prompt, GREEDY)
         engine.add_request(prompt, GREEDY)
         engine.step()
-        with pytest.raises(
-            RuntimeError, match="sleep: expected no unfinished requests, got 2"
-        ):
+        with pytest.raises(RuntimeError, match="sleep: expected no unfinished requests, got 2"):
             llm.sleep()
         assert not llm.is_sleeping and llm.engine.runner.kv_cache is not None
         engine.abort_request(first)
@@ -180,17 +154,11 @@ def test_asleep_engine_refuses_work_and_busy_engine_refuses_sleep(glm4, rng):
             engine.step()
 
         llm.sleep()
-        with pytest.raises(
-            RuntimeError, match=r"generate: engine is asleep: call wake_up\(\)"
-        ):
+        with pytest.raises(RuntimeError, match=r"generate: engine is asleep: call wake_up\(\)"):
             llm.generate([prompt], GREEDY, use_tqdm=False)
-        with pytest.raises(
-            RuntimeError, match=r"add_request: engine is asleep: call wake_up\(\)"
-        ):
+        with pytest.raises(RuntimeError, match=r"add_request: engine is asleep: call wake_up\(\)"):
             engine.add_request(prompt, GREEDY)
-        with pytest.raises(
-            RuntimeError, match=r"step: engine is asleep: call wake_up\(\)"
-        ):
+        with pytest.raises(RuntimeError, match=r"step: engine is asleep: call wake_up\(\)"):
             engine.step()
         assert not engine.has_unfinished(), "a refused request must not stay queued"
         llm.wake_up()
@@ -222,9 +190,7 @@ def test_failed_wake_up_stays_asleep_and_can_be_retried(glm4, rng, monkeypatch):
         with pytest.raises(RuntimeError, match="engine is asleep"):
             llm.generate(prompts, GREEDY, use_tqdm=False)
         llm.wake_up()
-        _assert_same(
-            llm.generate(prompts, GREEDY, use_tqdm=False), before, "after a retry"
-        )
+        _assert_same(llm.generate(prompts, GREEDY, use_tqdm=False), before, "after a retry")
 
 
 def test_routing_store_keeps_finished_rows_while_asleep(glm4, rng):
@@ -273,15 +239,11 @@ def test_data_parallel_ranks_sleep_and_wake_up(glm4, rng):
         dp.update_weights(noisy.items())
         dp.wake_up()
         assert not dp.is_sleeping
-        _assert_same(
-            dp.generate(prompts, GREEDY, use_tqdm=False), want_changed, "dp new weights"
-        )
+        _assert_same(dp.generate(prompts, GREEDY, use_tqdm=False), want_changed, "dp new weights")
         dp.sleep()
         dp.update_weights(original.items())
         dp.wake_up()
-        _assert_same(
-            dp.generate(prompts, GREEDY, use_tqdm=False), before, "dp restored"
-        )
+        _assert_same(dp.generate(prompts, GREEDY, use_tqdm=False), before, "dp restored")
 
 
 # ---- CUDA, bf16, CUDA graphs ---------------------------------------------------------------------
@@ -340,9 +302,7 @@ def test_cuda_update_weights_while_asleep_reaches_the_new_graphs(cuda_qwen3, rng
         llm.sleep()
         llm.update_weights(noisy.items())
         llm.wake_up()
-        _assert_same(
-            llm.generate(prompts, GREEDY, use_tqdm=False), want_changed, "new weights"
-        )
+        _assert_same(llm.generate(prompts, GREEDY, use_tqdm=False), want_changed, "new weights")
         llm.sleep()
         llm.update_weights(original.items())
         llm.wake_up()

@@ -59,9 +59,7 @@ def _store(name, lock_path, *, slots=64, layers=3, top_k=2, rows=16, dtype=torch
 def _random_step(rows_TLK_shape, dtype, num_slots, rng, *, padding=True):
     """Random rows [T, L, K] and a slot mapping of distinct slots, some -1 when ``padding``."""
     num_tokens = rows_TLK_shape[0]
-    rows = torch.randint(
-        0, HIGH[dtype], rows_TLK_shape, generator=rng, dtype=torch.int64
-    )
+    rows = torch.randint(0, HIGH[dtype], rows_TLK_shape, generator=rng, dtype=torch.int64)
     slots = torch.randperm(num_slots, generator=rng)[:num_tokens]
     if padding:
         slots[torch.rand(num_tokens, generator=rng) < 0.25] = -1
@@ -76,9 +74,7 @@ def _random_step(rows_TLK_shape, dtype, num_slots, rng, *, padding=True):
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
 def test_steps_scatter_by_slot_and_read_gathers(dtype, name, lock_path, rng):
     num_slots, layers, top_k, max_tokens = 64, 3, 2, 16
-    capturer = RoutedExpertsCapturer(
-        max_tokens, layers, top_k, device="cpu", dtype=dtype
-    )
+    capturer = RoutedExpertsCapturer(max_tokens, layers, top_k, device="cpu", dtype=dtype)
     expected: dict[int, np.ndarray] = {}
     with RoutingStore.for_capturer(
         capturer, name=name, num_kv_slots=num_slots, lock_path=lock_path
@@ -86,12 +82,8 @@ def test_steps_scatter_by_slot_and_read_gathers(dtype, name, lock_path, rng):
         assert store.read([]).shape == (0, layers, top_k)
         for _ in range(12):
             num_tokens = int(torch.randint(0, max_tokens + 1, (), generator=rng))
-            rows, slots = _random_step(
-                (num_tokens, layers, top_k), dtype, num_slots, rng
-            )
-            capturer.buffer[:num_tokens] = (
-                rows  # what the routing kernels write in a step
-            )
+            rows, slots = _random_step((num_tokens, layers, top_k), dtype, num_slots, rng)
+            capturer.buffer[:num_tokens] = rows  # what the routing kernels write in a step
             store.after_forward(capturer.buffer, num_tokens, slots)
             written = store.commit()
             assert written == sum(s >= 0 for s in slots)
@@ -99,9 +91,7 @@ def test_steps_scatter_by_slot_and_read_gathers(dtype, name, lock_path, rng):
                 if slot >= 0:
                     expected[slot] = rows[t].numpy()
         order = list(expected)
-        np.random.default_rng(int(torch.randint(0, 2**31, (), generator=rng))).shuffle(
-            order
-        )
+        np.random.default_rng(int(torch.randint(0, 2**31, (), generator=rng))).shuffle(order)
         got = store.read(order)
         assert got.dtype == NUMPY[dtype] and got.shape == (len(order), layers, top_k)
         np.testing.assert_array_equal(got, np.stack([expected[s] for s in order]))
@@ -115,9 +105,7 @@ def test_after_forward_snapshots_the_buffer(name, lock_path, rng):
         rows, slots = _random_step((5, 3, 2), torch.int16, 64, rng, padding=False)
         buffer[:5] = rows
         store.after_forward(buffer, 5, np.array(slots))
-        buffer.fill_(
-            -1
-        )  # the next step's routing rewrites the buffer before the commit
+        buffer.fill_(-1)  # the next step's routing rewrites the buffer before the commit
         store.commit()
         np.testing.assert_array_equal(store.read(slots), rows.numpy())
 
@@ -153,9 +141,7 @@ def test_read_with_a_copy_pending_returns_the_committed_rows(name, lock_path, rn
         while bool((new_rows == old_rows).all(-1).all(-1).any()):  # every row changes
             new_rows, _ = _random_step((6, 3, 2), torch.int16, 64, rng, padding=False)
         buffer[:6] = new_rows
-        store.after_forward(
-            buffer, 6, slots
-        )  # the same slots, rewritten by the next step
+        store.after_forward(buffer, 6, slots)  # the same slots, rewritten by the next step
         assert store.has_pending
         np.testing.assert_array_equal(store.read(slots), old_rows.numpy())
         assert store.commit() == 6 and not store.has_pending
@@ -265,9 +251,7 @@ def test_reader_in_process_and_spec(name, lock_path, rng):
         reader.close()  # idempotent
         with pytest.raises(RuntimeError, match="after close"):
             reader.read(kept)
-        with pytest.raises(
-            ValueError, match=r"expected segment .* of 1536 bytes .* got 384 bytes"
-        ):
+        with pytest.raises(ValueError, match=r"expected segment .* of 1536 bytes .* got 384 bytes"):
             RoutedExpertsReader(name, 128, 3, 2, np.int16)
     with pytest.raises(FileNotFoundError):
         RoutedExpertsReader.from_spec(spec)
@@ -279,9 +263,7 @@ def _read_in_child(spec: ReaderSpec, slots: list[int]) -> np.ndarray:
 
 
 def test_reader_in_a_spawned_process(name, lock_path, rng):
-    with _store(
-        name, lock_path, dtype=torch.int32, slots=128, layers=4, top_k=3
-    ) as store:
+    with _store(name, lock_path, dtype=torch.int32, slots=128, layers=4, top_k=3) as store:
         buffer = torch.zeros((16, 4, 3), dtype=torch.int32)
         expected = {}
         for _ in range(3):
@@ -294,9 +276,7 @@ def test_reader_in_a_spawned_process(name, lock_path, rng):
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             got = pool.apply(_read_in_child, (store.reader_spec(), order))
         np.testing.assert_array_equal(got, np.stack([expected[s] for s in order]))
-        time.sleep(
-            0.2
-        )  # the child and its resource tracker are gone: the segment is not
+        time.sleep(0.2)  # the child and its resource tracker are gone: the segment is not
         assert os.path.exists(f"/dev/shm/{name}")
         np.testing.assert_array_equal(store.read(order), got)
 
@@ -322,19 +302,13 @@ def test_async_copy_does_not_block_the_step(name, lock_path, rng):
             rows, slots = _random_step((48, 3, 4), torch.int16, 256, rng)
             rows_dev = rows.to(device)
             torch.cuda.synchronize()
-            torch.cuda._sleep(
-                1 << 28
-            )  # ~0.1-0.3 s of device time on the compute stream
+            torch.cuda._sleep(1 << 28)  # ~0.1-0.3 s of device time on the compute stream
             capturer.buffer[:48].copy_(rows_dev)  # the step's routing writes, after it
             start = time.perf_counter()
             store.after_forward(capturer.buffer, 48, slots)
             elapsed = time.perf_counter() - start
-            assert not torch.cuda.current_stream().query(), (
-                "after_forward waited for the step"
-            )
-            capturer.buffer.fill_(
-                -1
-            )  # the next step's writes, enqueued before the commit
+            assert not torch.cuda.current_stream().query(), "after_forward waited for the step"
+            capturer.buffer.fill_(-1)  # the next step's writes, enqueued before the commit
             store.commit()
             kept = [s for s in slots if s >= 0]
             keep = torch.tensor([s >= 0 for s in slots])
