@@ -35,7 +35,7 @@ import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -315,7 +315,27 @@ class ReplayController:
         return torch.device("cpu") if weight.is_meta else weight.device
 
 
-class ReplayContext:
+class _ModeContext:
+    """What the replay and record contexts share: entered once, each entry switching the
+    controller into the context's mode."""
+
+    _MODE: Mode
+
+    def __init__(self, controller: ReplayController) -> None:
+        self._controller = controller
+        self._entered = False
+
+    def __enter__(self) -> Self:
+        if self._entered:
+            raise RuntimeError(
+                f"{self._MODE.value} context: expected a fresh context, got one entered before"
+            )
+        self._controller._enter(self._MODE, self)
+        self._entered = True
+        return self
+
+
+class ReplayContext(_ModeContext):
     """The context manager of ``ReplayController.replay``: the aligned traces of one batch.
 
     On a clean exit, every forward run inside must have routed every MoE layer exactly once
@@ -323,14 +343,15 @@ class ReplayContext:
     layers. The binding outlives the block: a backward after exit recomputes with these ids.
     """
 
+    _MODE = Mode.REPLAY
+
     def __init__(
         self, controller: ReplayController, aligned: AlignedTraces, layout: BatchLayout
     ) -> None:
-        self._controller = controller
+        super().__init__(controller)
         self._aligned = aligned
         self._layout = layout
         self._forwards: list[_ReplayForward] = []
-        self._entered = False
 
     @property
     def aligned(self) -> AlignedTraces:
@@ -341,15 +362,6 @@ class ReplayContext:
     def layout(self) -> BatchLayout:
         """The batch layout the traces were aligned with."""
         return self._layout
-
-    def __enter__(self) -> ReplayContext:
-        if self._entered:
-            raise RuntimeError(
-                "replay context: expected a fresh context, got one entered before"
-            )
-        self._controller._enter(Mode.REPLAY, self)
-        self._entered = True
-        return self
 
     def __exit__(
         self,
@@ -408,20 +420,19 @@ class ReplayContext:
         )
 
 
-class RecordContext:
+class RecordContext(_ModeContext):
     """The context manager of ``ReplayController.record``; ``traces`` after its forward.
 
     Captures exactly one forward (a second one raises); on a clean exit every MoE layer must
     have been recorded exactly once.
     """
 
-    def __init__(
-        self, controller: ReplayController, layout: BatchLayout | None
-    ) -> None:
-        self._controller = controller
+    _MODE = Mode.RECORD
+
+    def __init__(self, controller: ReplayController, layout: BatchLayout | None) -> None:
+        super().__init__(controller)
         self._layout = layout
         self._forward: _RecordForward | None = None
-        self._entered = False
         self._traces: list[RoutedExperts] | None = None
 
     @property
@@ -431,12 +442,8 @@ class RecordContext:
         if self._traces is None:
             forward = self._forward
             if forward is None:
-                raise RuntimeError(
-                    "record: expected a forward of the model inside the context"
-                )
-            _check_each_layer_once(
-                self._controller.layers, [forward.consumed], "record"
-            )
+                raise RuntimeError("record: expected a forward of the model inside the context")
+            _check_each_layer_once(self._controller.layers, [forward.consumed], "record")
             assert self._layout is not None, "set by the forward"
             self._traces = traces_from_aligned(
                 torch.stack(forward.ids_LTK),
@@ -445,15 +452,6 @@ class RecordContext:
                 num_experts=self._controller.num_experts,
             )
         return self._traces
-
-    def __enter__(self) -> RecordContext:
-        if self._entered:
-            raise RuntimeError(
-                "record context: expected a fresh context, got one entered before"
-            )
-        self._controller._enter(Mode.RECORD, self)
-        self._entered = True
-        return self
 
     def __exit__(
         self,
@@ -468,9 +466,7 @@ class RecordContext:
 
     def _new_forward(self, batch_shape: tuple[int, int] | None) -> _RecordForward:
         if self._forward is not None:
-            raise RuntimeError(
-                "record: expected one forward per record context, got a second one"
-            )
+            raise RuntimeError("record: expected one forward per record context, got a second one")
         if self._layout is None:
             if batch_shape is None:
                 raise ValueError(
@@ -586,9 +582,7 @@ class _RouterSeam:
         "router",
     )
 
-    def __init__(
-        self, controller: ReplayController, position: int, router: nn.Module
-    ) -> None:
+    def __init__(self, controller: ReplayController, position: int, router: nn.Module) -> None:
         self.controller = controller
         self.position = position
         self.router = router
@@ -626,9 +620,7 @@ class _RouterSeam:
         if not controller._engaged:
             return out
         logits_TE, weights_TK, ids_TK = out
-        weights_TK, ids_TK = controller.select_topk(
-            self.position, logits_TE, weights_TK, ids_TK
-        )
+        weights_TK, ids_TK = controller.select_topk(self.position, logits_TE, weights_TK, ids_TK)
         return logits_TE, weights_TK, ids_TK
 
 
@@ -672,9 +664,7 @@ def _tensors_in(output: Any, depth: int = 0) -> Iterator[torch.Tensor]:
             yield from _tensors_in(value, depth + 1)
 
 
-def _batch_shape(
-    args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[int, int] | None:
+def _batch_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
     """(batch, seq_len) of a forward's ``input_ids`` / ``inputs_embeds``, if it has them."""
     candidates = [kwargs.get("input_ids"), kwargs.get("inputs_embeds")]
     if args:
@@ -685,9 +675,7 @@ def _batch_shape(
     return None
 
 
-def _check_batch_shape(
-    shape: tuple[int, int] | None, layout: BatchLayout, what: str
-) -> None:
+def _check_batch_shape(shape: tuple[int, int] | None, layout: BatchLayout, what: str) -> None:
     expected = (layout.batch_size, layout.seq_len)
     if shape is not None and shape != expected:
         raise ValueError(
@@ -726,9 +714,7 @@ def _dense_layout_of(traces: Sequence[RoutedExperts]) -> BatchLayout:
         )
     for i, trace in enumerate(traces):
         if not isinstance(trace, RoutedExperts):
-            raise TypeError(
-                f"traces[{i}]: expected RoutedExperts, got {type(trace).__name__}"
-            )
+            raise TypeError(f"traces[{i}]: expected RoutedExperts, got {type(trace).__name__}")
     lengths = [trace.start + trace.num_rows + 1 for trace in traces]
     if not lengths or len(set(lengths)) != 1:
         raise ValueError(
