@@ -461,9 +461,7 @@ def _rank_main(
                     routing_spec=engine.routing_spec,
                     vocab_size=engine.vocab_size,
                     reader_spec=engine.routing_reader_spec,
-                    parameter_names=frozenset(
-                        name for name, _ in engine.runner.model.named_parameters()
-                    ),
+                    parameter_names=engine.parameter_names,
                 ),
             )
         )
