@@ -84,11 +84,18 @@ def family(request, tmp_path_factory):
     return name, path, prompts, tokens, logprobs, hf
 
 
-def _check_against_hf(outs, prompts, tokens, logprobs):
+def _eos_ids(hf) -> set[int]:
+    eos = hf.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def _check_against_hf(outs, prompts, tokens, logprobs, eos_ids):
     assert [o.prompt_token_ids for o in outs] == prompts
     for i, (out, want) in enumerate(zip(outs, tokens)):
         assert out.token_ids == want, f"prompt {i}: tokens differ from HF greedy"
-        assert out.finish_reason == ("length" if len(want) == NEW_TOKENS else "stop")
+        # An EOS as the last allowed token is a stop, as in vLLM; HF returns the same tokens.
+        stopped = len(want) < NEW_TOKENS or want[-1] in eos_ids
+        assert out.finish_reason == ("stop" if stopped else "length"), f"prompt {i}"
     for out, want in zip(outs, logprobs):
         assert out.logprobs.dtype == np.float32 and out.logprobs.shape == want.shape
         diff = float(np.abs(out.logprobs - want).max())
@@ -97,13 +104,13 @@ def _check_against_hf(outs, prompts, tokens, logprobs):
 
 @pytest.mark.parametrize("mode", ["prefix_cache", "no_prefix_cache", "preemption"])
 def test_greedy_matches_hf(family, mode):
-    _, path, prompts, tokens, logprobs, _ = family
+    _, path, prompts, tokens, logprobs, hf = family
     kwargs = dict(ENGINE, enable_prefix_caching=mode != "no_prefix_cache")
     if mode == "preemption":
         kwargs["kv_cache_blocks"] = PREEMPT_KV_BLOCKS
     llm = LLM(path, **kwargs)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    _check_against_hf(outs, prompts, tokens, logprobs)
+    _check_against_hf(outs, prompts, tokens, logprobs, _eos_ids(hf))
     stats = llm.stats
     assert (stats.num_preemptions > 0) == (mode == "preemption"), stats
     assert (stats.prefix_cache_hits > 0) == (mode != "no_prefix_cache"), stats
