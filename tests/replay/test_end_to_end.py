@@ -17,16 +17,26 @@ from rollout import LLM, SamplingParams
 from rollout.testing import make_tiny_moe
 
 
+# Enough tokens that the comparison is not decided by noise: with these sizes and a 20% router
+# perturbation, replayed / native KL measured 0.49 median, 0.64 worst over 40 seeds.
+NUM_PROMPTS, NEW_TOKENS, ROUTER_NOISE = 6, 24, 0.2
+
+
 @pytest.mark.slow
 def test_rollout_capture_replayed_in_hf_model(tmp_path, rng):
     path = make_tiny_moe("qwen3_moe", tmp_path / "model", seed=int(rng.initial_seed() % 1000))
-    prompts = [[5, 17, 33, 9, 101, 7], [44, 3, 250, 61], [12, 12, 90, 200, 15, 77, 31, 8]]
-    with LLM(path, device="cpu", capture_routing=True, kv_cache_blocks=64, block_size=4) as llm:
-        outs = llm.generate(
-            prompts,
-            SamplingParams(max_tokens=12, temperature=1.0, seed=3, return_routed_experts=True),
-            use_tqdm=False,
+    prompts = [
+        torch.randint(3, 300, (4 + 2 * i,), generator=rng).tolist() for i in range(NUM_PROMPTS)
+    ]
+    with LLM(path, device="cpu", capture_routing=True, kv_cache_blocks=128, block_size=4) as llm:
+        sampling = SamplingParams(
+            max_tokens=NEW_TOKENS,
+            temperature=1.0,
+            seed=3,
+            ignore_eos=True,
+            return_routed_experts=True,
         )
+        outs = llm.generate(prompts, sampling, use_tqdm=False)
         spec = llm.routing_spec
     samples = [
         replay.RolloutSample.from_output(o, moe_layers=spec.moe_layers, num_experts=spec.num_experts)
@@ -41,7 +51,7 @@ def test_rollout_capture_replayed_in_hf_model(tmp_path, rng):
     with torch.no_grad():  # the trainer's routers drift away from the rollout's
         for layer in ctl.layers:
             weight = layer.router.weight
-            weight.mul_(1 + 0.5 * torch.randn(weight.shape, generator=rng))
+            weight.mul_(1 + ROUTER_NOISE * torch.randn(weight.shape, generator=rng))
     native = replay.measure_mismatch(model, ctl, samples, replay=False)
     replayed = replay.measure_mismatch(model, ctl, samples, replay=True)
 
