@@ -159,7 +159,7 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
     assert again == config
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "toy_addition.yaml"])
+@pytest.mark.parametrize("name", sorted(path.name for path in EXAMPLES.glob("*.yaml")))
 def test_example_configs_load(name: str) -> None:
     config = load_config(EXAMPLES / name)
     assert isinstance(config, TrainConfig)
