@@ -48,7 +48,7 @@ from rollout.layers.moe import (
     shared_experts_overlap,
 )
 from rollout.layers.norm import RMSNorm
-from rollout.layers.rotary import RotaryEmbedding, apply_rotary
+from rollout.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_from_parameters
 
 __all__ = [
     "DecoderArgs",
@@ -106,6 +106,26 @@ class DecoderArgs:
     shared_name: str = "shared_experts"
     shared_gate: bool = False
     tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config: Any, **family: Any) -> DecoderArgs:
+        """The fields every family reads alike from its HF config (the shape, RMSNorm epsilon,
+        RoPE base, rotary over the whole head, tied embeddings), then ``family``'s own fields,
+        which may also replace any of those."""
+        head_dim = head_dim_of(config)
+        shared = dict(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            rope_theta=rope_theta_from_parameters(config.rope_parameters),
+            rotary_dim=head_dim,
+            tie_word_embeddings=config.tie_word_embeddings,
+        )
+        return cls(**(shared | family))
 
     def __post_init__(self) -> None:
         for name in (

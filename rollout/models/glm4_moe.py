@@ -16,7 +16,6 @@ from typing import Any
 
 from kernels.routing_method import RoutingMethod
 from rollout.layers.moe import RoutingParams
-from rollout.layers.rotary import rope_theta_from_parameters
 from rollout.models.decoder import (
     DecoderArgs,
     MoECausalLM,
@@ -41,20 +40,11 @@ class Glm4MoeForCausalLM(MoECausalLM):
             raise ValueError(
                 "norm_topk_prob: expected True for GLM4-MoE's DEEPSEEK_V3 routing, got False"
             )
-        head_dim = head_dim_of(config)
         partial = float(config.rope_parameters.get("partial_rotary_factor", 1.0))
         grouped = config.n_group is not None and config.n_group > 1
-        num_layers = config.num_hidden_layers
-        return DecoderArgs(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            num_layers=num_layers,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            rms_norm_eps=config.rms_norm_eps,
-            rope_theta=rope_theta_from_parameters(config.rope_parameters),
-            rotary_dim=int(head_dim * partial),
+        return DecoderArgs.from_hf_config(
+            config,
+            rotary_dim=int(head_dim_of(config) * partial),
             qkv_bias=config.attention_bias,
             qk_norm="head" if config.use_qk_norm else "none",
             dense_intermediate_size=config.intermediate_size,
@@ -67,11 +57,10 @@ class Glm4MoeForCausalLM(MoECausalLM):
                 topk_group=config.topk_group if grouped else None,
                 routed_scaling_factor=float(config.routed_scaling_factor),
             ),
-            moe_layers=tuple(range(config.first_k_dense_replace, num_layers)),
+            moe_layers=tuple(range(config.first_k_dense_replace, config.num_hidden_layers)),
             router_float32=True,
             shared_intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
             shared_name="shared_experts",
-            tie_word_embeddings=config.tie_word_embeddings,
         )
 
     def canonical_name(self, name: str) -> str | None:

@@ -13,8 +13,7 @@ from typing import Any
 
 from kernels.routing_method import RoutingMethod
 from rollout.layers.moe import RoutingParams
-from rollout.layers.rotary import rope_theta_from_parameters
-from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu, head_dim_of
+from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu
 
 __all__ = ["MixtralForCausalLM"]
 
@@ -35,17 +34,8 @@ class MixtralForCausalLM(MoECausalLM):
                 f"sliding_window: expected None (sliding-window attention is not implemented), "
                 f"got {config.sliding_window}"
             )
-        head_dim = head_dim_of(config)
-        return DecoderArgs(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            rms_norm_eps=config.rms_norm_eps,
-            rope_theta=rope_theta_from_parameters(config.rope_parameters),
-            rotary_dim=head_dim,
+        return DecoderArgs.from_hf_config(
+            config,
             moe_intermediate_size=config.intermediate_size,
             routing=RoutingParams(
                 method=RoutingMethod.RENORMALIZE,
@@ -53,7 +43,6 @@ class MixtralForCausalLM(MoECausalLM):
                 num_experts=config.num_local_experts,
             ),
             moe_layers=tuple(range(config.num_hidden_layers)),
-            tie_word_embeddings=config.tie_word_embeddings,
         )
 
     def canonical_name(self, name: str) -> str | None:

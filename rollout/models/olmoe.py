@@ -10,7 +10,6 @@ from typing import Any
 
 from kernels.routing_method import RoutingMethod
 from rollout.layers.moe import RoutingParams
-from rollout.layers.rotary import rope_theta_from_parameters
 from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu, head_dim_of
 
 __all__ = ["OlmoeForCausalLM"]
@@ -32,16 +31,8 @@ class OlmoeForCausalLM(MoECausalLM):
                 f"{config.hidden_size // config.num_attention_heads} for OLMoE, got {head_dim}"
             )
         method = RoutingMethod.RENORMALIZE_NAIVE if config.norm_topk_prob else RoutingMethod.DEFAULT
-        return DecoderArgs(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            rms_norm_eps=config.rms_norm_eps,
-            rope_theta=rope_theta_from_parameters(config.rope_parameters),
-            rotary_dim=head_dim,
+        return DecoderArgs.from_hf_config(
+            config,
             qkv_bias=config.attention_bias,
             o_bias=config.attention_bias,
             qk_norm="full",
@@ -51,5 +42,4 @@ class OlmoeForCausalLM(MoECausalLM):
                 method=method, top_k=config.num_experts_per_tok, num_experts=config.num_experts
             ),
             moe_layers=tuple(range(config.num_hidden_layers)),
-            tie_word_embeddings=config.tie_word_embeddings,
         )

@@ -10,8 +10,7 @@ from typing import Any
 
 from kernels.routing_method import RoutingMethod
 from rollout.layers.moe import RoutingParams
-from rollout.layers.rotary import rope_theta_from_parameters
-from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu, head_dim_of
+from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu
 
 __all__ = ["Qwen2MoeForCausalLM", "qwen_moe_layers", "qwen_routing"]
 
@@ -58,17 +57,8 @@ class Qwen2MoeForCausalLM(MoECausalLM):
     def args_from_config(cls, config: Any) -> DecoderArgs:
         check_silu(config)
         check_no_sliding_window(config)
-        head_dim = head_dim_of(config)
-        return DecoderArgs(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            rms_norm_eps=config.rms_norm_eps,
-            rope_theta=rope_theta_from_parameters(config.rope_parameters),
-            rotary_dim=head_dim,
+        return DecoderArgs.from_hf_config(
+            config,
             qkv_bias=getattr(config, "qkv_bias", True),
             dense_intermediate_size=config.intermediate_size,
             moe_intermediate_size=config.moe_intermediate_size,
@@ -77,5 +67,4 @@ class Qwen2MoeForCausalLM(MoECausalLM):
             shared_intermediate_size=config.shared_expert_intermediate_size,
             shared_name="shared_expert",
             shared_gate=True,
-            tie_word_embeddings=config.tie_word_embeddings,
         )

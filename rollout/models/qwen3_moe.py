@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout.layers.rotary import rope_theta_from_parameters
-from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu, head_dim_of
+from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu
 from rollout.models.qwen2_moe import (
     check_no_sliding_window,
     qwen_moe_layers,
@@ -29,17 +28,8 @@ class Qwen3MoeForCausalLM(MoECausalLM):
     def args_from_config(cls, config: Any) -> DecoderArgs:
         check_silu(config)
         check_no_sliding_window(config)
-        head_dim = head_dim_of(config)
-        return DecoderArgs(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            rms_norm_eps=config.rms_norm_eps,
-            rope_theta=rope_theta_from_parameters(config.rope_parameters),
-            rotary_dim=head_dim,
+        return DecoderArgs.from_hf_config(
+            config,
             qkv_bias=config.attention_bias,
             o_bias=config.attention_bias,
             qk_norm="head",
@@ -47,5 +37,4 @@ class Qwen3MoeForCausalLM(MoECausalLM):
             moe_intermediate_size=config.moe_intermediate_size,
             routing=qwen_routing(config),
             moe_layers=qwen_moe_layers(config),
-            tie_word_embeddings=config.tie_word_embeddings,
         )
