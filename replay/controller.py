@@ -40,10 +40,10 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from kernels.replay_weights import replay_topk
 from replay.discovery import MoELayer, MoEStructure, RoutingSpec
 from replay.layout import AlignedTraces, BatchLayout, align_traces, traces_from_aligned
 from replay.routed_experts import RoutedExperts
+from routing_kernels.replay_weights import replay_topk
 
 __all__ = ["Mode", "RecordContext", "ReplayContext", "ReplayController"]
 

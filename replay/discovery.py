@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels
-from kernels import RoutingMethod
+import routing_kernels
+from routing_kernels import RoutingMethod
 
 __all__ = ["MoELayer", "MoEStructure", "RoutingSpec", "discover", "find_moe_layers"]
 
@@ -49,7 +49,7 @@ class RoutingSpec:
     """How a model's router turns logits into gate weights (the replay side of DESIGN.md).
 
     Attributes:
-        method: the ``kernels.RoutingMethod`` (or its lower-case name).
+        method: the ``routing_kernels.RoutingMethod`` (or its lower-case name).
         routed_scaling_factor: DEEPSEEK_V3's weight scale; 1.0 for every other method.
         n_group, topk_group: DEEPSEEK_V3's group-limited selection (None: no grouping). Replay
             does not select, so they only describe the model (e.g. for a rollout engine).
@@ -238,8 +238,8 @@ def _infer_routing(config: object, layer: MoELayer) -> RoutingSpec:
         if not norm_topk_prob:
             raise ValueError(
                 f"{label}: unsupported routing: norm_topk_prob={norm_topk_prob} (sigmoid gate "
-                f"weights without normalization) is not a kernels.RoutingMethod; DEEPSEEK_V3 "
-                f"normalizes the selected weights"
+                f"weights without normalization) is not a routing_kernels.RoutingMethod; "
+                f"DEEPSEEK_V3 normalizes the selected weights"
             )
         return RoutingSpec(
             method=RoutingMethod.DEEPSEEK_V3,
@@ -320,7 +320,7 @@ def _router_shape(
             f"integer indices [T, K]) for T={_PROBE_TOKENS}, got {_describe(out)}"
         )
     num_experts, top_k = int(logits_TE.shape[1]), int(ids_TK.shape[1])
-    expected_TK = kernels.replay_weights(
+    expected_TK = routing_kernels.replay_weights(
         logits_TE, ids_TK, routing.method, routed_scaling_factor=routing.routed_scaling_factor
     ).to(weights_TK.dtype)
     low_precision = weights_TK.dtype in (torch.float16, torch.bfloat16)
@@ -339,9 +339,7 @@ def _router_shape(
 # ---------------------------------------------------------------------- structure helpers
 
 
-def _decoder_layer_index(
-    name: str, modules: dict[str, nn.Module], label: str
-) -> tuple[str, int]:
+def _decoder_layer_index(name: str, modules: dict[str, nn.Module], label: str) -> tuple[str, int]:
     """(name of the enclosing ``nn.ModuleList``, index in it) of the outermost list entry that
     contains the module ``name``."""
     parts = name.split(".") if name else []

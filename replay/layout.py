@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.expert_ids import compact_id_dtype
 from replay.routed_experts import RoutedExperts
+from routing_kernels.expert_ids import compact_id_dtype
 
 __all__ = ["AlignedTraces", "BatchLayout", "align_traces", "traces_from_aligned"]
 
@@ -263,8 +263,8 @@ class AlignedTraces:
 
     Attributes:
         ids_TLK: ``[T, num_moe_layers, top_k]`` in the traces' compact id dtype
-            (``kernels.expert_ids.compact_id_dtype``), the traces' own layout (so aligning is
-            a contiguous copy per sequence); MoE layer ``l`` reads the view ``ids_TLK[:, l]``.
+            (``routing_kernels.expert_ids.compact_id_dtype``), the traces' own layout (so aligning
+            is a contiguous copy per sequence); MoE layer ``l`` reads the view ``ids_TLK[:, l]``.
             Rows where ``replay_T`` is False hold 0 and are never read.
         replay_T: bool ``[T]``: True where a trace row exists and is valid (the token replays);
             padding, the last token of each sequence, tokens before a trace's ``start`` and

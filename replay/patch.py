@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from kernels import RoutingMethod
 from replay.controller import _SEAM_ATTR, ReplayController
 from replay.discovery import RoutingSpec, discover
+from routing_kernels import RoutingMethod
 
 __all__ = ["patch"]
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from kernels.expert_ids import numpy_id_dtype
+from routing_kernels.expert_ids import numpy_id_dtype
 
 if TYPE_CHECKING:
     import torch

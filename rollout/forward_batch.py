@@ -21,7 +21,7 @@ padding token whose K/V are never written.
 **Routing capture.** When ``routing_capture`` is set (a buffer ``[>= T, L, K]`` in the compact
 id dtype, owned by the capturer), MoE layer ``l`` (its index among MoE layers, not its decoder
 index) writes its top-k ids into ``routing_capture[:T, l]`` inside the routing kernel
-(``kernels.route(..., capture_out=...)``): no extra launch, and the buffer is a static input
+(``routing_kernels.route(..., capture_out=...)``): no extra launch, and the buffer is a static input
 of CUDA graphs. ``None`` means capture off: nothing is written and nothing is allocated.
 Under ``data_parallel_mode="dp_attention"`` the MoE layers route the tokens of all ranks, and
 ``routing_capture[:T, l]`` still receives this rank's own T tokens' rows, picked from the routed

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.expert_ids import numpy_id_dtype
-from kernels.routing_method import RoutingMethod
 from rollout.engine.sequence import FinishReason, Sequence
 from rollout.layers.moe import RoutingParams
+from routing_kernels.expert_ids import numpy_id_dtype
+from routing_kernels.routing_method import RoutingMethod
 
 __all__ = ["EngineStats", "RequestOutput", "RoutingSpec"]
 
@@ -29,7 +29,7 @@ class RoutingSpec:
             have no rows).
         num_experts: routed experts per MoE layer.
         top_k: experts each token is routed to.
-        method: the routing method (``kernels.RoutingMethod``).
+        method: the routing method (``routing_kernels.RoutingMethod``).
         n_group, topk_group: DEEPSEEK_V3's group-limited selection (None: no grouping).
         routed_scaling_factor: DEEPSEEK_V3's weight scale (1.0 for every other method).
     """

@@ -26,7 +26,7 @@ import torch
 from common import copy_bandwidth_gbps, cuda_time_ms, print_table
 from triton.runtime.errors import OutOfResources
 
-from kernels.fused_moe import (
+from routing_kernels.fused_moe import (
     FusedMoeConfig,
     GemmTiles,
     default_config,

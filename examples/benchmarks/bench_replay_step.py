@@ -99,7 +99,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 import replay
-from kernels.replay_weights import replay_topk, replay_topk_reference
+from routing_kernels.replay_weights import replay_topk, replay_topk_reference
 
 REPLAY_TARGET = 1.02  # replay step / native step, at most
 SPEEDUP_TARGET = 5.0  # HF eager step / grouped step, at least
@@ -731,9 +731,9 @@ def sync_sites(step: Callable[[], object]) -> Counter[str]:
 def routing_alone(variants: Variants, layers: int, cuda: bool, iters: int = 20) -> None:
     """One MoE layer's routing alone at the benchmark's size, forward + backward (a random
     probe as the weights' gradient): the router's own forward (linear, softmax, top-k) against
-    the same then ``kernels.replay_topk`` with the recorded trace, as an R3 layer runs it. Host
-    us per call (wall clock of the call, which returns once backward's kernels are launched)
-    and GPU us per call (profiler)."""
+    the same then ``routing_kernels.replay_topk`` with the recorded trace, as an R3 layer runs
+    it. Host us per call (wall clock of the call, which returns once backward's kernels are
+    launched) and GPU us per call (profiler)."""
     ctl = variants.ctl
     router = ctl.layers[0].router
     aligned = ctl.replay(variants.traces).aligned  # aligned only, never entered

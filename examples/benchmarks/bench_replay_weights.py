@@ -25,8 +25,8 @@ import argparse
 import torch
 from common import copy_bandwidth_gbps, cuda_time_ms, print_table
 
-from kernels.replay_weights import replay_weights_reference, replay_weights_triton
-from kernels.routing_method import RoutingMethod
+from routing_kernels.replay_weights import replay_weights_reference, replay_weights_triton
+from routing_kernels.routing_method import RoutingMethod
 
 CASES = [
     (RoutingMethod.RENORMALIZE_NAIVE, 128, 8, 1.0),
@@ -95,16 +95,20 @@ def main() -> None:
     rows = []
     for method, num_experts, top_k, scale in CASES:
         for num_tokens in args.tokens:
-            logits_TE = torch.randn(
-                num_tokens, num_experts, device="cuda", generator=gen
-            ).bfloat16().requires_grad_()
+            logits_TE = (
+                torch.randn(num_tokens, num_experts, device="cuda", generator=gen)
+                .bfloat16()
+                .requires_grad_()
+            )
             ids_TK = (
                 torch.rand(num_tokens, num_experts, device="cuda", generator=gen)
                 .argsort(dim=1)[:, :top_k]
                 .to(torch.uint8)
             )
             grad_TK = torch.randn(num_tokens, top_k, device="cuda", generator=gen)
-            triton_step = make_step(replay_weights_triton, logits_TE, ids_TK, grad_TK, method, scale)
+            triton_step = make_step(
+                replay_weights_triton, logits_TE, ids_TK, grad_TK, method, scale
+            )
             reference_step = make_step(
                 replay_weights_reference, logits_TE, ids_TK, grad_TK, method, scale
             )

@@ -1,4 +1,4 @@
-"""Benchmark routing (``kernels.route``): the Triton kernel vs the torch reference vs the floor.
+"""Benchmark routing (``routing_kernels.route``): Triton kernel vs torch reference vs the floor.
 
 Legend: T tokens, E experts, K top_k.
 
@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 from common import copy_bandwidth_gbps, cuda_time_ms, print_table
 
-from kernels.route import route_reference, route_triton
-from kernels.routing_method import RoutingMethod
+from routing_kernels.route import route_reference, route_triton
+from routing_kernels.routing_method import RoutingMethod
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # (method, E, K, route keyword arguments besides the bias)

@@ -4,7 +4,7 @@ Legend: T tokens of the step (rows), L MoE layers, K top_k; ``buffer_TLK`` is
 [max_num_tokens, L, K].
 
 In the engine each MoE layer ``l`` routes its T tokens with
-``kernels.route(..., capture_out=capturer.layer_view(l, T))``: the ids land in
+``routing_kernels.route(..., capture_out=capturer.layer_view(l, T))``: the ids land in
 ``buffer[:T, l]`` inside the routing kernel (no extra launch; the buffer is a static input of
 CUDA graphs). ``capture`` is the same write as a separate entry point (one copy) for callers
 that already hold the ids, and it implements DESIGN.md's data-parallel rule; ``rank_rows``
@@ -18,7 +18,7 @@ import numbers
 
 import torch
 
-from kernels.expert_ids import ID_DTYPE_CAPACITY, compact_id_dtype
+from routing_kernels.expert_ids import ID_DTYPE_CAPACITY, compact_id_dtype
 
 __all__ = ["DPMetadata", "RoutedExpertsCapturer", "compact_id_dtype"]
 
@@ -67,7 +67,7 @@ class RoutedExpertsCapturer:
         dp_rank: this engine's data-parallel rank, >= 0 (selects its rows under ``DPMetadata``).
         dtype: ``torch.uint8``, ``torch.int16`` or ``torch.int32``; ``None`` means int16. Use
             ``compact_id_dtype(num_experts)`` for DESIGN.md's compact dtype. Ids are cast to
-            it unchecked on the device (a check would need a host sync): ``kernels.route``
+            it unchecked on the device (a check would need a host sync): ``routing_kernels.route``
             refuses a dtype too narrow for its E; ``capture`` trusts its caller.
 
     Raises:
@@ -117,7 +117,7 @@ class RoutedExpertsCapturer:
 
     def layer_view(self, layer: int, num_tokens: int) -> torch.Tensor:
         """``buffer[:num_tokens, layer]``: the [num_tokens, K] view (row stride L * K) to pass
-        as ``kernels.route(..., capture_out=...)`` when routing ``num_tokens`` rows.
+        as ``routing_kernels.route(..., capture_out=...)`` when routing ``num_tokens`` rows.
 
         Raises:
             ValueError: ``layer`` not in [0, L) or ``num_tokens`` not in [0, max_num_tokens].

@@ -1,6 +1,6 @@
-"""The sparse MoE block: router -> ``kernels.route`` (ids captured in-kernel) -> fused experts,
-plus optional shared experts, overlapped on a side CUDA stream when that is right and useful;
-and ``NaiveDispatch``, the expert parallelism across data-parallel ranks that the engine
+"""The sparse MoE block: router -> ``routing_kernels.route`` (ids captured in-kernel) -> fused
+experts, plus optional shared experts, overlapped on a side CUDA stream when that is right and
+useful; and ``NaiveDispatch``, the expert parallelism across data-parallel ranks that the engine
 attaches to the blocks from outside for ``data_parallel_mode="dp_attention"``.
 
 Legend: T tokens (of this rank), H hidden size, E experts, L experts held by this rank (E
@@ -11,7 +11,7 @@ step.
 Expert weights use HF transformers v5's fused layout: ``gate_up_proj`` [L, 2I, H] (gate rows
 then up rows) and ``down_proj`` [L, H, I], for a contiguous range of the E experts (all of
 them unless expert parallelism splits them: ``MoEParallelConfig.ep_size``). The routing
-semantics are those of ``kernels.RoutingMethod`` (DESIGN.md); each family maps its HF router
+semantics are those of ``routing_kernels.RoutingMethod`` (DESIGN.md); each family maps its HF router
 onto one method.
 
 Shared-expert overlap: the shared experts read the same input as the routed experts and their
@@ -27,8 +27,8 @@ tokens; in every MoE layer the ranks all-gather the hidden states of all ranks' 
 to the step's largest count M for the collective, then compacted to the X = sum(n) real ones in
 rank order), route all X tokens, compute the contribution of this rank's experts only (a
 contiguous 1/N slice, the only experts whose weights the rank holds: pairs of other experts
-carry ``kernels.fused_moe.MASKED_ID`` and are skipped) and reduce-scatter the sum, so each rank
-gets the full routed output of its own tokens.
+carry ``routing_kernels.fused_moe.MASKED_ID`` and are skipped) and reduce-scatter the sum, so
+each rank gets the full routed output of its own tokens.
 Shared experts stay on the rank's own tokens. The capture buffer takes this rank's rows of the
 routed batch, chosen by the capturer's DP rule (``RoutedExpertsCapturer.rank_rows``). Shapes
 change every step and ``begin_step`` reads the counts on the host: eager only, no CUDA graphs.
@@ -46,12 +46,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fused_moe import MASKED_ID, fused_experts
-from kernels.route import route
-from kernels.routing_method import RoutingMethod
 from rollout.capture.capturer import DPMetadata
 from rollout.layers.linear import Linear
 from rollout.layers.mlp import GatedMLP
+from routing_kernels.fused_moe import MASKED_ID, fused_experts
+from routing_kernels.route import route
+from routing_kernels.routing_method import RoutingMethod
 
 if TYPE_CHECKING:
     from rollout.capture.capturer import RoutedExpertsCapturer
@@ -87,7 +87,7 @@ class RoutingParams:
     """How a model's routers choose experts (the routing spec of the captured ids).
 
     Attributes:
-        method: the ``kernels.RoutingMethod``.
+        method: the ``routing_kernels.RoutingMethod``.
         top_k: K experts per token.
         num_experts: E routed experts.
         n_group: expert groups for group-limited top-k (DEEPSEEK_V3), ``None`` for no grouping.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from kernels.routing_method import RoutingMethod
 from rollout.layers.moe import RoutingParams
 from rollout.models.decoder import (
     DecoderArgs,
@@ -23,6 +22,7 @@ from rollout.models.decoder import (
     decoder_layer_of,
     head_dim_of,
 )
+from routing_kernels.routing_method import RoutingMethod
 
 __all__ = ["Glm4MoeForCausalLM"]
 
@@ -36,7 +36,7 @@ class Glm4MoeForCausalLM(MoECausalLM):
     def args_from_config(cls, config: Any) -> DecoderArgs:
         check_silu(config)
         if not config.norm_topk_prob:
-            # DEEPSEEK_V3 (kernels.route and replay) always normalises the selected weights.
+            # DEEPSEEK_V3 (routing_kernels.route and replay) always normalises the selected weights.
             raise ValueError(
                 "norm_topk_prob: expected True for GLM4-MoE's DEEPSEEK_V3 routing, got False"
             )

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kernels.routing_method import RoutingMethod
 from rollout.layers.moe import RoutingParams
 from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu
+from routing_kernels.routing_method import RoutingMethod
 
 __all__ = ["MixtralForCausalLM"]
 

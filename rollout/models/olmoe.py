@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kernels.routing_method import RoutingMethod
 from rollout.layers.moe import RoutingParams
 from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu, head_dim_of
+from routing_kernels.routing_method import RoutingMethod
 
 __all__ = ["OlmoeForCausalLM"]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kernels.routing_method import RoutingMethod
 from rollout.layers.moe import RoutingParams
 from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu
+from routing_kernels.routing_method import RoutingMethod
 
 __all__ = ["Qwen2MoeForCausalLM", "qwen_moe_layers", "qwen_routing"]
 

@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import replay.controller
-from kernels.replay_weights import replay_topk_triton
 from replay.controller import Mode
 from replay.patch import patch
 from replay.routed_experts import RoutedExperts
+from routing_kernels.replay_weights import replay_topk_triton
 
 # CUDA runs the Triton replay_weights kernel and a backward on the device's autograd thread.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from tiny_moe import EXPECTED, FAMILIES, NUM_EXPERTS, TOP_K, tiny_moe
 from torch import nn
 
-from kernels import RoutingMethod
 from replay.discovery import RoutingSpec, discover
+from routing_kernels import RoutingMethod
 
 HIDDEN = 16
 

@@ -18,10 +18,10 @@ from tiny_moe import (
     tiny_moe,
 )
 
-from kernels import RoutingMethod
 from replay.controller import Mode, ReplayController
 from replay.patch import patch
 from replay.routed_experts import RoutedExperts
+from routing_kernels import RoutingMethod
 
 
 def random_traces(rng: torch.Generator, batch: int, seq_len: int, moe_layers) -> list:

@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-import kernels
 import replay
 import rollout
+import routing_kernels
 from replay.expert_tap import ExpertsTap
 from replay.layout import BatchLayout
 from replay.trainer.batch import Batch
@@ -137,7 +137,7 @@ SPEC_2x8 = rollout.RoutingSpec(
     moe_layers=(0, 2),
     num_experts=8,
     top_k=2,
-    method=kernels.RoutingMethod.RENORMALIZE_NAIVE,
+    method=routing_kernels.RoutingMethod.RENORMALIZE_NAIVE,
 )
 
 

@@ -29,11 +29,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
-from kernels import RoutingMethod
 from rollout import LLM, RequestOutput, RoutingSpec, SamplingParams
 from rollout.capture import ReaderSpec, RoutedExpertsReader
 from rollout.shm import SEGMENT_PREFIX, segment_name
 from rollout.testing import FAMILIES, flashinfer_overrides, make_tiny_moe
+from routing_kernels import RoutingMethod
 
 # Small blocks and token budget: many blocks per prompt, chunked prefill, mixed steps.
 ENGINE = dict(block_size=4, max_num_batched_tokens=32, max_num_seqs=8)

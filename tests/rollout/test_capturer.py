@@ -14,9 +14,9 @@ import itertools
 import pytest
 import torch
 
-from kernels.route import route, route_triton
-from kernels.routing_method import RoutingMethod
 from rollout.capture import DPMetadata, RoutedExpertsCapturer, compact_id_dtype
+from routing_kernels.route import route, route_triton
+from routing_kernels.routing_method import RoutingMethod
 
 DTYPES = [torch.uint8, torch.int16, torch.int32]
 # (method, E, K, extra route kwargs): every method, grouped DeepSeek-V3 included.

@@ -23,13 +23,6 @@ import traceback
 import pytest
 import torch
 
-from kernels.fused_moe import (
-    MASKED_ID,
-    fused_experts_reference,
-    fused_experts_triton,
-)
-from kernels.route import route
-from kernels.routing_method import RoutingMethod
 from rollout.capture import DPMetadata, RoutedExpertsCapturer
 from rollout.layers.moe import (
     Experts,
@@ -39,6 +32,13 @@ from rollout.layers.moe import (
     SparseMoeBlock,
     expert_slice,
 )
+from routing_kernels.fused_moe import (
+    MASKED_ID,
+    fused_experts_reference,
+    fused_experts_triton,
+)
+from routing_kernels.route import route
+from routing_kernels.routing_method import RoutingMethod
 
 HIDDEN, INTER, EXPERTS = 32, 16, 8
 

@@ -20,7 +20,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kernels.routing_method import RoutingMethod
 from rollout.layers.attention import (
     AttentionSpec,
     FlashInferAttentionBackend,
@@ -39,6 +38,7 @@ from rollout.layers.moe import (
 from rollout.loader import load_checkpoint, load_hf_config
 from rollout.models.registry import MODEL_CLASSES, model_class
 from rollout.testing import FAMILIES, PagedBatchBuilder, make_tiny_moe
+from routing_kernels.routing_method import RoutingMethod
 
 BLOCK_SIZE = 4
 LOGIT_ATOL = 1e-4

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.routing_method import RoutingMethod
+from routing_kernels.routing_method import RoutingMethod
 
 __all__ = [
     "replay_topk",
@@ -43,9 +43,7 @@ __all__ = [
 
 # HF DeepSeek-V3 / GLM4-MoE `route_tokens_to_experts` add this to the normalizing denominator.
 _DEEPSEEK_DENOM_EPS = 1e-20
-_DEEPSEEK_DENOM_EPS_K = tl.constexpr(
-    _DEEPSEEK_DENOM_EPS
-)  # the same, readable inside kernels
+_DEEPSEEK_DENOM_EPS_K = tl.constexpr(_DEEPSEEK_DENOM_EPS)  # the same, readable inside kernels
 _LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Kernel-side method codes; RENORMALIZE and RENORMALIZE_NAIVE share the softmax over the k.
@@ -160,9 +158,7 @@ def replay_weights_triton(
     zeros outside the ids for the gathered methods, the dense softmax Jacobian row for DEFAULT.
     """
     method = _check_inputs(logits_TE, ids_TK, method, routed_scaling_factor)
-    return _ReplayWeights.apply(
-        logits_TE, ids_TK, method, float(routed_scaling_factor), check_ids
-    )
+    return _ReplayWeights.apply(logits_TE, ids_TK, method, float(routed_scaling_factor), check_ids)
 
 
 def replay_topk(
@@ -234,9 +230,7 @@ def replay_topk_reference(
     replay_T1 = replay_T[:, None]
     ids_TK = torch.where(replay_T1, trace_ids_TK, native_ids_TK).to(native_ids_TK.dtype)
     replayed_TK = _weights_reference(logits_TE, ids_TK, method, routed_scaling_factor)
-    weights_TK = torch.where(
-        replay_T1, replayed_TK.to(native_weights_TK.dtype), native_weights_TK
-    )
+    weights_TK = torch.where(replay_T1, replayed_TK.to(native_weights_TK.dtype), native_weights_TK)
     return weights_TK, ids_TK
 
 
@@ -295,9 +289,7 @@ def _check_inputs(
 ) -> RoutingMethod:
     """Host-side checks (no device synchronization); returns the parsed method."""
     if not isinstance(logits_TE, torch.Tensor):
-        raise TypeError(
-            f"logits: expected a torch.Tensor, got {type(logits_TE).__name__}"
-        )
+        raise TypeError(f"logits: expected a torch.Tensor, got {type(logits_TE).__name__}")
     if not isinstance(ids_TK, torch.Tensor):
         raise TypeError(f"ids: expected a torch.Tensor, got {type(ids_TK).__name__}")
     method = RoutingMethod.parse(method)
@@ -309,11 +301,7 @@ def _check_inputs(
         raise ValueError(
             f"logits: expected a 2-D tensor [T, E] with E >= 1, got shape {tuple(logits_TE.shape)}"
         )
-    if (
-        ids_TK.dtype.is_floating_point
-        or ids_TK.dtype.is_complex
-        or ids_TK.dtype == torch.bool
-    ):
+    if ids_TK.dtype.is_floating_point or ids_TK.dtype.is_complex or ids_TK.dtype == torch.bool:
         raise ValueError(f"ids: expected an integer dtype, got {ids_TK.dtype}")
     if ids_TK.dim() != 2 or ids_TK.shape[1] == 0:
         raise ValueError(
@@ -326,9 +314,7 @@ def _check_inputs(
             f"ids: expected {num_tokens} rows (logits.shape[0]), got {ids_TK.shape[0]}"
         )
     if ids_TK.device != logits_TE.device:
-        raise ValueError(
-            f"ids: expected device {logits_TE.device} (logits'), got {ids_TK.device}"
-        )
+        raise ValueError(f"ids: expected device {logits_TE.device} (logits'), got {ids_TK.device}")
     if top_k > num_experts:
         raise ValueError(
             f"ids: expected K <= E = {num_experts} distinct ids per row, got K = {top_k}"
@@ -337,13 +323,9 @@ def _check_inputs(
         raise ValueError(f"ids: expected K == 1 for LLAMA4, got K = {top_k}")
     scale = routed_scaling_factor
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(
-            f"routed_scaling_factor: expected a float, got {type(scale).__name__}"
-        )
+        raise TypeError(f"routed_scaling_factor: expected a float, got {type(scale).__name__}")
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(
-            f"routed_scaling_factor: expected a finite value > 0, got {scale}"
-        )
+        raise ValueError(f"routed_scaling_factor: expected a finite value > 0, got {scale}")
     if method is not RoutingMethod.DEEPSEEK_V3 and scale != 1.0:
         # Only DEEPSEEK_V3 scales its weights; accepting a factor that is then ignored would
         # hide a configuration mistake.
@@ -371,9 +353,7 @@ def _check_topk_inputs(
         ("native_ids", native_ids_TK),
     ):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"{name}: expected a torch.Tensor, got {type(tensor).__name__}"
-            )
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
         if tuple(tensor.shape) != expected:
             raise ValueError(
                 f"{name}: expected shape {expected} (the trace ids'), got {tuple(tensor.shape)}"
@@ -387,13 +367,9 @@ def _check_topk_inputs(
             f"native_weights: expected a floating-point dtype, got {native_weights_TK.dtype}"
         )
     if native_ids_TK.dtype.is_floating_point or native_ids_TK.dtype == torch.bool:
-        raise ValueError(
-            f"native_ids: expected an integer dtype, got {native_ids_TK.dtype}"
-        )
+        raise ValueError(f"native_ids: expected an integer dtype, got {native_ids_TK.dtype}")
     if not isinstance(replay_T, torch.Tensor):
-        raise TypeError(
-            f"replay: expected a torch.Tensor, got {type(replay_T).__name__}"
-        )
+        raise TypeError(f"replay: expected a torch.Tensor, got {type(replay_T).__name__}")
     if replay_T.dtype != torch.bool or tuple(replay_T.shape) != expected[:1]:
         raise ValueError(
             f"replay: expected a bool tensor of shape {expected[:1]}, got {replay_T.dtype} "
@@ -456,9 +432,7 @@ class _ReplayWeights(torch.autograd.Function):
         scale: float,
         check_ids: bool,
     ) -> torch.Tensor:
-        weights_TK, _, lse_T = _launch_forward(
-            logits_TE, ids_TK, method, scale, check_ids, None
-        )
+        weights_TK, _, lse_T = _launch_forward(logits_TE, ids_TK, method, scale, check_ids, None)
         ctx.save_for_backward(logits_TE, ids_TK, lse_T)
         ctx.method, ctx.scale = method, scale
         return weights_TK
@@ -512,9 +486,7 @@ class _ReplayTopK(torch.autograd.Function):
         _grad_ids_TK: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
         logits_TE, ids_TK, lse_T, replay_T = ctx.saved_tensors
-        if grad_weights_TK is None or not (
-            ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        ):
+        if grad_weights_TK is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None, None, None, None
         grad_logits_TE, grad_native_TK = _launch_backward(
             logits_TE, ids_TK, lse_T, grad_weights_TK, ctx.method, ctx.scale,
@@ -562,9 +534,7 @@ def _launch_forward(
     # DEFAULT, the id check's flag when unchecked (the check is compiled out), the merge inputs
     # without merge.
     lse_arg = lse_T if method is RoutingMethod.DEFAULT else weights_TK
-    bad_flag = (
-        torch.zeros((1,), dtype=torch.int32, device=device) if check_ids else weights_TK
-    )
+    bad_flag = torch.zeros((1,), dtype=torch.int32, device=device) if check_ids else weights_TK
     native_ids_TK = ids_TK if merge is None else merge.native_ids_TK
     native_w_TK = weights_TK if merge is None else merge.native_weights_TK
     replay_T = ids_TK if merge is None else merge.replay_T.view(torch.uint8)
@@ -587,9 +557,7 @@ def _launch_forward(
     )  # fmt: skip
     if check_ids and bool(bad_flag.item()):
         problem = _ids_problem(ids_TK, num_experts)
-        assert problem is not None, (
-            "the kernel flagged ids that the torch check accepts"
-        )
+        assert problem is not None, "the kernel flagged ids that the torch check accepts"
         raise ValueError(problem)
     return weights_TK, ids_out_TK, lse_T
 
@@ -607,13 +575,9 @@ def _launch_backward(
     num_tokens, num_experts = logits_TE.shape
     top_k = ids_TK.shape[1]
     device = logits_TE.device
-    grad_logits_TE = torch.empty(
-        (num_tokens, num_experts), dtype=logits_TE.dtype, device=device
-    )
+    grad_logits_TE = torch.empty((num_tokens, num_experts), dtype=logits_TE.dtype, device=device)
     grad_native_TK = (
-        None
-        if merge is None
-        else torch.empty((num_tokens, top_k), dtype=merge[1], device=device)
+        None if merge is None else torch.empty((num_tokens, top_k), dtype=merge[1], device=device)
     )
     if num_tokens == 0:
         return grad_logits_TE, grad_native_TK
@@ -672,9 +636,7 @@ def _row_lse(
             other=float("-inf"),
         ).to(cdtype)
         m_new_T = tl.maximum(m_T, tl.max(x_TE, axis=1))
-        l_T = l_T * tl.exp(m_T - m_new_T) + tl.sum(
-            tl.exp(x_TE - m_new_T[:, None]), axis=1
-        )
+        l_T = l_T * tl.exp(m_T - m_new_T) + tl.sum(tl.exp(x_TE - m_new_T[:, None]), axis=1)
         m_T = m_new_T
     return m_T + tl.log(l_T)
 
@@ -734,9 +696,7 @@ def _replay_weights_fwd_kernel(
             & lane_ok_TK[:, :, None]
             & lane_ok_TK[:, None, :]
         )
-        bad_TK = (lane_ok_TK & ~in_range_TK) | (
-            tl.max(dup_TKK.to(tl.int32), axis=2) > 0
-        )
+        bad_TK = (lane_ok_TK & ~in_range_TK) | (tl.max(dup_TKK.to(tl.int32), axis=2) > 0)
         num_bad = tl.sum(tl.sum(bad_TK.to(tl.int32), axis=1), axis=0)
         tl.store(bad_ptr, 1, mask=num_bad > 0)
 
@@ -746,9 +706,7 @@ def _replay_weights_fwd_kernel(
         other=float("-inf"),
     ).to(cdtype)
     if METHOD == _FULL_SOFTMAX:
-        lse_T = _row_lse(
-            logits_ptr, safe_T, E, stride_lt, stride_le, cdtype, BLOCK_T, BLOCK_E
-        )
+        lse_T = _row_lse(logits_ptr, safe_T, E, stride_lt, stride_le, cdtype, BLOCK_T, BLOCK_E)
         tl.store(lse_ptr + rows_T, lse_T, mask=row_ok_T)
         w_TK = tl.exp(x_TK - lse_T[:, None])
     elif METHOD == _SOFTMAX_K:
@@ -766,9 +724,7 @@ def _replay_weights_fwd_kernel(
             mask=lane_ok_TK,
             other=0.0,
         )
-        w_TK = tl.where(
-            replay_T[:, None], w_TK.to(out_dtype), native_w_TK.to(out_dtype)
-        )
+        w_TK = tl.where(replay_T[:, None], w_TK.to(out_dtype), native_w_TK.to(out_dtype))
     tl.store(weights_ptr + out_TK, w_TK, mask=store_ok_TK)
 
 

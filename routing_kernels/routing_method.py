@@ -1,7 +1,8 @@
 """Routing methods: how router logits become top-k expert ids and gate weights.
 
 Names follow FlashInfer's ``RoutingMethodType``. The semantics (DESIGN.md) are the contract
-shared by rollout capture (``kernels.route``) and training replay (``kernels.replay_weights``):
+shared by rollout capture (``routing_kernels.route``) and training replay
+(``routing_kernels.replay_weights``):
 
 - ``DEFAULT``: softmax over all experts, top-k, weights not renormalized.
 - ``RENORMALIZE``: top-k on the logits, then softmax over the k selected logits.

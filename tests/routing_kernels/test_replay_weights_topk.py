@@ -1,10 +1,10 @@
-"""Tests of kernels.replay_weights.replay_topk: trace ids and recomputed weights on replayed rows,
-the router's own outputs elsewhere; reference vs float64 math, Triton vs reference, gradients,
-errors, and no host synchronization on CUDA.
+"""Tests of routing_kernels.replay_weights.replay_topk: trace ids and recomputed weights on
+replayed rows, the router's own outputs elsewhere; reference vs float64 math, Triton vs
+reference, gradients, errors, and no host synchronization on CUDA.
 
 Legend: T tokens, E experts, K ids per row, L layers of a [T, L, K] trace tensor.
 
-``TRITON_INTERPRET=1 python -m pytest -m triton tests/kernels/test_replay_weights_topk.py``
+``TRITON_INTERPRET=1 python -m pytest -m triton tests/routing_kernels/test_replay_weights_topk.py``
 runs the Triton tests on CPU (on CUDA when there is a device).
 """
 
@@ -13,13 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.replay_weights import (
+from routing_kernels.replay_weights import (
     replay_topk,
     replay_topk_reference,
     replay_topk_triton,
     replay_weights_reference,
 )
-from kernels.routing_method import RoutingMethod
+from routing_kernels.routing_method import RoutingMethod
 
 METHODS = list(RoutingMethod)
 SHAPES = [(1, 8, 2), (7, 60, 4), (64, 128, 8), (300, 256, 8)]

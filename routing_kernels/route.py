@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.expert_ids import ID_DTYPE_CAPACITY
-from kernels.routing_method import RoutingMethod
+from routing_kernels.expert_ids import ID_DTYPE_CAPACITY
+from routing_kernels.routing_method import RoutingMethod
 
 __all__ = ["route", "route_reference", "route_triton"]
 

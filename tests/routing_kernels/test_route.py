@@ -1,11 +1,11 @@
-"""Tests of kernels.route: float64 oracle, reference and Triton paths, ties, non-finite logits,
-capture and input errors.
+"""Tests of routing_kernels.route: float64 oracle, reference and Triton paths, ties, non-finite
+logits, capture and input errors.
 
 Legend: T tokens, E experts, K top_k; ``_TE`` / ``_TK`` suffixes name the axes.
 
-Plain ``python -m pytest tests/kernels/test_route.py`` runs the reference tests;
-``TRITON_INTERPRET=1 python -m pytest tests/kernels/test_route.py`` adds the Triton ones on CPU
-at small sizes (on a CUDA machine they run on the device over the whole grid).
+Plain ``python -m pytest tests/routing_kernels/test_route.py`` runs the reference tests;
+``TRITON_INTERPRET=1 python -m pytest tests/routing_kernels/test_route.py`` adds the Triton ones
+on CPU at small sizes (on a CUDA machine they run on the device over the whole grid).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.route import route, route_reference, route_triton
-from kernels.routing_method import RoutingMethod
+from routing_kernels.route import route, route_reference, route_triton
+from routing_kernels.routing_method import RoutingMethod
 
 METHODS = list(RoutingMethod)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

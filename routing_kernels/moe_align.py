@@ -4,7 +4,7 @@ Legend: T tokens, K experts per token, P = T*K (token, slot) pairs, E experts, B
 ``block_m`` sorted positions; ``_TK`` / ``_P`` / ``_B`` suffixes.
 
 Pair ``p = t * K + s`` is token ``t``'s ``s``-th routed expert. The layout written here feeds the
-grouped GEMMs of ``kernels.fused_moe``:
+grouped GEMMs of ``routing_kernels.fused_moe``:
 
 - ``sorted_pair_ids``: the pairs of expert 0 in increasing ``p``, padded with the sentinel ``P``
   up to a multiple of ``block_m``, then those of expert 1, and so on. Experts that receive no
@@ -15,9 +15,9 @@ grouped GEMMs of ``kernels.fused_moe``:
 
 Everything stays on the device, with no host synchronisation, and the buffers are sized by the
 worst case ``P + min(E, P) * (block_m - 1)`` (fixed for fixed ``T``), so the sort can be
-captured in a CUDA graph. Ids are expected in ``[0, E)`` (they come from ``kernels.route``) and
-are not range-checked here, which would need a host sync; a pair with an id outside the range
-is left out of the layout.
+captured in a CUDA graph. Ids are expected in ``[0, E)`` (they come from
+``routing_kernels.route``) and are not range-checked here, which would need a host sync; a pair
+with an id outside the range is left out of the layout.
 
 The Triton path builds a one-hot ``[CHUNK, E]`` matrix per chunk of pairs: its column sums are
 the per-expert counts and its column-wise prefix sums give each pair's rank among the pairs of

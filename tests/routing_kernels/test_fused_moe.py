@@ -1,11 +1,12 @@
-"""Tests of kernels.fused_moe and kernels.moe_align: float64 oracle, HF Qwen3MoeExperts, errors.
+"""Tests of routing_kernels.fused_moe and routing_kernels.moe_align: float64 oracle, HF
+Qwen3MoeExperts, errors.
 
 Legend: T tokens, H hidden size, E experts, I expert intermediate size, K experts per token,
 P = T*K (token, slot) pairs.
 
-Plain ``python -m pytest tests/kernels/test_fused_moe.py`` runs the reference tests;
-``TRITON_INTERPRET=1 python -m pytest tests/kernels/test_fused_moe.py`` adds the Triton ones on
-CPU (they run on CUDA when there is a device, plus the bf16, larger and CUDA-graph cases).
+Plain ``python -m pytest tests/routing_kernels/test_fused_moe.py`` runs the reference tests;
+``TRITON_INTERPRET=1 python -m pytest tests/routing_kernels/test_fused_moe.py`` adds the Triton
+ones on CPU (they run on CUDA when there is a device, plus the bf16, larger and CUDA-graph cases).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fused_moe import (
+from routing_kernels.fused_moe import (
     FusedMoeConfig,
     GemmTiles,
     default_config,
@@ -21,7 +22,7 @@ from kernels.fused_moe import (
     fused_experts_reference,
     fused_experts_triton,
 )
-from kernels.moe_align import max_padded_pairs, moe_align, moe_align_reference
+from routing_kernels.moe_align import max_padded_pairs, moe_align, moe_align_reference
 
 # (T, E, K, H, I): T in {1, 5, 33}, E in {4, 8, 60}, K in {1, 2, 4}, H in {32, 64}, I in {16, 48}
 # (48 is no multiple of the column tiles; H = 32 is short of one reduction step).
@@ -360,7 +361,7 @@ def test_align_triton_layout(T, E, K, block_m, ids_dtype, triton_device, rng):
 @pytest.mark.triton
 @pytest.mark.parametrize("T", [5, 200])
 def test_align_drops_ids_out_of_range(T, triton_device, rng):
-    """Ids outside [0, E) (never produced by kernels.route) are left out of the layout."""
+    """Ids outside [0, E) (never produced by routing_kernels.route) are left out of the layout."""
     E, K, block_m = 8, 4, 16
     ids_TK = _random_ids(T, E, K, rng)
     ids_TK[0, 0], ids_TK[-1, 1] = E, -1

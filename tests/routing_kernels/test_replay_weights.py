@@ -1,9 +1,10 @@
-"""Tests of kernels.replay_weights: float64 oracle, gradcheck, Triton vs reference, routing, errors.
+"""Tests of routing_kernels.replay_weights: float64 oracle, gradcheck, Triton vs reference,
+routing, errors.
 
 Legend: T tokens, E experts, K replayed ids per row.
 
-Plain ``python -m pytest tests/kernels/test_replay_weights.py`` runs the reference tests;
-``TRITON_INTERPRET=1 python -m pytest tests/kernels/test_replay_weights.py`` adds the Triton
+Plain ``python -m pytest tests/routing_kernels/test_replay_weights.py`` runs the reference tests;
+``TRITON_INTERPRET=1 python -m pytest tests/routing_kernels/test_replay_weights.py`` adds the Triton
 ones on CPU (they run on CUDA when there is a device).
 """
 
@@ -14,12 +15,13 @@ import math
 import pytest
 import torch
 
-from kernels.replay_weights import (
+from routing_kernels.replay_weights import (
     replay_weights,
     replay_weights_reference,
     replay_weights_triton,
 )
-from kernels.routing_method import RoutingMethod
+from routing_kernels.route import route_reference
+from routing_kernels.routing_method import RoutingMethod
 
 METHODS = list(RoutingMethod)
 DEEPSEEK_SCALE = 2.5
@@ -57,7 +59,9 @@ def _random_logits(
     num_tokens: int, num_experts: int, rng: torch.Generator, dtype=torch.float32
 ) -> torch.Tensor:
     """Logits spread wide enough that the softmaxes are far from uniform."""
-    return (3.0 * torch.randn(num_tokens, num_experts, generator=rng, dtype=torch.float64)).to(dtype)
+    return (3.0 * torch.randn(num_tokens, num_experts, generator=rng, dtype=torch.float64)).to(
+        dtype
+    )
 
 
 def _oracle(
@@ -83,7 +87,9 @@ def _reference_fwd_bwd(
     logits_TE: torch.Tensor, ids_TK: torch.Tensor, method: RoutingMethod, grad_TK: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x_TE = logits_TE.detach().clone().requires_grad_()
-    weights_TK = replay_weights_reference(x_TE, ids_TK, method, routed_scaling_factor=_scale(method))
+    weights_TK = replay_weights_reference(
+        x_TE, ids_TK, method, routed_scaling_factor=_scale(method)
+    )
     weights_TK.backward(grad_TK)
     return weights_TK.detach(), x_TE.grad
 
@@ -154,7 +160,9 @@ def test_method_accepts_lower_case_name(rng):
     logits_TE = _random_logits(4, 8, rng)
     ids_TK = _random_ids(4, 8, 2, rng)
     by_name = replay_weights(logits_TE, ids_TK, "deepseek_v3", routed_scaling_factor=1.5)
-    by_member = replay_weights(logits_TE, ids_TK, RoutingMethod.DEEPSEEK_V3, routed_scaling_factor=1.5)
+    by_member = replay_weights(
+        logits_TE, ids_TK, RoutingMethod.DEEPSEEK_V3, routed_scaling_factor=1.5
+    )
     torch.testing.assert_close(by_name, by_member, rtol=0, atol=0)
 
 
@@ -273,16 +281,18 @@ def _route_cases() -> list[tuple[RoutingMethod, dict]]:
         (RoutingMethod.DEEPSEEK_V3, {"routed_scaling_factor": 1.0, "with_bias": True}),
         (
             RoutingMethod.DEEPSEEK_V3,
-            {"routed_scaling_factor": DEEPSEEK_SCALE, "with_bias": True, "n_group": 8, "topk_group": 4},
+            {
+                "routed_scaling_factor": DEEPSEEK_SCALE,
+                "with_bias": True,
+                "n_group": 8,
+                "topk_group": 4,
+            },
         ),
         (RoutingMethod.LLAMA4, {}),
     ]
 
 
 def _route_then_replay(method, case, rng, replay_fn, device):
-    route_module = pytest.importorskip(
-        "kernels.route", reason="kernels/route.py (issue 2, section 2) is not written yet"
-    )
     case = dict(case)
     num_tokens, num_experts = 40, 64
     top_k = _top_k(method, 8)
@@ -291,7 +301,7 @@ def _route_then_replay(method, case, rng, replay_fn, device):
     if case.pop("with_bias", False):
         kwargs["correction_bias"] = torch.randn(num_experts, generator=rng)
     kwargs.update(case)
-    weights_TK, ids_TK = route_module.route_reference(logits_TE, top_k, method, **kwargs)
+    weights_TK, ids_TK = route_reference(logits_TE, top_k, method, **kwargs)
     scale = kwargs.get("routed_scaling_factor", 1.0)
     replayed_TK = replay_fn(
         logits_TE.to(device), ids_TK.to(device), method, routed_scaling_factor=scale
@@ -411,7 +421,9 @@ def test_out_of_range_ids_raise(impl, method, row, rng):
     logits_TE, ids_TK = _valid_inputs(rng)
     ids_TK = ids_TK[:, : _top_k(method, 4)].clone()
     ids_TK[row, -1] = 16 + row
-    with pytest.raises(ValueError, match=rf"ids: expected values in \[0, 16\), got min 0 max {16 + row}"):
+    with pytest.raises(
+        ValueError, match=rf"ids: expected values in \[0, 16\), got min 0 max {16 + row}"
+    ):
         _call(impl, logits_TE, ids_TK, method, routed_scaling_factor=_scale(method))
     ids_TK[row, -1] = -3
     with pytest.raises(ValueError, match=r"ids: expected values in \[0, 16\), got min -3 max 15"):
@@ -424,7 +436,9 @@ def test_duplicate_ids_raise(impl, ids_dtype, row, rng):
     logits_TE, ids_TK = _valid_inputs(rng)
     ids_TK = ids_TK.to(ids_dtype)
     ids_TK[row, 3] = ids_TK[row, 1]
-    with pytest.raises(ValueError, match=rf"ids: expected distinct ids within a row, got row {row} = "):
+    with pytest.raises(
+        ValueError, match=rf"ids: expected distinct ids within a row, got row {row} = "
+    ):
         _call(impl, logits_TE, ids_TK, "default")
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.expert_ids import compact_id_dtype, numpy_id_dtype
+from routing_kernels.expert_ids import compact_id_dtype, numpy_id_dtype
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ holds each expert's gate rows then its up rows, ``down_proj_EHI`` its down proje
 ``fused_experts`` sends CUDA tensors to ``fused_experts_triton`` and CPU tensors to
 ``fused_experts_reference``. The Triton path, vLLM-style:
 
-1. ``kernels.moe_align`` sorts the pairs by expert into ``block_m``-row blocks (no host sync,
-   worst-case-sized buffers: it runs inside CUDA graphs);
+1. ``routing_kernels.moe_align`` sorts the pairs by expert into ``block_m``-row blocks (no host
+   sync, worst-case-sized buffers: it runs inside CUDA graphs);
 2. grouped GEMM 1, per block and column tile: the block's tokens times their expert's gate and
    up tiles, two fp32 accumulators, ``silu(gate) * up`` in the epilogue -> ``[P, I]``;
 3. grouped GEMM 2: that times the expert's down tile, times the routing weight -> ``[P, H]``;
@@ -25,7 +25,7 @@ programs stream the few selected experts' weights at once; prefill uses large ti
 accumulate in fp32 (fp32 inputs in true fp32, not TF32); the intermediate and the weighted
 per-pair outputs are stored in the activation dtype, like HF's, and summed in fp32.
 
-Ids are expected in ``[0, E)``: they come from ``kernels.route``. The reference checks them;
+Ids are expected in ``[0, E)``: they come from ``routing_kernels.route``. The reference checks them;
 the Triton path does not (that would need a host sync) and leaves an out-of-range pair out,
 so its token's output is unspecified.
 
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.moe_align import MoeAlignment, moe_align
+from routing_kernels.moe_align import MoeAlignment, moe_align
 
 __all__ = [
     "MASKED_ID",
@@ -169,7 +169,7 @@ def fused_experts(
         hidden_TH: token activations, float16 / bfloat16 / float32.
         gate_up_proj_EFH: ``[E, 2*I, H]``, gate rows then up rows, ``hidden_TH``'s dtype.
         down_proj_EHI: ``[E, H, I]``, ``hidden_TH``'s dtype.
-        topk_weights_TK: routing weights (float32 from ``kernels.route``; any float dtype).
+        topk_weights_TK: routing weights (float32 from ``routing_kernels.route``; any float dtype).
         topk_ids_TK: expert ids in ``[0, E)``, any integer dtype.
         masked: ids may also be ``MASKED_ID``: pairs whose expert is not among these weights
             (expert parallelism), which contribute nothing.
