@@ -420,8 +420,8 @@ class LogConfig:
     Args:
         out_dir: run folder: ``metrics.jsonl``, ``config.yaml``, TensorBoard events,
             ``checkpoints/``.
-        tensorboard: also write TensorBoard events (if the ``tensorboard`` package is there;
-            else a note is logged and only JSONL is written).
+        tensorboard: also write TensorBoard events (needs the ``tensorboard`` package, a
+            dependency; without it the run stops at start with an error naming this field).
         progress: show a tqdm progress bar over steps.
         checkpoint_every: save every this many steps and after the last (0: never).
         keep_checkpoints: most recent checkpoints kept.

@@ -1,7 +1,8 @@
 """``MetricsLog``: one JSON line per training step in ``metrics.jsonl``, and TensorBoard scalars.
 
-TensorBoard needs the ``tensorboard`` package (``torch.utils.tensorboard`` imports it); when it
-is missing, a warning says so once and only the JSONL file is written. On resume the JSONL
+TensorBoard needs the ``tensorboard`` package (a dependency of routing-replay, which
+``torch.utils.tensorboard`` imports); asked for without it, the log raises rather than drop the
+events a user asked for. On resume the JSONL
 keeps the records up to the checkpoint's step and drops later ones (they belong to the run
 that was cut off), so the file always describes one history.
 """
@@ -9,14 +10,11 @@ that was cut off), so the file always describes one history.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
 
 __all__ = ["MetricsLog", "read_metrics"]
-
-logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -46,9 +44,12 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                logger.warning("TensorBoard off: %s; metrics go to %s only", err, self.path)
-            else:
-                self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+                raise ImportError(
+                    f"log.tensorboard: expected the tensorboard package for tensorboard=True "
+                    f"(pip install tensorboard), got {err}; set log.tensorboard=false to write "
+                    f"{self.path} only"
+                ) from err
+            self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
 
     @property
     def tensorboard(self) -> bool:

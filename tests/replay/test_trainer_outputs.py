@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -32,17 +31,16 @@ def test_jsonl_and_tensorboard(tmp_path: Path) -> None:
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_without_tensorboard_only_jsonl_and_a_note(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_tensorboard_asked_for_without_the_package_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
-    with caplog.at_level(logging.WARNING, logger="replay.trainer.metrics_log"):
-        log = MetricsLog(tmp_path, tensorboard=True)
-    assert not log.tensorboard
-    assert "TensorBoard off" in caplog.text
+    with pytest.raises(ImportError, match=r"log\.tensorboard: expected the tensorboard package"):
+        MetricsLog(tmp_path, tensorboard=True)
+    assert not (tmp_path / "tensorboard").exists()
+    log = MetricsLog(tmp_path, tensorboard=False)  # JSONL only, as asked
     log.write({"step": 1, "reward_mean": 0.25})
     assert read_metrics(tmp_path) == [{"step": 1, "reward_mean": 0.25}]
-    assert not (tmp_path / "tensorboard").exists()
 
 
 def test_resume_keeps_records_up_to_the_checkpoint(tmp_path: Path) -> None:
