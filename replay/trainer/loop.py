@@ -118,14 +118,15 @@ class GRPOTrainer:
             self._check_layers()
             if resume_from is not None:
                 self._resume(resume_from)
+            # Inside the try: a log that cannot start (no tensorboard) ends the actors too.
+            self.log = MetricsLog(
+                self.out_dir, tensorboard=config.log.tensorboard, resume_step=self.step
+            )
         except BaseException:
             self.shutdown()
             raise
         (self.out_dir / "config.yaml").write_text(
             yaml.safe_dump(config_to_dict(config), sort_keys=False)
-        )
-        self.log = MetricsLog(
-            self.out_dir, tensorboard=config.log.tensorboard, resume_step=self.step
         )
         if not config.rollout.capture_routing:
             logger.info("capture_routing off: router agreement metrics are not reported")
