@@ -2,7 +2,7 @@
 
 ``gpu`` tests need CUDA and are skipped without it. ``triton`` tests run the Triton kernels:
 on CUDA when there is a device, else on CPU when the interpreter is on
-(``TRITON_INTERPRET=1 python -m pytest -m triton tests/routing_kernels``), else they are skipped.
+(``TRITON_INTERPRET=1 python -m pytest -m triton tests/kernels``), else they are skipped.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ logits, capture and input errors.
 
 Legend: T tokens, E experts, K top_k; ``_TE`` / ``_TK`` suffixes name the axes.
 
-Plain ``python -m pytest tests/routing_kernels/test_route.py`` runs the reference tests;
-``TRITON_INTERPRET=1 python -m pytest tests/routing_kernels/test_route.py`` adds the Triton ones
+Plain ``python -m pytest tests/kernels/test_route.py`` runs the reference tests;
+``TRITON_INTERPRET=1 python -m pytest tests/kernels/test_route.py`` adds the Triton ones
 on CPU at small sizes (on a CUDA machine they run on the device over the whole grid).
 """
 

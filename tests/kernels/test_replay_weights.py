@@ -3,8 +3,8 @@ routing, errors.
 
 Legend: T tokens, E experts, K replayed ids per row.
 
-Plain ``python -m pytest tests/routing_kernels/test_replay_weights.py`` runs the reference tests;
-``TRITON_INTERPRET=1 python -m pytest tests/routing_kernels/test_replay_weights.py`` adds the Triton
+Plain ``python -m pytest tests/kernels/test_replay_weights.py`` runs the reference tests;
+``TRITON_INTERPRET=1 python -m pytest tests/kernels/test_replay_weights.py`` adds the Triton
 ones on CPU (they run on CUDA when there is a device).
 """
 

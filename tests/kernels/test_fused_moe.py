@@ -4,8 +4,8 @@ Qwen3MoeExperts, errors.
 Legend: T tokens, H hidden size, E experts, I expert intermediate size, K experts per token,
 P = T*K (token, slot) pairs.
 
-Plain ``python -m pytest tests/routing_kernels/test_fused_moe.py`` runs the reference tests;
-``TRITON_INTERPRET=1 python -m pytest tests/routing_kernels/test_fused_moe.py`` adds the Triton
+Plain ``python -m pytest tests/kernels/test_fused_moe.py`` runs the reference tests;
+``TRITON_INTERPRET=1 python -m pytest tests/kernels/test_fused_moe.py`` adds the Triton
 ones on CPU (they run on CUDA when there is a device, plus the bf16, larger and CUDA-graph cases).
 """
 

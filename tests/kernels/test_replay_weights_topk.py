@@ -4,7 +4,7 @@ reference, gradients, errors, and no host synchronization on CUDA.
 
 Legend: T tokens, E experts, K ids per row, L layers of a [T, L, K] trace tensor.
 
-``TRITON_INTERPRET=1 python -m pytest -m triton tests/routing_kernels/test_replay_weights_topk.py``
+``TRITON_INTERPRET=1 python -m pytest -m triton tests/kernels/test_replay_weights_topk.py``
 runs the Triton tests on CPU (on CUDA when there is a device).
 """
 
