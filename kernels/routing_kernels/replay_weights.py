@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from routing_kernels import batch_invariant
 from routing_kernels.routing_method import RoutingMethod
 
 __all__ = [
@@ -131,6 +132,10 @@ def replay_weights_reference(
     check_ids: bool = True,
 ) -> torch.Tensor:
     """Plain-torch ``replay_weights`` (the CPU path and the oracle); autograd gives the gradient.
+
+    Batch-invariant: softmax, sigmoid and sums are ``routing_kernels.batch_invariant``'s, so a
+    row's weights depend on that row alone (the rollout engine's deterministic mode computes
+    its gate weights with this very function).
 
     Same arguments, semantics and errors as ``replay_weights``; runs on any device.
     """
@@ -241,14 +246,14 @@ def _weights_reference(
     x_TE = logits_TE.to(_compute_dtype(logits_TE))
     index_TK = ids_TK.long()
     if method is RoutingMethod.DEFAULT:
-        return torch.softmax(x_TE, dim=-1).gather(1, index_TK)
+        return batch_invariant.softmax(x_TE).gather(1, index_TK)
     x_TK = x_TE.gather(1, index_TK)
     if method in (RoutingMethod.RENORMALIZE, RoutingMethod.RENORMALIZE_NAIVE):
         # Softmax over all E then renormalizing over the k equals the softmax over the k.
-        return torch.softmax(x_TK, dim=-1)
-    s_TK = torch.sigmoid(x_TK)
+        return batch_invariant.softmax(x_TK)
+    s_TK = batch_invariant.sigmoid(x_TK)
     if method is RoutingMethod.DEEPSEEK_V3:
-        denom_T1 = s_TK.sum(dim=-1, keepdim=True) + _DEEPSEEK_DENOM_EPS
+        denom_T1 = batch_invariant.tree_sum(s_TK)[:, None] + _DEEPSEEK_DENOM_EPS
         return s_TK / denom_T1 * scale
     return s_TK
 

@@ -132,6 +132,9 @@ class AttentionBackend(abc.ABC):
     """Plans a step once (``plan``) and runs every layer's paged attention (``forward``)."""
 
     spec: AttentionSpec
+    # Whether forward reads and writes the layer's paged KV cache (a backend that attends within
+    # the step's own tokens, such as a training forward's, needs none).
+    needs_kv_cache = True
 
     @abc.abstractmethod
     def plan(self, batch: ForwardBatch, *, cuda_graph: bool = False) -> Any:
@@ -197,7 +200,6 @@ class TorchAttentionBackend(AttentionBackend):
         store_kv_reference(k_TGD, v_TGD, kv_cache, batch.slot_mapping)
         out_TND = torch.zeros_like(q_TND)
         page_size = kv_cache.shape[2]
-        group = self.spec.num_heads // self.spec.num_kv_heads
         for i, context in enumerate(state.seq_lens):
             start, end = state.query_start[i], state.query_start[i + 1]
             if end == start or context == 0:
@@ -206,10 +208,17 @@ class TorchAttentionBackend(AttentionBackend):
             pages = batch.block_tables[i, :num_pages].long()
             k_CGD = kv_cache[pages, 0].reshape(num_pages * page_size, *kv_cache.shape[3:])[:context]
             v_CGD = kv_cache[pages, 1].reshape(num_pages * page_size, *kv_cache.shape[3:])[:context]
-            out_TND[start:end] = _causal_attention(
-                q_TND[start:end], k_CGD, v_CGD, scale=self.spec.scale, group=group
-            ).to(q_TND.dtype)
+            out_TND[start:end] = self._attend(q_TND[start:end], k_CGD, v_CGD)
         return out_TND
+
+    def _attend(
+        self, q_QND: torch.Tensor, k_CGD: torch.Tensor, v_CGD: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention [Q, N, D] in q's dtype of a sequence's last Q positions over its C keys."""
+        group = self.spec.num_heads // self.spec.num_kv_heads
+        return _causal_attention(q_QND, k_CGD, v_CGD, scale=self.spec.scale, group=group).to(
+            q_QND.dtype
+        )
 
 
 def _causal_attention(
@@ -473,10 +482,10 @@ class Attention(nn.Module):
         v_TGD: torch.Tensor,
         batch: ForwardBatch,
     ) -> torch.Tensor:
-        if self.kv_cache is None:
+        if batch.attn_backend is None:
+            raise ValueError("attn_backend: expected the backend that planned the batch, got None")
+        if self.kv_cache is None and batch.attn_backend.needs_kv_cache:
             raise ValueError(
                 f"kv_cache: layer {self.layer_index} has none; call model.bind_kv_cache first"
             )
-        if batch.attn_backend is None:
-            raise ValueError("attn_backend: expected the backend that planned the batch, got None")
         return batch.attn_backend.forward(q_TND, k_TGD, v_TGD, self.kv_cache, batch)

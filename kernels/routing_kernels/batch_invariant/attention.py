@@ -81,23 +81,26 @@ def attention_reference(
     num_q, num_heads, head_dim = q_QND.shape
     context = k_CGD.shape[0]
     group = num_heads // k_CGD.shape[1]
-    q_NQD = q_QND.float().permute(1, 0, 2)
-    k_NCD = k_CGD.float().repeat_interleave(group, dim=1).permute(1, 0, 2)
-    v_NDC = v_CGD.float().repeat_interleave(group, dim=1).permute(1, 2, 0)
+    # Reduction axes lead each product tensor, so the trees' halvings are contiguous adds.
+    q_DNQ = q_QND.float().permute(2, 1, 0)
+    k_DNC = k_CGD.float().repeat_interleave(group, dim=1).permute(2, 1, 0)
+    v_CND = v_CGD.float().repeat_interleave(group, dim=1)
     key_pos_C = torch.arange(context, device=q_QND.device)
-    out_NQD = q_NQD.new_empty((num_heads, num_q, head_dim))
+    out_QND = q_QND.new_empty((num_q, num_heads, head_dim), dtype=torch.float32)
     padded = 1 << max(0, (context - 1).bit_length())
     rows = max(1, _PRODUCTS_PER_BLOCK // (num_heads * padded * head_dim))
     for start in range(0, num_q, rows):
         stop = min(num_q, start + rows)
-        scores_NqC = tree_sum(q_NQD[:, start:stop, None, :] * k_NCD[:, None, :, :]) * scale
+        products_DNqC = q_DNQ[:, :, start:stop, None] * k_DNC[:, :, None, :]
+        scores_NqC = tree_sum(products_DNqC, dim=0) * scale
         query_pos_q = first_position + torch.arange(start, stop, device=q_QND.device)
         visible_qC = key_pos_C[None, :] <= query_pos_q[:, None]
         scores_NqC = scores_NqC.masked_fill(~visible_qC, -math.inf)
         e_NqC = elementwise.exp(scores_NqC - scores_NqC.amax(dim=-1, keepdim=True))
-        p_NqC = e_NqC / tree_sum(e_NqC)[..., None]
-        out_NQD[:, start:stop] = tree_sum(p_NqC[:, :, None, :] * v_NDC[:, None, :, :])
-    return out_NQD.permute(1, 0, 2).to(q_QND.dtype)
+        p_CNq = (e_NqC / tree_sum(e_NqC)[..., None]).permute(2, 0, 1)
+        products_CqND = p_CNq.permute(0, 2, 1)[:, :, :, None] * v_CND[:, None, :, :]
+        out_QND[start:stop] = tree_sum(products_CqND, dim=0)
+    return out_QND.to(q_QND.dtype)
 
 
 def _torch_attention(

@@ -64,20 +64,21 @@ def linear_reference(
     weight, bias = _weights_as(x, weight), _weights_as(x, bias)
     k = x.shape[-1]
     n = weight.shape[0]
-    x_MK = x.reshape(-1, k).float()
-    w_NK = weight.float()
+    x_KM = x.reshape(-1, k).float().T.contiguous()
+    w_KN = weight.float().T.contiguous()
     padded = 1 << max(0, (k - 1).bit_length())
-    if padded != k:
-        x_MK = F.pad(x_MK, (0, padded - k))
-        w_NK = F.pad(w_NK, (0, padded - k))
-    m = x_MK.shape[0]
-    out_MN = x_MK.new_empty((m, n))
+    if padded != k:  # exact zeros: the tree of the padded length is the fixed order
+        x_KM = F.pad(x_KM, (0, 0, 0, padded - k))
+        w_KN = F.pad(w_KN, (0, 0, 0, padded - k))
+    m = x_KM.shape[1]
+    out_MN = x_KM.new_empty((m, n))
     cols = max(1, min(n, _PRODUCTS_PER_BLOCK // padded))
     rows = max(1, _PRODUCTS_PER_BLOCK // (cols * padded))
     for r in range(0, m, rows):
         for c in range(0, n, cols):
-            products_RCK = x_MK[r : r + rows, None, :] * w_NK[None, c : c + cols, :]
-            out_MN[r : r + rows, c : c + cols] = tree_sum(products_RCK)
+            # [K, rows, cols], K leading: the tree's halvings are contiguous adds.
+            products_KRC = x_KM[:, r : r + rows, None] * w_KN[:, None, c : c + cols]
+            out_MN[r : r + rows, c : c + cols] = tree_sum(products_KRC, dim=0)
     if bias is not None:
         out_MN = out_MN + bias.float()
     return out_MN.to(x.dtype).reshape(*x.shape[:-1], n)

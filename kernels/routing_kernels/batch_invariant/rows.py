@@ -16,7 +16,6 @@ the Triton row kernels) and are differentiable: the backward is torch's own form
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from routing_kernels.batch_invariant import elementwise
 from routing_kernels.batch_invariant.autograd import with_reference_backward
@@ -25,18 +24,24 @@ __all__ = ["logsumexp", "softmax", "tree_sum"]
 
 
 def tree_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Sum of ``x`` along ``dim`` (removed) by the fixed pairwise tree (module docstring)."""
-    x = x.movedim(dim, -1)
-    n = x.shape[-1]
+    """Sum of ``x`` along ``dim`` (removed) by the fixed pairwise tree (module docstring).
+
+    The tree runs over the leading axis of a contiguous copy (each halving is then one
+    contiguous add); a tensor already laid out with ``dim`` leading and contiguous is not
+    copied. The layout never changes the result, only the speed.
+    """
+    x = x.movedim(dim, 0)
+    n = x.shape[0]
     if n == 0:
-        return x.new_zeros(x.shape[:-1])
+        return x.new_zeros(x.shape[1:])
     size = 1 << (n - 1).bit_length()
     if size != n:
-        x = F.pad(x, (0, size - n))
+        x = torch.cat((x, x.new_zeros((size - n, *x.shape[1:]))))
+    x = x.contiguous()
     while size > 1:
         size //= 2
-        x = x[..., :size] + x[..., size : 2 * size]
-    return x[..., 0]
+        x = x[:size] + x[size : 2 * size]
+    return x[0]
 
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:
