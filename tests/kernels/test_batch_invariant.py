@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from rollout.layers.attention import _causal_attention
 from routing_kernels import batch_invariant as bi
-from routing_kernels.batch_invariant.attention import attention_reference
+from routing_kernels.batch_invariant.causal_attention import attention_reference
 from routing_kernels.fused_moe import fused_experts_reference
 
 ULP32 = 2.0**-23

@@ -11,17 +11,17 @@ the engine bit for bit).
 
 - ``elementwise``: exp, log, sigmoid, silu, cos, sin.
 - ``rows``: ``tree_sum``, ``softmax``, ``logsumexp`` along the last axis.
-- ``matmul``: ``linear``; ``rms_norm``: ``rms_norm``; ``log_softmax``: ``token_logprobs``.
-- ``attention``: causal attention of one sequence, keys aligned to position 0.
-- ``experts``: the routed experts of an MoE layer, combined in slot order.
+- ``matmul``: ``linear``; ``norm``: ``rms_norm``; ``log_softmax``: ``token_logprobs``.
+- ``causal_attention``: ``attention`` of one sequence, keys aligned to position 0.
+- ``moe``: ``experts``, the routed experts of an MoE layer, combined in slot order.
 """
 
-from routing_kernels.batch_invariant.attention import attention
+from routing_kernels.batch_invariant.causal_attention import attention
 from routing_kernels.batch_invariant.elementwise import cos, exp, log, sigmoid, silu, sin
-from routing_kernels.batch_invariant.experts import experts
+from routing_kernels.batch_invariant.moe import experts
 from routing_kernels.batch_invariant.log_softmax import token_logprobs
 from routing_kernels.batch_invariant.matmul import linear
-from routing_kernels.batch_invariant.rms_norm import rms_norm
+from routing_kernels.batch_invariant.norm import rms_norm
 from routing_kernels.batch_invariant.rows import logsumexp, softmax, tree_sum
 
 __all__ = [
