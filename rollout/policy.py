@@ -166,7 +166,12 @@ class Policy(nn.Module):
         ``(logits, weights, ids)``; the experts are called as ``experts(hidden, ids, weights)``."""
         decoder: MoECausalLM = self._decoder
         return tuple(
-            (i, f"model.layers.{i}.mlp", f"model.layers.{i}.mlp.gate", f"model.layers.{i}.mlp.experts")
+            (
+                i,
+                f"model.layers.{i}.mlp",
+                f"model.layers.{i}.mlp.gate",
+                f"model.layers.{i}.mlp.experts",
+            )
             for i in decoder.moe_layers
         )
 

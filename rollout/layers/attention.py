@@ -200,6 +200,7 @@ class TorchAttentionBackend(AttentionBackend):
         store_kv_reference(k_TGD, v_TGD, kv_cache, batch.slot_mapping)
         out_TND = torch.zeros_like(q_TND)
         page_size = kv_cache.shape[2]
+        group = self.spec.num_heads // self.spec.num_kv_heads
         for i, context in enumerate(state.seq_lens):
             start, end = state.query_start[i], state.query_start[i + 1]
             if end == start or context == 0:
@@ -208,17 +209,10 @@ class TorchAttentionBackend(AttentionBackend):
             pages = batch.block_tables[i, :num_pages].long()
             k_CGD = kv_cache[pages, 0].reshape(num_pages * page_size, *kv_cache.shape[3:])[:context]
             v_CGD = kv_cache[pages, 1].reshape(num_pages * page_size, *kv_cache.shape[3:])[:context]
-            out_TND[start:end] = self._attend(q_TND[start:end], k_CGD, v_CGD)
+            out_TND[start:end] = _causal_attention(
+                q_TND[start:end], k_CGD, v_CGD, scale=self.spec.scale, group=group
+            ).to(q_TND.dtype)
         return out_TND
-
-    def _attend(
-        self, q_QND: torch.Tensor, k_CGD: torch.Tensor, v_CGD: torch.Tensor
-    ) -> torch.Tensor:
-        """Attention [Q, N, D] in q's dtype of a sequence's last Q positions over its C keys."""
-        group = self.spec.num_heads // self.spec.num_kv_heads
-        return _causal_attention(q_QND, k_CGD, v_CGD, scale=self.spec.scale, group=group).to(
-            q_QND.dtype
-        )
 
 
 def _causal_attention(

@@ -189,9 +189,7 @@ def test_attention_same_bits_for_prefill_chunks_decode_and_longer_context(rng):
         one = bi.attention(q[p : p + 1], k[: p + 1], v[: p + 1], scale=0.25, first_position=p)
         assert torch.equal(one, whole[p : p + 1]), p
     chunks = [(0, 6), (6, 7), (7, 20), (20, 29)]
-    parts = [
-        bi.attention(q[s:e], k[:e], v[:e], scale=0.25, first_position=s) for s, e in chunks
-    ]
+    parts = [bi.attention(q[s:e], k[:e], v[:e], scale=0.25, first_position=s) for s, e in chunks]
     assert torch.equal(torch.cat(parts), whole)
 
 

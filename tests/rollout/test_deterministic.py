@@ -28,9 +28,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import replay
 from replay.trainer.batch import Batch
 from rollout import LLM, SamplingParams, load_policy
-from rollout.layers.attention import _causal_attention
 from rollout.testing import FAMILIES, make_tiny_moe
 from routing_kernels import batch_invariant
+from routing_kernels.batch_invariant import causal_attention
 from routing_kernels.batch_invariant import moe as moe_module
 from routing_kernels.fused_moe import fused_experts_reference
 
@@ -77,7 +77,9 @@ def family(request, tmp_path_factory):
     """(name, checkpoint path, prompts, the batched engine's outputs, its routing spec)."""
     name = request.param
     path = make_tiny_moe(name, tmp_path_factory.mktemp(name))
-    prompts = _prompts(AutoConfig.from_pretrained(path).vocab_size, torch.Generator().manual_seed(7))
+    prompts = _prompts(
+        AutoConfig.from_pretrained(path).vocab_size, torch.Generator().manual_seed(7)
+    )
     llm = LLM(path, deterministic=True, capture_routing=True, **BATCHED)
     outs = llm.generate(prompts, _sampling(), use_tqdm=False)
     stats = llm.stats
@@ -153,16 +155,16 @@ def _torch_linear(x, weight, bias=None):
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def _torch_attention(q, k, v, *, scale, first_position):
-    group = q.shape[1] // k.shape[1]
-    return _causal_attention(q, k, v, scale=scale, group=group).to(q.dtype)
+def _torch_paged_attention(q, k_pages, v_pages, *, max_query_len, **index):
+    """torch's attention (einsum, softmax) over each sequence's pages."""
+    return causal_attention._torch_paged_attention(q, k_pages, v_pages, **index)
 
 
 # The ordinary op swapped in for each batch-invariant one, and where the layers look it up.
 SWAPS = {
     "linear": [(batch_invariant, "linear", _torch_linear),
                (moe_module, "linear", _torch_linear)],
-    "attention": [(batch_invariant, "attention", _torch_attention)],
+    "attention": [(batch_invariant, "paged_attention", _torch_paged_attention)],
     "experts": [(batch_invariant, "experts", fused_experts_reference)],
 }  # fmt: skip
 
@@ -170,7 +172,9 @@ SWAPS = {
 @pytest.mark.parametrize("op", sorted(SWAPS))
 def test_each_invariant_op_is_necessary(op, monkeypatch, tmp_path):
     path = make_tiny_moe("qwen3_moe", tmp_path / "qwen3_moe")
-    prompts = _prompts(AutoConfig.from_pretrained(path).vocab_size, torch.Generator().manual_seed(3))
+    prompts = _prompts(
+        AutoConfig.from_pretrained(path).vocab_size, torch.Generator().manual_seed(3)
+    )
     for module, name, ordinary in SWAPS[op]:
         monkeypatch.setattr(module, name, ordinary)
     llm = LLM(path, deterministic=True, capture_routing=True, **BATCHED)

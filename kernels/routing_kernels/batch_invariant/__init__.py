@@ -12,11 +12,12 @@ the engine bit for bit).
 - ``elementwise``: exp, log, sigmoid, silu, cos, sin.
 - ``rows``: ``tree_sum``, ``softmax``, ``logsumexp`` along the last axis.
 - ``matmul``: ``linear``; ``norm``: ``rms_norm``; ``log_softmax``: ``token_logprobs``.
-- ``causal_attention``: ``attention`` of one sequence, keys aligned to position 0.
+- ``causal_attention``: ``attention`` of one sequence, keys aligned to position 0, and
+  ``paged_attention`` of a whole step over paged keys and values.
 - ``moe``: ``experts``, the routed experts of an MoE layer, combined in slot order.
 """
 
-from routing_kernels.batch_invariant.causal_attention import attention
+from routing_kernels.batch_invariant.causal_attention import attention, paged_attention
 from routing_kernels.batch_invariant.elementwise import cos, exp, log, sigmoid, silu, sin
 from routing_kernels.batch_invariant.moe import experts
 from routing_kernels.batch_invariant.log_softmax import token_logprobs
@@ -32,6 +33,7 @@ __all__ = [
     "linear",
     "log",
     "logsumexp",
+    "paged_attention",
     "rms_norm",
     "sigmoid",
     "silu",

@@ -25,9 +25,7 @@ def with_reference_backward(
     """``forward(*inputs)``, differentiable through ``reference(*inputs)`` (the same function
     computed by ordinary torch ops). ``inputs`` are tensors or None; without gradients to track
     this is a plain call of ``forward``."""
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in inputs
-    )
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if not tracked:
         return forward(*inputs)
     return _ReferenceBackward.apply(forward, reference, *inputs)

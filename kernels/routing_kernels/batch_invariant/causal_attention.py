@@ -16,6 +16,16 @@ the KV cache, and after its sequence's recompute.
 ``(q . k) * scale`` (the dot product a tree over D), ``m`` their maximum over visible keys,
 ``p = exp(s - m) / sum(exp(s - m))``, output ``sum_j p_j v_j`` (a tree over the keys), all in
 float32, rounded once to ``q``'s dtype. The gradient is torch's attention formula's.
+
+``paged_attention`` runs a whole step: sequences whose keys and values sit in pages
+``[P, S, G, D]`` listed by a block table (the engine's KV cache; a training forward passes its
+own K/V as pages of one token). ``paged_attention_reference`` loops over the sequences with
+``attention_reference``; ``paged_attention_triton`` (CUDA) is one launch, a program per
+(sequence, block of ``BLOCK_M`` queries, head), whose online softmax walks ``BLOCK_N``-key
+tiles from key position 0 in increasing order. A tile beyond a query's position is all masked
+for it: its scores are -inf, the running maximum stays, the rescale factor is ``exp(0) = 1``
+and the tile adds exact zeros, so the number of tiles a program walks (set by its last query,
+or the context) changes no query's bits. Tile sizes are constants.
 """
 
 from __future__ import annotations
@@ -23,12 +33,24 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 from routing_kernels.batch_invariant import elementwise
 from routing_kernels.batch_invariant.autograd import with_reference_backward
 from routing_kernels.batch_invariant.rows import tree_sum
 
-__all__ = ["attention", "attention_reference"]
+__all__ = [
+    "attention",
+    "attention_reference",
+    "paged_attention",
+    "paged_attention_reference",
+    "paged_attention_triton",
+]
+
+# Queries per program and keys per tile of the Triton kernel: constants, never chosen by shape.
+_BLOCK_M = 16
+_BLOCK_N = 64
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements of one block of [N, queries, C, D] products (64 MiB of float32).
@@ -144,7 +166,7 @@ def attention(
         TypeError, ValueError: a non-tensor, a bad dtype, shape, device, scale or position.
     """
     _check(q_QND, k_CGD, v_CGD, scale, first_position)
-    kwargs = dict(scale=scale, first_position=first_position)
+    kwargs = {"scale": scale, "first_position": first_position}
     return with_reference_backward(
         lambda q, k, v: attention_reference(q, k, v, **kwargs),
         lambda q, k, v: _torch_attention(q, k, v, **kwargs),
@@ -152,3 +174,252 @@ def attention(
         k_CGD,
         v_CGD,
     )
+
+
+# ---------------------------------------------------------------------- a whole step, paged
+
+
+def _check_paged(
+    q_TND: torch.Tensor,
+    k_PSGD: torch.Tensor,
+    v_PSGD: torch.Tensor,
+    query_start_B1: torch.Tensor,
+    seq_lens_B: torch.Tensor,
+    block_tables_BM: torch.Tensor,
+) -> None:
+    if q_TND.dim() != 3 or k_PSGD.dim() != 4 or v_PSGD.shape != k_PSGD.shape:
+        raise ValueError(
+            f"q, k_pages, v_pages: expected [T, N, D] and two equal [P, S, G, D], got "
+            f"{tuple(q_TND.shape)}, {tuple(k_PSGD.shape)} and {tuple(v_PSGD.shape)}"
+        )
+    if k_PSGD.shape[3] != q_TND.shape[2] or q_TND.shape[1] % k_PSGD.shape[2]:
+        raise ValueError(
+            f"k_pages: expected [P, S, G, {q_TND.shape[2]}] with G dividing {q_TND.shape[1]}, "
+            f"got {tuple(k_PSGD.shape)}"
+        )
+    batch = seq_lens_B.shape[0]
+    if query_start_B1.shape != (batch + 1,) or block_tables_BM.dim() != 2:
+        raise ValueError(
+            f"query_start, block_tables: expected [{batch + 1}] and [{batch}, M], got "
+            f"{tuple(query_start_B1.shape)} and {tuple(block_tables_BM.shape)}"
+        )
+
+
+def paged_attention_reference(
+    q_TND: torch.Tensor,
+    k_PSGD: torch.Tensor,
+    v_PSGD: torch.Tensor,
+    *,
+    query_start_B1: torch.Tensor,
+    seq_lens_B: torch.Tensor,
+    block_tables_BM: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention [T, N, D] of a step (module docstring): sequence ``b``'s queries are tokens
+    ``query_start[b]:query_start[b + 1]``, the last of its ``seq_lens[b]`` positions, whose keys
+    and values are the pages ``block_tables[b]`` lists; a sequence of length 0 gets zeros."""
+    _check_paged(q_TND, k_PSGD, v_PSGD, query_start_B1, seq_lens_B, block_tables_BM)
+    page_size = k_PSGD.shape[1]
+    starts, lens = query_start_B1.tolist(), seq_lens_B.tolist()
+    pieces = []
+    for b, context in enumerate(lens):
+        q_QND = q_TND[starts[b] : starts[b + 1]]
+        if context == 0:
+            pieces.append(torch.zeros_like(q_QND))
+            continue
+        pages = block_tables_BM[b, : -(-context // page_size)].long()
+        k_CGD = k_PSGD[pages].flatten(0, 1)[:context]
+        v_CGD = v_PSGD[pages].flatten(0, 1)[:context]
+        first = context - q_QND.shape[0]
+        pieces.append(attention_reference(q_QND, k_CGD, v_CGD, scale=scale, first_position=first))
+    return torch.cat(pieces) if pieces else torch.zeros_like(q_TND)
+
+
+def _torch_paged_attention(q_TND, k_PSGD, v_PSGD, *, query_start_B1, seq_lens_B,
+                           block_tables_BM, scale):  # fmt: skip
+    page_size = k_PSGD.shape[1]
+    starts, lens = query_start_B1.tolist(), seq_lens_B.tolist()
+    pieces = []
+    for b, context in enumerate(lens):
+        q_QND = q_TND[starts[b] : starts[b + 1]]
+        if context == 0:
+            pieces.append(torch.zeros_like(q_QND))
+            continue
+        pages = block_tables_BM[b, : -(-context // page_size)].long()
+        k_CGD = k_PSGD[pages].flatten(0, 1)[:context]
+        v_CGD = v_PSGD[pages].flatten(0, 1)[:context]
+        first = context - q_QND.shape[0]
+        pieces.append(_torch_attention(q_QND, k_CGD, v_CGD, scale=scale, first_position=first))
+    return torch.cat(pieces) if pieces else torch.zeros_like(q_TND)
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    query_start_ptr,
+    seq_lens_ptr,
+    tables_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_table,
+    page_size,
+    scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    block = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + b)
+    q_len = tl.load(query_start_ptr + b + 1) - q_start
+    if block * BLOCK_M < q_len:
+        context = tl.load(seq_lens_ptr + b)
+        rows_M = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid_M = rows_M < q_len
+        pos_M = context - q_len + rows_M
+        dims_D = tl.arange(0, BLOCK_D)
+        mask_D = dims_D < HEAD_DIM
+        q_MD = tl.load(
+            q_ptr + (q_start + rows_M)[:, None] * stride_qt + head * stride_qh + dims_D[None, :],
+            mask=valid_M[:, None] & mask_D[None, :],
+            other=0.0,
+        )
+        kv_head = head // GROUP
+        m_M = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_M = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc_MD = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        # Keys up to the block's last query (or the context): tiles past a query are all
+        # masked for it and leave its state exactly as it was.
+        end = tl.minimum(context - q_len + tl.minimum((block + 1) * BLOCK_M, q_len), context)
+        for n0 in range(0, end, BLOCK_N):
+            keys_N = n0 + tl.arange(0, BLOCK_N)
+            in_N = keys_N < context
+            page_N = tl.load(
+                tables_ptr + b * stride_table + keys_N // page_size, mask=in_N, other=0
+            )
+            slot_N = keys_N % page_size
+            k_DN = tl.load(
+                k_ptr + page_N[None, :] * stride_kp + slot_N[None, :] * stride_ks
+                + kv_head * stride_kh + dims_D[:, None],
+                mask=in_N[None, :] & mask_D[:, None],
+                other=0.0,
+            )  # fmt: skip
+            s_MN = tl.dot(q_MD, k_DN, input_precision="ieee") * scale
+            visible_MN = (keys_N[None, :] <= pos_M[:, None]) & in_N[None, :]
+            s_MN = tl.where(visible_MN, s_MN, float("-inf"))
+            m_new_M = tl.maximum(m_M, tl.max(s_MN, axis=1))
+            # Key 0 is visible to every query, so after the first tile m is finite.
+            alpha_M = tl.exp(m_M - m_new_M)
+            p_MN = tl.exp(s_MN - m_new_M[:, None])
+            l_M = l_M * alpha_M + tl.sum(p_MN, axis=1)
+            v_ND = tl.load(
+                v_ptr + page_N[:, None] * stride_vp + slot_N[:, None] * stride_vs
+                + kv_head * stride_vh + dims_D[None, :],
+                mask=in_N[:, None] & mask_D[None, :],
+                other=0.0,
+            )  # fmt: skip
+            acc_MD = acc_MD * alpha_M[:, None] + tl.dot(
+                p_MN.to(v_ND.dtype), v_ND, input_precision="ieee"
+            )
+            m_M = m_new_M
+        out_MD = tl.where(l_M[:, None] > 0, acc_MD / l_M[:, None], 0.0)
+        tl.store(
+            out_ptr + (q_start + rows_M)[:, None] * stride_ot + head * stride_oh + dims_D[None, :],
+            out_MD.to(out_ptr.dtype.element_ty),
+            mask=valid_M[:, None] & mask_D[None, :],
+        )
+
+
+def paged_attention_triton(
+    q_TND: torch.Tensor,
+    k_PSGD: torch.Tensor,
+    v_PSGD: torch.Tensor,
+    *,
+    query_start_B1: torch.Tensor,
+    seq_lens_B: torch.Tensor,
+    block_tables_BM: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+) -> torch.Tensor:
+    """``paged_attention`` as one Triton launch (CUDA, or CPU under ``TRITON_INTERPRET=1``);
+    ``max_query_len`` (the most queries of a sequence) sizes the grid, read from
+    ``query_start_B1`` when not given (one host synchronisation)."""
+    _check_paged(q_TND, k_PSGD, v_PSGD, query_start_B1, seq_lens_B, block_tables_BM)
+    num_tokens, num_heads, head_dim = q_TND.shape
+    for name, t in (("k_pages", k_PSGD), ("v_pages", v_PSGD), ("q", q_TND)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a unit stride on the head dim, got {t.stride()}")
+    out_TND = torch.empty_like(q_TND)
+    batch = seq_lens_B.shape[0]
+    if max_query_len is None:
+        max_query_len = int((query_start_B1[1:] - query_start_B1[:-1]).max()) if batch else 0
+    if num_tokens and batch and max_query_len:
+        grid = (batch, triton.cdiv(max_query_len, _BLOCK_M), num_heads)
+        tables = (
+            block_tables_BM if block_tables_BM.shape[1] else block_tables_BM.new_zeros(batch, 1)
+        )
+        _paged_attention_kernel[grid](
+            q_TND, k_PSGD, v_PSGD, out_TND,
+            query_start_B1.to(torch.int32), seq_lens_B.to(torch.int32), tables.to(torch.int32),
+            q_TND.stride(0), q_TND.stride(1),
+            k_PSGD.stride(0), k_PSGD.stride(1), k_PSGD.stride(2),
+            v_PSGD.stride(0), v_PSGD.stride(1), v_PSGD.stride(2),
+            out_TND.stride(0), out_TND.stride(1),
+            tables.stride(0), k_PSGD.shape[1], float(scale),
+            GROUP=num_heads // k_PSGD.shape[2], HEAD_DIM=head_dim,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=4,
+        )  # fmt: skip
+    return out_TND
+
+
+def paged_attention(
+    q_TND: torch.Tensor,
+    k_PSGD: torch.Tensor,
+    v_PSGD: torch.Tensor,
+    *,
+    query_start_B1: torch.Tensor,
+    seq_lens_B: torch.Tensor,
+    block_tables_BM: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+) -> torch.Tensor:
+    """Batch-invariant causal attention of a step's sequences over paged keys and values
+    (``paged_attention_reference``'s semantics); the Triton kernel on CUDA. Differentiable
+    with respect to q and the pages (torch's formula, sequence by sequence).
+
+    Raises:
+        ValueError: inconsistent shapes, naming the argument.
+    """
+    _check_paged(q_TND, k_PSGD, v_PSGD, query_start_B1, seq_lens_B, block_tables_BM)
+    index = {
+        "query_start_B1": query_start_B1,
+        "seq_lens_B": seq_lens_B,
+        "block_tables_BM": block_tables_BM,
+    }
+
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.is_cuda:
+            return paged_attention_triton(
+                q, k, v, scale=scale, max_query_len=max_query_len, **index
+            )
+        return paged_attention_reference(q, k, v, scale=scale, **index)
+
+    def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _torch_paged_attention(q, k, v, scale=scale, **index)
+
+    return with_reference_backward(forward, reference, q_TND, k_PSGD, v_PSGD)

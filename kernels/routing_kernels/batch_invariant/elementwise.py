@@ -56,7 +56,9 @@ def _check(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
+        raise ValueError(
+            f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {x.dtype}"
+        )
 
 
 def _horner(r: torch.Tensor, coefficients: list[float]) -> torch.Tensor:

@@ -5,17 +5,21 @@ Legend: T rows (tokens), H normalised size.
 ``weight * (x32 * rsqrt(mean(x32 ** 2) + eps)).to(dtype)`` with ``x32 = x.float()``, as HF
 computes it, except that the mean is ``rows.tree_sum`` of the squares divided by H and the
 reciprocal square root is ``1 / sqrt`` (both exactly rounded), so a row's result depends on the
-row alone: ``rms_norm_reference`` (any device; the CPU path). The gradient is torch's.
+row alone: ``rms_norm_reference`` (any device; the CPU path). ``rms_norm_triton`` (CUDA): one
+program per row holding the whole row, its sum of squares reduced by one ``tl.sum`` whose
+shape depends on H only. The gradient is torch's.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from routing_kernels.batch_invariant.autograd import with_reference_backward
 from routing_kernels.batch_invariant.rows import tree_sum
 
-__all__ = ["rms_norm", "rms_norm_reference"]
+__all__ = ["rms_norm", "rms_norm_reference", "rms_norm_triton"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -46,6 +50,36 @@ def rms_norm_reference(x_TH: torch.Tensor, weight_H: torch.Tensor, eps: float) -
     return weight_H.to(x_TH.dtype) * (x32_TH * inv_T[..., None]).to(x_TH.dtype)
 
 
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, H, stride_x, stride_out, eps, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0)
+    cols_H = tl.arange(0, BLOCK_H)
+    mask_H = cols_H < H
+    x_H = tl.load(x_ptr + row * stride_x + cols_H, mask=mask_H, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x_H * x_H, axis=0) / H + eps)
+    dtype = out_ptr.dtype.element_ty
+    w_H = tl.load(w_ptr + cols_H, mask=mask_H, other=0.0).to(dtype)
+    tl.store(out_ptr + row * stride_out + cols_H, w_H * (x_H * inv).to(dtype), mask=mask_H)
+
+
+def rms_norm_triton(x_TH: torch.Tensor, weight_H: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rms_norm`` as one Triton program per row (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    _check(x_TH, weight_H, eps)
+    hidden = x_TH.shape[-1]
+    x_RH = x_TH.reshape(-1, hidden)
+    if x_RH.stride(-1) != 1:
+        x_RH = x_RH.contiguous()
+    weight_H = weight_H.to(x_TH.dtype).contiguous()
+    out_RH = torch.empty_like(x_RH)
+    if x_RH.shape[0]:
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_kernel[(x_RH.shape[0],)](
+            x_RH, weight_H, out_RH, hidden, x_RH.stride(0), out_RH.stride(0), float(eps),
+            BLOCK_H=block, num_warps=max(1, min(16, block // 256)),
+        )  # fmt: skip
+    return out_RH.reshape(x_TH.shape)
+
+
 def _torch_rms_norm(x_TH: torch.Tensor, weight_H: torch.Tensor, eps: float) -> torch.Tensor:
     x32_TH = x_TH.float()
     x32_TH = x32_TH * torch.rsqrt(x32_TH.pow(2).mean(-1, keepdim=True) + eps)
@@ -59,8 +93,9 @@ def rms_norm(x_TH: torch.Tensor, weight_H: torch.Tensor, eps: float) -> torch.Te
         TypeError, ValueError: a non-tensor, a bad dtype, shape, device or eps, naming it.
     """
     _check(x_TH, weight_H, eps)
+    forward = rms_norm_triton if x_TH.is_cuda else rms_norm_reference
     return with_reference_backward(
-        lambda x, w: rms_norm_reference(x, w, eps),
+        lambda x, w: forward(x, w, eps),
         lambda x, w: _torch_rms_norm(x, w, eps),
         x_TH,
         weight_H,
