@@ -133,7 +133,8 @@ def test_experts_match_float64(rng):
             gate, up = (gate_up[e].double() @ x[t].double()).chunk(2)
             y = down[e].double() @ (F.silu(gate) * up)
             want[t] += weights[t, slot].double() * y
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    scale = float(want.abs().max())  # float32 sums of products of unit normals: relative error
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * scale)
     # A masked pair (another rank's expert) contributes nothing.
     masked_ids = ids.clone()
     masked_ids[:, 2] = -1

@@ -12,7 +12,11 @@ token, whichever experts it chose. The sum is rounded once to the activations' d
 
 With ``masked``, an id of ``MASKED_ID`` (-1) marks a pair whose expert another rank holds: it
 contributes an exact zero. Differentiable with respect to the activations, both expert weights
-and the gate weights.
+and the gate weights (torch's formula: ``fused_experts_reference``).
+
+On CUDA the experts are ``fused_experts_triton(..., invariant=True)``: the grouped-GEMM kernels
+with one tile shape for every token count (a pair's output does not depend on the pairs
+sharing its expert's blocks) and the slots added in slot order; no host synchronisation.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from __future__ import annotations
 import torch
 
 from routing_kernels.batch_invariant import elementwise
+from routing_kernels.batch_invariant.autograd import with_reference_backward
 from routing_kernels.batch_invariant.matmul import linear
+from routing_kernels.fused_moe import fused_experts_reference, fused_experts_triton
 
-__all__ = ["MASKED_ID", "experts"]
+__all__ = ["MASKED_ID", "experts", "experts_reference"]
 
 MASKED_ID = -1
 
@@ -36,7 +42,46 @@ def experts(
     *,
     masked: bool = False,
 ) -> torch.Tensor:
-    """The routed experts' weighted sum per token, [T, H] in ``hidden_TH``'s dtype.
+    """The routed experts' weighted sum per token, [T, H] in ``hidden_TH``'s dtype, batch-invariant
+    (module docstring); the fused Triton kernels on CUDA, ``experts_reference`` elsewhere.
+
+    Raises:
+        ValueError: inconsistent shapes, or (reference) ids outside ``[0, L)`` (``[-1, L)``
+            when ``masked``), naming the argument.
+    """
+    if hidden_TH.is_cuda:
+
+        def forward(x, gate_up, down, weights):
+            return fused_experts_triton(
+                x, gate_up.to(x.dtype), down.to(x.dtype), weights, ids_TK,
+                masked=masked, invariant=True,
+            )  # fmt: skip
+
+    else:
+
+        def forward(x, gate_up, down, weights):
+            return experts_reference(x, gate_up, down, weights, ids_TK, masked=masked)
+
+    def reference(x, gate_up, down, weights):
+        return fused_experts_reference(
+            x, gate_up.to(x.dtype), down.to(x.dtype), weights, ids_TK, masked=masked
+        )
+
+    return with_reference_backward(
+        forward, reference, hidden_TH, gate_up_proj_LFH, down_proj_LHI, weights_TK
+    )
+
+
+def experts_reference(
+    hidden_TH: torch.Tensor,
+    gate_up_proj_LFH: torch.Tensor,
+    down_proj_LHI: torch.Tensor,
+    weights_TK: torch.Tensor,
+    ids_TK: torch.Tensor,
+    *,
+    masked: bool = False,
+) -> torch.Tensor:
+    """``experts`` by the portable ops (any device; the CPU path and the kernels' reference).
 
     Raises:
         ValueError: inconsistent shapes, or ids outside ``[0, L)`` (``[-1, L)`` when
