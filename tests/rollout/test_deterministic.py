@@ -72,27 +72,32 @@ def _sampling() -> list[SamplingParams]:
     ]
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory):
-    """(name, checkpoint path, prompts, the batched engine's outputs, its routing spec)."""
-    name = request.param
-    path = make_tiny_moe(name, tmp_path_factory.mktemp(name))
-    prompts = _prompts(
-        AutoConfig.from_pretrained(path).vocab_size, torch.Generator().manual_seed(7)
-    )
-    llm = LLM(path, deterministic=True, capture_routing=True, **BATCHED)
+def _generate_batched(path, **device):
+    """The prompts, and the batched engine's outputs and routing spec (preemption and prefix
+    hits checked)."""
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    prompts = _prompts(vocab, torch.Generator().manual_seed(7))
+    llm = LLM(path, deterministic=True, capture_routing=True, **BATCHED, **device)
     outs = llm.generate(prompts, _sampling(), use_tqdm=False)
     stats = llm.stats
     assert stats.num_preemptions > 0, stats
     assert stats.prefix_cache_hits > 0, stats
     spec = llm.routing_spec
     llm.shutdown()
-    return name, path, prompts, outs, spec
+    return prompts, outs, spec
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, checkpoint path, prompts, the batched engine's outputs, its routing spec)."""
+    name = request.param
+    path = make_tiny_moe(name, tmp_path_factory.mktemp(name))
+    return name, path, *_generate_batched(path)
 
 
 def _padded_logprobs(policy, ctl, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The policy's logprobs of the answer tokens under R3 (padded batch), and the engine's."""
-    t = batch.to_tensors()
+    t = batch.to_tensors(next(policy.parameters()).device)
     with ctl.replay(batch.traces, attention_mask=t.attention_mask_BS):
         logits = policy(t.input_ids_BS, attention_mask=t.attention_mask_BS)
     logp = batch_invariant.token_logprobs(logits[:, :-1].float(), t.input_ids_BS[:, 1:])
@@ -100,9 +105,9 @@ def _padded_logprobs(policy, ctl, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     return logp[t.answer_mask_BS], t.rollout_logp_BS[t.answer_mask_BS]
 
 
-def test_each_request_alone_gets_the_same_bits(family):
-    _, path, prompts, outs, _ = family
-    llm = LLM(path, deterministic=True, capture_routing=True, **ALONE)
+def _check_alone(path, prompts, outs, **device):
+    """Each request alone, in an engine without chunking, preemption or prefix cache."""
+    llm = LLM(path, deterministic=True, capture_routing=True, **ALONE, **device)
     for i, (prompt, params) in enumerate(zip(prompts, _sampling(), strict=True)):
         (alone,) = llm.generate([prompt], params, use_tqdm=False)
         assert alone.token_ids == outs[i].token_ids, f"request {i}: tokens"
@@ -112,10 +117,10 @@ def test_each_request_alone_gets_the_same_bits(family):
     llm.shutdown()
 
 
-def test_policy_with_replay_reproduces_the_engine_bit_for_bit(family):
-    _, path, _, outs, spec = family
+def _check_policy(path, outs, spec, **device):
+    """The policy under R3, padded and packed, against the engine's logprobs."""
     batch = Batch.from_outputs(outs, spec)
-    policy = load_policy(path, device="cpu", deterministic=True)
+    policy = load_policy(path, deterministic=True, **device)
     ctl = replay.patch(policy)
     assert ctl.moe_layers == spec.moe_layers
     mine, engine = _padded_logprobs(policy, ctl, batch)
@@ -125,17 +130,28 @@ def test_policy_with_replay_reproduces_the_engine_bit_for_bit(family):
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
     # Packed: every sequence in one row, position ids restarting at 0.
     sequences = [o.prompt_token_ids + o.token_ids for o in outs]
-    ids = torch.tensor([sum(sequences, [])])
-    positions = torch.tensor([[p for s in sequences for p in range(len(s))]])
+    where = next(policy.parameters()).device
+    ids = torch.tensor([[t for s in sequences for t in s]], device=where)
+    positions = torch.tensor([[p for s in sequences for p in range(len(s))]], device=where)
     with torch.no_grad(), ctl.replay(batch.traces, position_ids=positions):
         logits = policy(ids, position_ids=positions)
-    packed = batch_invariant.token_logprobs(logits[0, :-1].float(), ids[0, 1:])
+    packed = batch_invariant.token_logprobs(logits[0, :-1].float(), ids[0, 1:]).cpu()
     start = 0
     for out, sequence in zip(outs, sequences, strict=True):
         first = start + len(out.prompt_token_ids) - 1
         got = packed[first : first + len(out.token_ids)].numpy()
         assert np.array_equal(got, out.logprobs)
         start += len(sequence)
+
+
+def test_each_request_alone_gets_the_same_bits(family):
+    _, path, prompts, outs, _ = family
+    _check_alone(path, prompts, outs)
+
+
+def test_policy_with_replay_reproduces_the_engine_bit_for_bit(family):
+    _, path, _, outs, spec = family
+    _check_policy(path, outs, spec, device="cpu")
 
 
 def test_engine_agrees_with_hf(family):
@@ -202,3 +218,13 @@ def test_bad_arguments_raise(tmp_path):
         policy(ids, position_ids=torch.tensor([[0, 1, 2, 4, 5], [0, 1, 2, 3, 4]]))
     with pytest.raises(ValueError, match=r"input_ids: expected ids in \[0, "):
         policy(ids - 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_cuda_bfloat16_engine_and_policy_agree_bit_for_bit(name, tmp_path):
+    path = make_tiny_moe(name, tmp_path / name)
+    cuda = {"device": "cuda", "dtype": "bfloat16"}
+    prompts, outs, spec = _generate_batched(path, **cuda)
+    _check_alone(path, prompts, outs, **cuda)
+    _check_policy(path, outs, spec, **cuda)
