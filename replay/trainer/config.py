@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 import yaml
 
+from replay.trainer.preflight import check_against_model
+
 __all__ = [
     "GRPOConfig",
     "LogConfig",
@@ -205,6 +207,14 @@ class RolloutConfig:
             "null or an int >= 2",
             self.max_model_len,
         )
+        if self.max_model_len is not None:
+            # A prompt has at least one token; load_config checks the task's actual prompts.
+            _require(
+                self.max_tokens < self.max_model_len,
+                "max_tokens",
+                f"an int < max_model_len ({self.max_model_len}; prompts take a token or more)",
+                self.max_tokens,
+            )
         _require(self.block_size >= 1, "block_size", "an int >= 1", self.block_size)
         _require(
             self.kv_cache_blocks is None or self.kv_cache_blocks >= 1,
@@ -573,8 +583,20 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return _build(TrainConfig, top, "")
 
 
-def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> TrainConfig:
-    """Read a YAML config (None: start from no file) and apply ``section.field=value`` overrides."""
+def load_config(
+    path: str | os.PathLike | None,
+    overrides: Iterable[str] = (),
+    *,
+    check_model: bool = True,
+) -> TrainConfig:
+    """Read a YAML config (None: start from no file) and apply ``section.field=value`` overrides.
+
+    With ``check_model`` (the default) the config is also checked against the model folder it
+    names (``replay.trainer.preflight.check_against_model``: the folder, its context length, the
+    task's prompts plus ``rollout.max_tokens``), so that a run that cannot start fails here,
+    before Ray starts any worker. False validates the values alone (e.g. a config for another
+    machine, or a model that a previous step has yet to write).
+    """
     data: Any = {}
     if path is not None:
         text = Path(path).read_text()
@@ -587,7 +609,10 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
                 f"config {os.fspath(path)}: expected a mapping at the top level, "
                 f"got {type(data).__name__}"
             )
-    return config_from_dict(apply_overrides(data, overrides))
+    config = config_from_dict(apply_overrides(data, overrides))
+    if check_model:
+        check_against_model(config)
+    return config
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
