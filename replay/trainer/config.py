@@ -521,6 +521,17 @@ class TrainConfig:
                 f"trainer.weight_sync: expected 'object_store' with rollout.device "
                 f"{self.rollout.device} ('cuda_ipc' shares CUDA memory), got 'cuda_ipc'"
             )
+        if self.trainer.weight_sync == "cuda_ipc":
+            rollout = self.rollout
+            gpus = self.trainer.num_gpus + rollout.num_workers * rollout.num_gpus_per_worker
+            if gpus > 1 + 1e-9:  # float sums such as 0.1 + 3 x 0.3
+                raise ValueError(
+                    f"trainer.weight_sync: expected 'object_store' when the trainer and the "
+                    f"rollout workers cannot share one GPU (trainer.num_gpus "
+                    f"{self.trainer.num_gpus:g} + rollout.num_workers {rollout.num_workers} x "
+                    f"rollout.num_gpus_per_worker {rollout.num_gpus_per_worker:g} = {gpus:g} > 1; "
+                    f"'cuda_ipc' needs every worker on the trainer's GPU), got 'cuda_ipc'"
+                )
 
 
 _SECTIONS: dict[str, type] = {

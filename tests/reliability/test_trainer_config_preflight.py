@@ -78,8 +78,8 @@ def test_a_model_folder_that_does_not_exist_is_refused(tmp_path: Path, init: str
     extra = [] if init is None else [f"model_init={init}"]
     with pytest.raises(
         ValueError,
-        match=rf"^model: expected a checkpoint folder with config\.json, got '{re.escape(str(missing))}' "
-        r"\(no such folder; model_init: random_addition writes",
+        match=r"^model: expected a checkpoint folder with config\.json, got "
+        rf"'{re.escape(str(missing))}' \(no such folder; model_init: random_addition writes",
     ):
         load(missing, *extra)
 
@@ -153,6 +153,27 @@ def test_a_constructed_rollout_config_bounds_max_tokens_by_max_model_len() -> No
     ):
         RolloutConfig(max_model_len=32, max_tokens=32)
     assert RolloutConfig(max_model_len=32, max_tokens=31).max_tokens == 31
+
+
+def test_cuda_ipc_needs_the_workers_and_the_trainer_on_one_gpu() -> None:
+    """Before: accepted; the first weight sync failed in a worker that cannot see the GPU."""
+    ipc = ["model=m", "trainer.weight_sync=cuda_ipc", "trainer.num_gpus=0.5"]
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "trainer.weight_sync: expected 'object_store' when the trainer and the rollout "
+            "workers cannot share one GPU (trainer.num_gpus 0.5 + rollout.num_workers 2 x "
+            "rollout.num_gpus_per_worker 0.5 = 1.5 > 1;"
+        ),
+    ):
+        load_config(None, [*ipc, "rollout.num_workers=2", "rollout.num_gpus_per_worker=0.5"])
+    for workers, share in ((1, 0.5), (5, 0.1)):
+        config = load_config(
+            None,
+            [*ipc, f"rollout.num_workers={workers}", f"rollout.num_gpus_per_worker={share}"],
+            check_model=False,
+        )
+        assert config.trainer.weight_sync == "cuda_ipc"
 
 
 # ---------------------------------------------------------------------- the examples
