@@ -27,6 +27,7 @@ from rollout.forward_batch import ForwardBatch
 from rollout.layers.attention import (
     AttentionBackend,
     AttentionSpec,
+    TorchAttentionBackend,
     _causal_attention,
     _check_cache,
 )
@@ -41,16 +42,10 @@ class _InvariantState:
     max_query_len: int
 
 
-class InvariantAttentionBackend(AttentionBackend):
+class InvariantAttentionBackend(TorchAttentionBackend):
     """Paged attention by ``batch_invariant.paged_attention`` (module docstring): the step's
     K/V are written into the cache (slot -1 skipped), then every sequence attends over its
     pages; the Triton kernel on CUDA (eager, no CUDA graphs), the reference elsewhere."""
-
-    def __init__(self, spec: AttentionSpec, *, block_size: int) -> None:
-        if block_size <= 0:
-            raise ValueError(f"block_size: expected a positive int, got {block_size}")
-        self.spec = spec
-        self.block_size = block_size
 
     def plan(self, batch: ForwardBatch, *, cuda_graph: bool = False) -> _InvariantState:
         if cuda_graph:

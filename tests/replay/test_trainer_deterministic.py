@@ -23,20 +23,10 @@ from replay.trainer.batch import Batch
 from replay.trainer.config import GRPOConfig, RolloutConfig, TrainConfig, TrainerConfig
 from replay.trainer.grpo import group_advantages
 from replay.trainer.learner import Learner
-from replay.trainer.tasks import AdditionModelSpec, AdditionTask, make_addition_model
+from replay.trainer.loop import TINY_ADDITION_SPEC
+from replay.trainer.tasks import AdditionTask, make_addition_model
 from replay.trainer.workers import RolloutWorker
 
-SPEC = AdditionModelSpec(
-    num_layers=2,
-    num_experts=8,
-    top_k=2,
-    hidden_size=32,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    moe_intermediate_size=16,
-    router_std=3.0,
-)
 GRPO = GRPOConfig(prompts_per_step=4, group_size=4)
 ENGINE = dict(device="cpu", dtype="float32", capture_routing=True, max_num_seqs=16,
               max_model_len=32, block_size=4, max_num_batched_tokens=48, deterministic=True)  # fmt: skip
@@ -54,7 +44,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("addition")
-    make_addition_model(path, SPEC, seed=0)
+    make_addition_model(path, TINY_ADDITION_SPEC, seed=0)
     return path
 
 

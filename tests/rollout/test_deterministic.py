@@ -173,7 +173,9 @@ def _torch_linear(x, weight, bias=None):
 
 def _torch_paged_attention(q, k_pages, v_pages, *, max_query_len, **index):
     """torch's attention (einsum, softmax) over each sequence's pages."""
-    return causal_attention._torch_paged_attention(q, k_pages, v_pages, **index)
+    return causal_attention._per_sequence(
+        causal_attention._torch_attention, q, k_pages, v_pages, **index
+    )
 
 
 # The ordinary op swapped in for each batch-invariant one, and where the layers look it up.

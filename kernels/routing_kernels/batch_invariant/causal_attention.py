@@ -31,6 +31,7 @@ or the context) changes no query's bits. Tile sizes are constants.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -205,6 +206,35 @@ def _check_paged(
         )
 
 
+def _per_sequence(
+    attend: Callable[..., torch.Tensor],
+    q_TND: torch.Tensor,
+    k_PSGD: torch.Tensor,
+    v_PSGD: torch.Tensor,
+    *,
+    query_start_B1: torch.Tensor,
+    seq_lens_B: torch.Tensor,
+    block_tables_BM: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``attend(q, k, v, scale=, first_position=)`` of each sequence over its pages gathered
+    in position order; zeros for a sequence of length 0."""
+    page_size = k_PSGD.shape[1]
+    starts, lens = query_start_B1.tolist(), seq_lens_B.tolist()
+    pieces = []
+    for b, context in enumerate(lens):
+        q_QND = q_TND[starts[b] : starts[b + 1]]
+        if context == 0:
+            pieces.append(torch.zeros_like(q_QND))
+            continue
+        pages = block_tables_BM[b, : -(-context // page_size)].long()
+        k_CGD = k_PSGD[pages].flatten(0, 1)[:context]
+        v_CGD = v_PSGD[pages].flatten(0, 1)[:context]
+        first = context - q_QND.shape[0]
+        pieces.append(attend(q_QND, k_CGD, v_CGD, scale=scale, first_position=first))
+    return torch.cat(pieces) if pieces else torch.zeros_like(q_TND)
+
+
 def paged_attention_reference(
     q_TND: torch.Tensor,
     k_PSGD: torch.Tensor,
@@ -219,38 +249,11 @@ def paged_attention_reference(
     ``query_start[b]:query_start[b + 1]``, the last of its ``seq_lens[b]`` positions, whose keys
     and values are the pages ``block_tables[b]`` lists; a sequence of length 0 gets zeros."""
     _check_paged(q_TND, k_PSGD, v_PSGD, query_start_B1, seq_lens_B, block_tables_BM)
-    page_size = k_PSGD.shape[1]
-    starts, lens = query_start_B1.tolist(), seq_lens_B.tolist()
-    pieces = []
-    for b, context in enumerate(lens):
-        q_QND = q_TND[starts[b] : starts[b + 1]]
-        if context == 0:
-            pieces.append(torch.zeros_like(q_QND))
-            continue
-        pages = block_tables_BM[b, : -(-context // page_size)].long()
-        k_CGD = k_PSGD[pages].flatten(0, 1)[:context]
-        v_CGD = v_PSGD[pages].flatten(0, 1)[:context]
-        first = context - q_QND.shape[0]
-        pieces.append(attention_reference(q_QND, k_CGD, v_CGD, scale=scale, first_position=first))
-    return torch.cat(pieces) if pieces else torch.zeros_like(q_TND)
-
-
-def _torch_paged_attention(q_TND, k_PSGD, v_PSGD, *, query_start_B1, seq_lens_B,
-                           block_tables_BM, scale):  # fmt: skip
-    page_size = k_PSGD.shape[1]
-    starts, lens = query_start_B1.tolist(), seq_lens_B.tolist()
-    pieces = []
-    for b, context in enumerate(lens):
-        q_QND = q_TND[starts[b] : starts[b + 1]]
-        if context == 0:
-            pieces.append(torch.zeros_like(q_QND))
-            continue
-        pages = block_tables_BM[b, : -(-context // page_size)].long()
-        k_CGD = k_PSGD[pages].flatten(0, 1)[:context]
-        v_CGD = v_PSGD[pages].flatten(0, 1)[:context]
-        first = context - q_QND.shape[0]
-        pieces.append(_torch_attention(q_QND, k_CGD, v_CGD, scale=scale, first_position=first))
-    return torch.cat(pieces) if pieces else torch.zeros_like(q_TND)
+    return _per_sequence(
+        attention_reference, q_TND, k_PSGD, v_PSGD,
+        query_start_B1=query_start_B1, seq_lens_B=seq_lens_B, block_tables_BM=block_tables_BM,
+        scale=scale,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -420,6 +423,6 @@ def paged_attention(
         return paged_attention_reference(q, k, v, scale=scale, **index)
 
     def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return _torch_paged_attention(q, k, v, scale=scale, **index)
+        return _per_sequence(_torch_attention, q, k, v, scale=scale, **index)
 
     return with_reference_backward(forward, reference, q_TND, k_PSGD, v_PSGD)
