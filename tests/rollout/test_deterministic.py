@@ -206,6 +206,33 @@ def test_each_invariant_op_is_necessary(op, monkeypatch, tmp_path):
     torch.testing.assert_close(mine, engine, rtol=0, atol=1e-4)
 
 
+def test_policy_weights_in_hf_names_round_trip(tmp_path):
+    """``state_dict`` speaks HF's names: HF transformers loads ``save_pretrained``'s folder with
+    every weight (and agrees on the logits), the engine's loader and ``load_state_dict`` too."""
+    path = make_tiny_moe("qwen2_moe", tmp_path / "m")  # q/k/v bias, shared expert and gate
+    policy = load_policy(path, device="cpu")
+    names = set(policy.state_dict())
+    assert "model.layers.0.self_attn.q_proj.bias" in names
+    assert "model.layers.1.mlp.shared_expert.up_proj.weight" in names
+    assert not any("qkv_proj" in n or "gate_up_proj.weight" in n for n in names)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(0.01 * torch.randn(param.shape))  # trained weights, not the checkpoint's
+    policy.save_pretrained(tmp_path / "saved")
+    hf, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "saved", dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.randint(0, policy.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(policy(ids), hf(input_ids=ids).logits, rtol=0, atol=1e-4)
+        again = load_policy(tmp_path / "saved", device="cpu")
+        assert torch.equal(again(ids), policy(ids))
+        fresh = load_policy(path, device="cpu")
+        fresh.load_state_dict(policy.state_dict())
+        assert torch.equal(fresh(ids), policy(ids))
+
+
 def test_bad_arguments_raise(tmp_path):
     path = make_tiny_moe("qwen3_moe", tmp_path / "m")
     with pytest.raises(ValueError, match="data_parallel_mode: expected 'replicas'"):
