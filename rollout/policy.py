@@ -50,7 +50,7 @@ from torch import nn
 from rollout.forward_batch import ForwardBatch
 from rollout.layers.invariant_attention import SequenceAttentionBackend
 from rollout.layers.linear import Linear
-from rollout.loader import load_checkpoint
+from rollout.loader import load_checkpoint, load_hf_config, resolve_dtype
 from rollout.models.decoder import MoECausalLM
 
 __all__ = ["Policy", "load_policy"]
@@ -62,6 +62,7 @@ def load_policy(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     deterministic: bool = True,
+    parameter_dtype: str | torch.dtype | None = None,
 ) -> Policy:
     """The checkpoint's model as a trainable ``Policy`` built by the engine's own code.
 
@@ -72,13 +73,35 @@ def load_policy(
             agreement with it.
         device: None (CUDA when available, else CPU), ``"cpu"``, ``"cuda[:N]"``.
         deterministic: batch-invariant numerics, equal to ``rollout.LLM(deterministic=True)``.
+        parameter_dtype: keep the parameters in this dtype (e.g. float32 master weights for
+            the optimizer) while the forward computes in ``dtype``: every op rounds its weights
+            to ``dtype`` first, exactly as an engine holding them in ``dtype`` (and a weight
+            sync's ``copy_`` into its parameters) does. None: ``dtype``. Needs
+            ``deterministic`` (the batch-invariant ops round the weights; torch's would not).
 
     Raises:
-        ValueError: what ``rollout.LLM`` raises for a bad checkpoint, dtype or device.
+        ValueError: what ``rollout.LLM`` raises for a bad checkpoint, dtype or device, or a
+            ``parameter_dtype`` without ``deterministic``.
     """
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
-    checkpoint = load_checkpoint(model, dtype=dtype, device=device, deterministic=deterministic)
+    if parameter_dtype is None:
+        checkpoint = load_checkpoint(model, dtype=dtype, device=device, deterministic=deterministic)
+        return Policy(checkpoint.model)
+    if not deterministic:
+        raise ValueError(
+            f"parameter_dtype: expected None with deterministic=False (only the batch-invariant "
+            f"ops round weights to the compute dtype), got {parameter_dtype}"
+        )
+    where = torch.device(
+        device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    compute = resolve_dtype(dtype, load_hf_config(model), where)
+    checkpoint = load_checkpoint(
+        model, dtype=parameter_dtype, device=device, deterministic=deterministic
+    )
+    if checkpoint.dtype != compute:
+        checkpoint.model.model.embed_tokens.compute_dtype = compute
     return Policy(checkpoint.model)
 
 

@@ -278,9 +278,10 @@ class TrainerConfig:
             ``"cuda_ipc"`` (CUDA IPC handles of the trainer's GPU tensors, no copy on the
             trainer's side: rollout workers on the trainer's GPU, ``world_size`` 1).
         policy: ``"hf"`` (HF transformers' model of the checkpoint) or ``"engine"`` (the
-            rollout engine's own model, ``rollout.load_policy``, in ``rollout.dtype``, with
-            ``rollout.deterministic``'s numerics; ``world_size`` 1, float32 compute, no
-            grouped experts or gradient checkpointing, which are HF-model features).
+            rollout engine's own model, ``rollout.load_policy``, with ``rollout.deterministic``'s
+            numerics: float32 parameters, the forward in ``rollout.dtype``; ``world_size`` 1,
+            ``compute_dtype`` float32 (no autocast), no grouped experts or gradient
+            checkpointing, which are HF-model features).
     """
 
     device: Device = "cuda"

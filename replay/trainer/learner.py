@@ -150,8 +150,14 @@ class Learner:
 
     def _load(self, path: Path) -> torch.nn.Module:
         if self.config.policy == "engine":
+            # float32 master weights (as the HF path trains); the deterministic forward rounds
+            # them to the rollout's dtype per op, as the engine holding them in it does.
             return rollout.load_policy(
-                path, dtype=self.policy_dtype, device=self.device, deterministic=self.deterministic
+                path,
+                dtype=self.policy_dtype,
+                device=self.device,
+                deterministic=self.deterministic,
+                parameter_dtype=torch.float32 if self.deterministic else None,
             )
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.to(self.device)

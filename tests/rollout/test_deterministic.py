@@ -206,6 +206,24 @@ def test_each_invariant_op_is_necessary(op, monkeypatch, tmp_path):
     torch.testing.assert_close(mine, engine, rtol=0, atol=1e-4)
 
 
+def test_bfloat16_with_float32_master_weights(tmp_path):
+    """bfloat16 on CPU (the portable ops accumulate in float32 and round once), GLM4-MoE (a
+    float32 router beside bfloat16 weights): batched equals alone, and the policy equals the
+    engine with bfloat16 parameters and with float32 master parameters rounded per op."""
+    path = make_tiny_moe("glm4_moe", tmp_path / "glm4_moe")
+    bf16 = {"dtype": "bfloat16"}
+    prompts, outs, spec = _generate_batched(path, **bf16)
+    _check_alone(path, prompts, outs, **bf16)
+    _check_policy(path, outs, spec, device="cpu", **bf16)
+    master = load_policy(path, device="cpu", dtype="bfloat16", parameter_dtype="float32")
+    assert master.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        mine, engine = _padded_logprobs(
+            master, replay.patch(master), Batch.from_outputs(outs, spec)
+        )
+    assert torch.equal(mine, engine)
+
+
 def test_policy_weights_in_hf_names_round_trip(tmp_path):
     """``state_dict`` speaks HF's names: HF transformers loads ``save_pretrained``'s folder with
     every weight (and agrees on the logits), the engine's loader and ``load_state_dict`` too."""
@@ -247,6 +265,8 @@ def test_bad_arguments_raise(tmp_path):
         policy(ids, position_ids=torch.tensor([[0, 1, 2, 4, 5], [0, 1, 2, 3, 4]]))
     with pytest.raises(ValueError, match=r"input_ids: expected ids in \[0, "):
         policy(ids - 1)
+    with pytest.raises(ValueError, match="parameter_dtype: expected None with deterministic"):
+        load_policy(path, device="cpu", deterministic=False, parameter_dtype="float32")
 
 
 @pytest.mark.gpu
