@@ -108,7 +108,7 @@ class EngineConfig:
         deterministic: batch-invariant numerics (``routing_kernels.batch_invariant``): a
             sequence's logits and logprobs do not depend on its batch mates, chunked-prefill
             boundaries, prefix-cache hits or recompute, and equal those of
-            ``rollout.load_policy(..., deterministic=True)`` bit for bit. Runs eager; not with
+            ``rollout.load_policy(..., deterministic=True)`` bit for bit. Not with
             ``data_parallel_mode="dp_attention"`` (its reduce-scatter sums ranks' partials).
     """
 

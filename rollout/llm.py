@@ -78,7 +78,7 @@ class LLM:
             and logprobs do not depend on what else is batched with it, how its prefill was
             chunked, prefix-cache hits or recompute after preemption, and equal bit for bit
             those the policy of ``rollout.load_policy(..., deterministic=True)`` computes on
-            the same tokens and weights (with ``replay`` R3 on its side). Runs eager.
+            the same tokens and weights (with ``replay`` R3 on its side).
 
     Raises:
         ValueError / TypeError: a bad argument, naming it.

@@ -247,7 +247,8 @@ class ModelRunner:
             max_blocks_per_seq=self.max_blocks_per_seq,
         )
         self.backend: AttentionBackend | None = self._make_backend()
-        if use_graphs and not isinstance(self.backend, FlashInferAttentionBackend):
+        graph_backends = (FlashInferAttentionBackend, InvariantAttentionBackend)
+        if use_graphs and not isinstance(self.backend, graph_backends):
             logger.info(
                 "no CUDA graphs: the attention backend is %s",
                 type(self.backend).__name__,

@@ -45,12 +45,18 @@ class _InvariantState:
 class InvariantAttentionBackend(TorchAttentionBackend):
     """Paged attention by ``batch_invariant.paged_attention`` (module docstring): the step's
     K/V are written into the cache (slot -1 skipped), then every sequence attends over its
-    pages; the Triton kernel on CUDA (eager, no CUDA graphs), the reference elsewhere."""
+    pages; the Triton kernel on CUDA (decode steps capturable in CUDA graphs), the reference
+    elsewhere."""
 
     def plan(self, batch: ForwardBatch, *, cuda_graph: bool = False) -> _InvariantState:
-        if cuda_graph:
+        """The step's longest query run (the kernel's grid). A decode step may be captured in
+        a CUDA graph on CUDA: its inputs are the runner's static buffers, the kernels read
+        them without a host synchronisation, and a padding row (length 0) gets zeros."""
+        if cuda_graph and not (batch.is_decode and batch.input_ids.is_cuda):
             raise ValueError(
-                "cuda_graph: InvariantAttentionBackend runs eager (no CUDA-graph plan), got True"
+                "cuda_graph: expected a decode batch on CUDA for a CUDA-graph plan, got "
+                f"{'a decode' if batch.is_decode else 'a prefill'} batch on "
+                f"{batch.input_ids.device}"
             )
         starts = batch.query_start_loc_cpu
         longest = int((starts[1:] - starts[:-1]).max()) if starts.shape[0] > 1 else 0

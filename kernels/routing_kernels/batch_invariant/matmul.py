@@ -132,19 +132,19 @@ def _linear_kernel(
     stride_wk,
     stride_om,
     stride_on,
-    NUM_PROGRAMS: tl.constexpr,
+    num_programs,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """Persistent GEMM: program ``pid`` computes tiles ``pid, pid + NUM_PROGRAMS, ...``; each
+    """Persistent GEMM: program ``pid`` computes tiles ``pid, pid + num_programs, ...``; each
     tile's outputs are reduced over K in BLOCK_K steps, in order, into an fp32 accumulator."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, num_programs):
         first_m = (tile // per_group) * GROUP_M
         group_size = tl.minimum(num_m - first_m, GROUP_M)
         pid_m = first_m + (tile % per_group) % group_size
@@ -209,7 +209,7 @@ def linear_triton(
             weight.stride(1),
             out_MN.stride(0),
             out_MN.stride(1),
-            NUM_PROGRAMS=programs,
+            programs,
             HAS_BIAS=bias is not None,
             BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n,
