@@ -31,6 +31,7 @@ from rollout.capture import ReaderSpec
 from rollout.config import EngineConfig
 from rollout.engine.data_parallel import DataParallelEngine
 from rollout.engine.llm_engine import LLMEngine
+from rollout.hub import resolve_model
 from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
 from rollout.sampling_params import SamplingParams
 
@@ -45,7 +46,10 @@ class LLM:
     """Generate with an HF-format MoE checkpoint.
 
     Args:
-        model: the checkpoint folder (config.json, *.safetensors, optional tokenizer.json).
+        model: the checkpoint folder (config.json, *.safetensors, optional tokenizer.json), or
+            a Hugging Face Hub id (``"org/name"``) resolved through the Hugging Face cache
+            (``rollout.hub.resolve_model``: downloaded when missing, unless HF_HUB_OFFLINE).
+        revision: a Hub id's branch, tag or commit hash (None: ``main``).
         dtype: ``"auto"`` (the checkpoint's dtype on CUDA, float32 on CPU), ``"float32"``,
             ``"bfloat16"``, ``"float16"`` or a torch dtype.
         device: None (CUDA when available, else CPU), ``"cpu"``, ``"cuda[:N]"`` or a
@@ -83,6 +87,7 @@ class LLM:
         self,
         model: str | os.PathLike,
         *,
+        revision: str | None = None,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
         max_num_seqs: int = 256,
@@ -104,7 +109,7 @@ class LLM:
         if isinstance(device, torch.device):
             device = str(device)
         self.config = EngineConfig(
-            model=model,
+            model=resolve_model(model, revision=revision),
             dtype=dtype,
             device=device,
             max_num_seqs=max_num_seqs,

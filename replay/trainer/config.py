@@ -39,6 +39,7 @@ __all__ = [
     "TaskConfig",
     "TrainConfig",
     "TrainerConfig",
+    "WandbConfig",
     "WeightSync",
     "apply_overrides",
     "config_from_dict",
@@ -414,14 +415,43 @@ class TaskConfig:
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
+class WandbConfig:
+    """A Weights & Biases run that receives every step's record (``log.wandb``).
+
+    Args:
+        project: the W&B project.
+        name: the run's name (null: W&B picks one).
+        mode: ``online`` (stream to the W&B server), ``offline`` (write the run under
+            ``<out_dir>/wandb`` only; ``wandb sync`` uploads it later) or ``disabled``.
+    """
+
+    project: str
+    name: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(bool(self.project), "project", "a non-empty str", self.project)
+        _require(self.name != "", "name", "null or a non-empty str", self.name)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
 class LogConfig:
     """Outputs of a run.
 
     Args:
         out_dir: run folder: ``metrics.jsonl``, ``config.yaml``, TensorBoard events,
-            ``checkpoints/``.
+            ``checkpoints/``. An absolute path is used as it is (a shared filesystem on a
+            cluster); a relative one is taken against the working directory of the process
+            that runs the training loop (``out_path``). Under ``ray job submit`` that is Ray's
+            unpacked copy of the submitted working directory on the head node, so pass an
+            absolute path there (``--set log.out_dir=$PWD/runs/...`` on a machine that shares
+            the filesystem).
         tensorboard: also write TensorBoard events (needs the ``tensorboard`` package, a
             dependency; without it the run stops at start with an error naming this field).
+        wandb: also log every step to Weights & Biases (a ``WandbConfig`` or its fields as a
+            mapping; null: off). Needs the ``wandb`` package (``pip install
+            'routing-replay[wandb]'``); without it the run stops at start naming this field.
         progress: show a tqdm progress bar over steps.
         checkpoint_every: save every this many steps and after the last (0: never).
         keep_checkpoints: most recent checkpoints kept.
@@ -433,6 +463,7 @@ class LogConfig:
 
     out_dir: str = "runs/grpo"
     tensorboard: bool = True
+    wandb: WandbConfig | None = None
     progress: bool = True
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -440,6 +471,8 @@ class LogConfig:
     native_router_agreement: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.wandb, Mapping):  # from YAML: a nested section
+            object.__setattr__(self, "wandb", _build(WandbConfig, self.wandb, "wandb."))
         _check_fields(self)
         _require(bool(self.out_dir), "out_dir", "a non-empty path", self.out_dir)
         _require(
@@ -455,6 +488,10 @@ class LogConfig:
             self.keep_checkpoints,
         )
 
+    def out_path(self) -> Path:
+        """``out_dir`` as an absolute path (a relative one against the current directory)."""
+        return Path(self.out_dir).expanduser().absolute()
+
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class TrainConfig:
@@ -462,7 +499,9 @@ class TrainConfig:
 
     Args:
         model: HF checkpoint folder (config.json, safetensors, tokenizer.json) that both the
-            rollout engine and the trainer load.
+            rollout engine and the trainer load, or a Hugging Face Hub id (``org/name``)
+            resolved through the Hugging Face cache (``rollout.resolve_model``).
+        model_revision: the Hub id's branch, tag or commit hash (null: ``main``).
         model_init: ``"existing"`` (the folder must hold a checkpoint) or ``"random_addition"``
             (when the folder has no config.json, first write a small random addition model
             there: smoke tests without a supervised warm-up).
@@ -473,6 +512,7 @@ class TrainConfig:
     """
 
     model: str
+    model_revision: str | None = None
     model_init: Literal["existing", "random_addition"] = "existing"
     seed: int = 0
     steps: int = 100
@@ -486,6 +526,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_fields(self)
         _require(bool(self.model), "model", "a non-empty path", self.model)
+        _require(
+            self.model_revision is None or self.model_init == "existing",
+            "model_revision",
+            "null with model_init random_addition (it writes a local folder)",
+            self.model_revision,
+        )
         _require(self.seed >= 0, "seed", "an int >= 0", self.seed)
         _require(self.steps >= 1, "steps", "an int >= 1", self.steps)
         if self.routing == "r3" and not self.rollout.capture_routing:

@@ -54,7 +54,7 @@ from replay.trainer.metrics_log import MetricsLog
 from replay.trainer.tasks import AdditionModelSpec, AdditionTask, make_addition_model
 from replay.trainer.workers import RolloutWorkers, start_trainer
 
-__all__ = ["TINY_ADDITION_SPEC", "GRPOTrainer", "train"]
+__all__ = ["TINY_ADDITION_SPEC", "GRPOTrainer", "prepare_model", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,30 @@ TINY_ADDITION_SPEC = AdditionModelSpec(
 )
 
 
+def prepare_model(config: TrainConfig) -> Path:
+    """The absolute checkpoint folder of ``config.model``: a folder or a Hugging Face Hub id
+    (``rollout.resolve_model``), or, with ``model_init: random_addition``, a local folder that
+    gets a small random addition model when it has no config.json yet.
+
+    Raises:
+        ValueError: no checkpoint there (naming what was looked for where), or no tokenizer.json.
+    """
+    if config.model_init == "random_addition":
+        path = Path(config.model).expanduser().absolute()
+        if not (path / "config.json").exists():
+            make_addition_model(path, TINY_ADDITION_SPEC, seed=config.seed)
+            logger.info("wrote a random addition model to %s", path)
+    else:
+        path = rollout.resolve_model(config.model, revision=config.model_revision)
+    if not (path / "config.json").exists():
+        raise ValueError(f"model: expected an HF checkpoint folder with config.json, got {path}")
+    if not (path / "tokenizer.json").exists():
+        raise ValueError(
+            f"model: expected tokenizer.json in {path} (the task's prompts are text), got none"
+        )
+    return path
+
+
 def train(config: TrainConfig) -> list[dict[str, Any]]:
     """Run ``config`` to its last step (resuming if asked); return the records of the steps
     run by this call. Ray must be initialised."""
@@ -84,15 +108,17 @@ def train(config: TrainConfig) -> list[dict[str, Any]]:
 class GRPOTrainer:
     """Owns the actors and the run folder of one GRPO run (see the module docstring).
 
-    Building it prepares the model (``model_init``), finds the checkpoint to resume from
-    (``log.resume``), starts the trainer and rollout actors and writes ``config.yaml``.
+    Building it prepares the model (``prepare_model``), finds the checkpoint to resume from
+    (``log.resume``), starts the trainer and rollout actors and writes ``config.yaml``. Every
+    output goes under ``out_dir``, the absolute ``log.out_dir`` (``LogConfig.out_path``).
     """
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.out_dir = Path(config.log.out_dir)
+        self.out_dir = config.log.out_path()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        base = self._prepare_model(Path(config.model))
+        logger.info("run folder %s", self.out_dir)
+        base = prepare_model(config)
         resume_from = latest_checkpoint(self.out_dir) if config.log.resume else None
         start_model = base if resume_from is None else Learner.policy_dir(resume_from)
         self.task = AdditionTask(
@@ -120,7 +146,11 @@ class GRPOTrainer:
                 self._resume(resume_from)
             # Inside the try: a log that cannot start (no tensorboard) ends the actors too.
             self.log = MetricsLog(
-                self.out_dir, tensorboard=config.log.tensorboard, resume_step=self.step
+                self.out_dir,
+                tensorboard=config.log.tensorboard,
+                wandb=config.log.wandb,
+                run_config=config_to_dict(config),
+                resume_step=self.step,
             )
         except BaseException:
             self.shutdown()
@@ -148,20 +178,6 @@ class GRPOTrainer:
         self.step = int(state["step"])
         self.rng.bit_generator.state = state["rng"]
         logger.info("resumed from %s at step %d", folder, self.step)
-
-    def _prepare_model(self, path: Path) -> Path:
-        if self.config.model_init == "random_addition" and not (path / "config.json").exists():
-            make_addition_model(path, TINY_ADDITION_SPEC, seed=self.config.seed)
-            logger.info("wrote a random addition model to %s", path)
-        if not (path / "config.json").exists():
-            raise ValueError(
-                f"model: expected an HF checkpoint folder with config.json, got {path}"
-            )
-        if not (path / "tokenizer.json").exists():
-            raise ValueError(
-                f"model: expected tokenizer.json in {path} (the task's prompts are text), got none"
-            )
-        return path
 
     # ------------------------------------------------------------------ the loop
 
