@@ -92,7 +92,8 @@ class MetricsLog:
                 self._writer.add_scalar(name, value, step)
             self._writer.flush()
         if self._wandb_run is not None:
-            self._wandb_run.log(scalars, step=step)
+            # commit: the step is written now (W&B would hold it back until the next step).
+            self._wandb_run.log(scalars, step=step, commit=True)
 
     def close(self) -> None:
         """Flush and close TensorBoard and finish the W&B run (idempotent)."""
