@@ -225,10 +225,16 @@ class LLM:
                 unit="req",
                 disable=not use_tqdm,
             ) as bar:
+                steps = 0
                 while len(outputs) < len(request_ids):
                     for out in engine.step():
                         outputs[out.request_id] = out
                         bar.update(1)
+                    # Requests of one batch tend to finish together: the step count shows
+                    # progress in between (update(0) redraws at most every mininterval).
+                    steps += 1
+                    bar.set_postfix_str(f"step {steps}", refresh=False)
+                    bar.update(0)
         except BaseException:
             for request_id in request_ids:
                 engine.abort_request(request_id)
