@@ -357,10 +357,15 @@ class LLMEngine:
         for row, logprob in enumerate(logprobs):
             seq = batch.entries[batch.sample_indices[row]].seq
             if math.isnan(logprob) and not seq.is_finished:
+                rank = (
+                    f" of data parallel rank {self.dp_rank}"
+                    if self.config.data_parallel_size > 1
+                    else ""
+                )
                 raise NonFiniteLogitsError(
-                    f"logits: expected finite final logits for request {seq.seq_id} (sampling "
-                    f"its token {seq.num_resolved_tokens - seq.num_prompt_tokens}), got NaN or "
-                    "inf in its row: a non-finite weight or activation in the model",
+                    f"logits: expected finite final logits for request {seq.seq_id}{rank} "
+                    f"(sampling its token {seq.num_resolved_tokens - seq.num_prompt_tokens}), "
+                    "got NaN or inf in its row: a non-finite weight or activation in the model",
                     request_id=seq.seq_id,
                     dp_rank=self.dp_rank,
                 )
