@@ -134,9 +134,9 @@ class DataParallelEngine:
                 "device: expected None, 'cpu' or 'cuda' with data_parallel_size > 1 "
                 f"(rank r uses cuda:r), got {config.device!r}"
             )
-        check_device(config.device, ranks=size)
         if config.dp_attention:
             _check_expert_split(config)
+        check_device(config.device, ranks=size)
         self.config = config
         self.instance_id = shm.new_instance_id() if instance_id is None else instance_id
         self.segment_names = tuple(shm.segment_name(self.instance_id, r) for r in range(size))
