@@ -62,6 +62,7 @@ end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -72,7 +73,7 @@ import signal
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import torch
@@ -261,36 +262,20 @@ class DataParallelEngine:
             rank = min(range(size), key=load.__getitem__)
             assigned[rank].append(i)
             load[rank] += len(tokens) + p.max_tokens
-        busy = [r for r in range(size) if assigned[r]]
-        try:
-            for r in busy:
-                self._send(
-                    r, ("add", [(list(prompt_token_ids[i]), params[i]) for i in assigned[r]])
-                )
-            added = dict(zip(busy, self._gather(busy), strict=True))
-            refused = {r: reply for r, reply in added.items() if isinstance(reply, BadRequest)}
-            if refused:
-                kept = [r for r in busy if r not in refused]
-                for r in kept:
-                    self._send(r, ("abort", added[r]))
-                self._gather(kept)
-                rank, bad = min(refused.items(), key=lambda kv: assigned[kv[0]][kv[1].position])
-                index = assigned[rank][bad.position]
-                raise ValueError(f"prompts[{index}]: {bad.error}") from bad.error
+        with self._interruptible():
+            added = self._add(prompt_token_ids, params, assigned)
             # dp_attention: every rank steps, in lockstep, until none has work.
-            runners = list(range(size)) if self.config.dp_attention else busy
+            runners = list(range(size)) if self.config.dp_attention else list(added)
             for r in runners:
                 self._send(r, ("run",))
             with tqdm(total=len(params), desc="generate", unit="req", disable=not use_tqdm) as bar:
-                finished = self._gather_run(runners, lambda r: bar.update(len(assigned[r])))
-        except NonFiniteLogitsError as exc:
-            index = assigned[exc.dp_rank][added[exc.dp_rank].index(exc.request_id)]
-            raise NonFiniteLogitsError(
-                f"prompts[{index}]: {exc}", exc.request_id, exc.dp_rank
-            ) from exc
-        except KeyboardInterrupt:
-            self._interrupt()
-            raise
+                try:
+                    finished = self._gather_run(runners, lambda r: bar.update(len(assigned[r])))
+                except NonFiniteLogitsError as exc:
+                    index = assigned[exc.dp_rank][added[exc.dp_rank].index(exc.request_id)]
+                    raise NonFiniteLogitsError(
+                        f"prompts[{index}]: {exc}", exc.request_id, exc.dp_rank
+                    ) from exc
         outputs: list[RequestOutput | None] = [None] * len(params)
         first_id = self._next_request_id
         self._next_request_id += len(params)
@@ -298,6 +283,30 @@ class DataParallelEngine:
             for i, out in zip(assigned[r], rank_outputs, strict=True):
                 outputs[i] = dataclasses.replace(out, request_id=first_id + i)
         return outputs  # type: ignore[return-value]
+
+    def _add(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams],
+        assigned: list[list[int]],
+    ) -> dict[int, list[int]]:
+        """Queue the requests ``assigned`` to each rank; their ids there, by rank (those with
+        requests). A request a rank refuses raises ValueError naming its prompt; the other
+        ranks' requests are dropped first."""
+        busy = [r for r in range(self.data_parallel_size) if assigned[r]]
+        for r in busy:
+            self._send(r, ("add", [(list(prompt_token_ids[i]), params[i]) for i in assigned[r]]))
+        added = dict(zip(busy, self._gather(busy), strict=True))
+        refused = {r: reply for r, reply in added.items() if isinstance(reply, BadRequest)}
+        if refused:
+            kept = [r for r in busy if r not in refused]
+            for r in kept:
+                self._send(r, ("abort", added[r]))
+            self._gather(kept)
+            rank, bad = min(refused.items(), key=lambda kv: assigned[kv[0]][kv[1].position])
+            index = assigned[rank][bad.position]
+            raise ValueError(f"prompts[{index}]: {bad.error}") from bad.error
+        return added
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into every rank's model (rank 0 broadcasts them through the
@@ -323,10 +332,11 @@ class DataParallelEngine:
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
             # Through the pipe as host memory: CUDA IPC handles would tie rank 0 to our device.
             items.append((name, tensor.detach().to("cpu").contiguous()))
-        self._send(0, ("update_weights", items))
-        for r in range(1, self.data_parallel_size):
-            self._send(r, ("update_weights", None))
-        written: list[set[str]] = self._gather(range(self.data_parallel_size))
+        with self._interruptible():
+            self._send(0, ("update_weights", items))
+            for r in range(1, self.data_parallel_size):
+                self._send(r, ("update_weights", None))
+            written: list[set[str]] = self._gather(range(self.data_parallel_size))
         return set.intersection(*written)
 
     @property
@@ -362,9 +372,19 @@ class DataParallelEngine:
 
     def _command(self, ranks: Iterable[int], message: Reply) -> list[Any]:
         ranks = list(ranks)
-        for r in ranks:
-            self._send(r, message)
-        return self._gather(ranks)
+        with self._interruptible():
+            for r in ranks:
+                self._send(r, message)
+            return self._gather(ranks)
+
+    @contextlib.contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """Leave the ranks ready for the next call when a KeyboardInterrupt ends this one."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self._interrupt()
+            raise
 
     def _send(self, rank: int, message: Reply) -> None:
         """Send a command that ``rank`` answers with one reply."""
@@ -432,8 +452,9 @@ class DataParallelEngine:
                 if r in replies:
                     continue
                 replies[r] = self._receive(r)
-                if replies[r][0] == "error" and peer_timeout is not None and deadline is None:
-                    deadline = time.monotonic() + peer_timeout
+                if replies[r][0] == "error":
+                    if peer_timeout is not None and deadline is None:
+                        deadline = time.monotonic() + peer_timeout
                 elif on_reply is not None:
                     on_reply(r)
         for r in ranks:

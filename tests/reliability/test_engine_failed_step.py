@@ -9,7 +9,8 @@ whose ``lm_head`` holds a NaN. Each time the exception reaches the caller, every
 call is dropped (no sequence left, every KV block free with reference count 0, no batch in
 flight, the routing store with nothing pending), and the next ``generate`` returns exactly what
 a fresh engine returns: tokens, logprobs and routed-expert rows of greedy and seeded requests,
-also after a fault under preemption with the prefix cache warm.
+also after a fault under preemption with the prefix cache warm. gpu: the same for a fault in a
+decode step replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from rollout import LLM, SamplingParams
 from rollout.engine.llm_engine import NonFiniteLogitsError
-from rollout.testing import make_tiny_moe
+from rollout.testing import flashinfer_overrides, make_tiny_moe
 
 ENGINE = {
     "block_size": 4,
@@ -184,4 +185,40 @@ def test_a_nan_checkpoint_raises_and_good_weights_then_serve(qwen3, requests, tm
         llm.generate(prompts, params, use_tqdm=False)
     assert_nothing_left(llm)
     llm.update_weights(load_file(os.path.join(qwen3, "model.safetensors")).items())
+    assert_same_outputs(llm.generate(prompts, params, use_tqdm=False), want)
+
+
+@pytest.fixture(scope="module")
+def cuda_qwen3(tmp_path_factory):
+    """Heads FlashInfer supports: CUDA graphs for decode steps."""
+    path = tmp_path_factory.mktemp("cuda_qwen3")
+    return make_tiny_moe("qwen3_moe", path, **flashinfer_overrides("qwen3_moe"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("error", [RuntimeError("injected"), KeyboardInterrupt()])
+def test_cuda_a_failed_decode_step_under_cuda_graphs(cuda_qwen3, rng, error):
+    """bf16, CUDA graphs: the third step that replays a graph raises where it would replay,
+    with the previous batch still in flight on the device."""
+    prompts, params = _requests(rng)
+    cuda = dict(ENGINE, device="cuda")
+    want = LLM(cuda_qwen3, **cuda).generate(prompts, params, use_tqdm=False)
+    llm = LLM(cuda_qwen3, **cuda)
+    runner = llm.engine.runner
+    assert runner.graph_sizes
+    replays = []
+    forward = runner._forward
+
+    def failing_forward(inputs):
+        replays.append(inputs.graph_size is not None and llm.engine._in_flight is not None)
+        if sum(replays) == 3:
+            raise error
+        return forward(inputs)
+
+    runner._forward = failing_forward
+    with pytest.raises(type(error)):
+        llm.generate(prompts, params, use_tqdm=False)
+    del runner._forward
+    assert sum(replays) == 3
+    assert_nothing_left(llm)
     assert_same_outputs(llm.generate(prompts, params, use_tqdm=False), want)

@@ -10,11 +10,13 @@ the prompt's last token is routed to, makes ``generate`` raise ``NonFiniteLogits
 ValueError naming the prompt and the request, instead of returning tokens with NaN logprobs.
 With NaN in the embedding of a token that only one prompt of the batch holds, the error names
 that prompt; the other prompt, run alone on the same weights, returns exactly its clean outputs.
-After the good weights are written back, outputs are those of the clean engine.
+After the good weights are written back, outputs are those of the clean engine. gpu: NaN that
+first reaches the logits in a decode step replayed from a CUDA graph, with FlashInfer sampling.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -26,7 +28,7 @@ from safetensors.torch import load_file
 from rollout import LLM, SamplingParams
 from rollout.engine.llm_engine import NonFiniteLogitsError
 from rollout.sampler import Sampler
-from rollout.testing import make_tiny_moe
+from rollout.testing import flashinfer_overrides, make_tiny_moe
 
 VOCAB = 97
 ENGINE = {
@@ -156,3 +158,40 @@ def test_nan_in_one_request_names_that_request_and_spares_the_other(engine, rng)
     finally:
         llm.update_weights(weights.items())
     _assert_same(llm.generate(prompts, short, use_tqdm=False), clean)
+
+
+@pytest.mark.gpu
+def test_cuda_nan_in_a_decode_step_raises(tmp_path, rng):
+    """bf16, CUDA graphs, FlashInfer sampling of unseeded rows: NaN in the embedding of a token
+    the first request only generates later reaches its logits in a decode step replayed from a
+    graph (the Triton router does not check its logits: NaN weights, then NaN outputs); the
+    error names that request, and the good weights then give the clean outputs again."""
+    path = make_tiny_moe("qwen3_moe", tmp_path / "qwen3", **flashinfer_overrides("qwen3_moe"))
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    llm = LLM(path, **dict(ENGINE, device="cuda"))
+    assert llm.engine.runner.graph_sizes
+    prompts = [_prompt(rng, 6), _prompt(rng, 10), _prompt(rng, 4)]
+    params = [
+        dataclasses.replace(GREEDY, max_tokens=24),
+        dataclasses.replace(GREEDY, max_tokens=24, temperature=1.0, seed=4),
+        dataclasses.replace(GREEDY, max_tokens=24, temperature=1.0, top_p=0.9),
+    ]
+    clean = llm.generate(prompts, params, use_tqdm=False)
+    others = set(prompts[1]) | set(prompts[2]) | set(clean[1].token_ids) | set(clean[2].token_ids)
+    first = clean[0].token_ids
+    # A token the first request generates late, fed by a decode step, and nothing else feeds.
+    token = next(
+        (t for i, t in enumerate(first[5:-1], 5) if t not in others and t not in first[:i]),
+        None,
+    )
+    if token is None or token in prompts[0]:
+        pytest.skip("no token that only the first request generates late")
+    llm.update_weights(_with_nan(weights, "model.embed_tokens.weight", token).items())
+    try:
+        with pytest.raises(NonFiniteLogitsError, match=r"^prompts\[0\]: "):
+            llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.update_weights(weights.items())
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for i in (0, 1):  # greedy and seeded: reproducible
+        assert outs[i].token_ids == clean[i].token_ids
