@@ -40,6 +40,8 @@ ENGINE = {
 # Long enough that the ranks are still stepping when a fault is injected.
 LONG = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
@@ -50,11 +52,9 @@ class _Ranks:
     """A data-parallel ``LLM`` of one mode, its checkpoint's weights, requests and the outputs
     it gave them fresh; rebuilt once a test has killed a rank."""
 
-    def __init__(self, path, mode: str) -> None:
+    def __init__(self, path, mode: str, seed: int) -> None:
         self.path, self.mode = path, mode
         self.weights = load_file(os.path.join(path, "model.safetensors"))
-        seed = int.from_bytes(os.urandom(4), "little")
-        print(f"prompt seed {seed}")
         rng = torch.Generator().manual_seed(seed)
         self.prompts = [torch.randint(0, 300, (n,), generator=rng).tolist() for n in (9, 21, 6)]
         self.params = [
@@ -104,8 +104,8 @@ class _Ranks:
 
 
 @pytest.fixture(scope="module", params=["replicas", "dp_attention"])
-def ranks(request, qwen3):
-    ranks = _Ranks(qwen3, request.param)
+def ranks(request, qwen3, seed_for):
+    ranks = _Ranks(qwen3, request.param, seed_for(f"{request.node.nodeid}[{request.param}]"))
     yield ranks
     ranks.shutdown()
 

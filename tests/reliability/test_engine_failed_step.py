@@ -39,13 +39,7 @@ ENGINE = {
 PREEMPT_KV_BLOCKS = 14
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more on this 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +48,15 @@ def qwen3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def requests(qwen3):
+def requests(qwen3, request, seed_for):
     """Five requests (``_requests``, fresh random prompts) and a fresh engine's outputs."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"prompt seed {seed}")
-    prompts, params = _requests(torch.Generator().manual_seed(seed))
-    return prompts, params, LLM(qwen3, **ENGINE).generate(prompts, params, use_tqdm=False)
+    prompts, params = _requests(torch.Generator().manual_seed(seed_for(request.node.nodeid)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests run (one_thread): the same float rounding
+    try:
+        return prompts, params, LLM(qwen3, **ENGINE).generate(prompts, params, use_tqdm=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _requests(rng: torch.Generator, vocab: int = 300):

@@ -40,6 +40,8 @@ ENGINE = {
 }
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, return_routed_experts=True)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _row_params() -> list[SamplingParams]:
     """Eight rows of every kind, twice: greedy, seeded, unseeded, top-k and top-p."""
@@ -84,7 +86,6 @@ def qwen3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(qwen3):
     """One engine for the module: every test writes the good weights back at its end."""
-    torch.set_num_threads(1)
     llm = LLM(qwen3, **ENGINE)
     yield llm, load_file(os.path.join(qwen3, "model.safetensors"))
     llm.shutdown()

@@ -22,6 +22,8 @@ from rollout.testing import make_tiny_moe
 TINY = [1e-38, 1e-45, 5e-324, 1e-7, MIN_SAMPLING_TEMPERATURE / 2]
 VOCAB = 211
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.mark.parametrize("temperature", [0.0, *TINY])
 def test_below_the_bound_is_greedy(temperature):
