@@ -14,13 +14,13 @@ of all ranks, route them, compute this rank's 1/N slice of the experts and reduc
 sum (``rollout.layers.moe.NaiveDispatch``); shared experts and everything outside the MoE blocks
 stay on the rank's own tokens. A rank holds the weights of its slice of the experts only
 (loaded, allocated and updated: ``rollout.models.decoder`` under ``MoEParallelConfig``), so the
-experts' memory is split across the ranks. Each rank's capture buffer takes its own tokens' rows of the
-routed batch (the capturer's DP rule), so a request's rows are again those a single-rank engine
-computes for it. Every forward is collective, so the ranks step in lockstep: before each step
-they all-reduce "has work" (and "stop", "failed"), and while any rank has work every rank forwards (one without work a
-padding token, ``ModelRunner.run_idle``). It runs eager (no CUDA graphs: the collectives change
-shape every step). ``num_experts`` must be a multiple of ``data_parallel_size`` (checked before
-any rank starts).
+experts' memory is split across the ranks. Each rank's capture buffer takes its own tokens' rows
+of the routed batch (the capturer's DP rule), so a request's rows are again those a single-rank
+engine computes for it. Every forward is collective, so the ranks step in lockstep: before each
+step they all-reduce "has work" (with "stop" and "failed"), and while any rank has work every
+rank forwards (one without work a padding token, ``ModelRunner.run_idle``). It runs eager (no
+CUDA graphs: the collectives change shape every step). ``num_experts`` must be a multiple of
+``data_parallel_size`` (checked before any rank starts).
 
 The front end talks to each rank over a pipe, one command at a time per rank, all ranks in
 parallel::

@@ -363,9 +363,9 @@ class LLMEngine:
                     else ""
                 )
                 raise NonFiniteLogitsError(
-                    f"logits: expected finite final logits for request {seq.seq_id}{rank} "
-                    f"(sampling its token {seq.num_resolved_tokens - seq.num_prompt_tokens}), "
-                    "got NaN or inf in its row: a non-finite weight or activation in the model",
+                    f"logits: expected finite final logits for request {seq.seq_id}{rank} (its "
+                    f"generated token {seq.num_resolved_tokens - seq.num_prompt_tokens}), got "
+                    "NaN or inf in the row it samples from: a non-finite weight or activation",
                     request_id=seq.seq_id,
                     dp_rank=self.dp_rank,
                 )

@@ -277,14 +277,13 @@ class Scheduler:
         self._finish(seq, "abort")
         return seq
 
-    def abort_all(self) -> list[Sequence]:
+    def abort_all(self) -> None:
         """Drop every unfinished sequence (finish reason "abort") and the batches scheduled or
         in flight, and empty the KV pool and the prefix cache (``BlockManager.reset``): the
         state after a failed step, whatever transition it interrupted. ``on_finish`` is not
-        called (an aborted sequence has nothing to save). Returns the dropped sequences.
+        called (an aborted sequence has nothing to save).
         """
-        dropped = list(self._unfinished.values())
-        for seq in dropped:
+        for seq in self._unfinished.values():
             seq.drop_placeholders()
             seq.block_table = []
             seq.finish_reason = "abort"
@@ -295,7 +294,6 @@ class Scheduler:
         self._scheduled = None
         self._in_flight.clear()
         self.block_manager.reset()
-        return dropped
 
     def has_unfinished(self) -> bool:
         """Whether any sequence is waiting or running."""
