@@ -100,9 +100,12 @@ class Segment:
         self.dtype = header.dtype
         self.owner_pid = header.owner_pid
         self._mmap: mmap.mmap | None = mmap.mmap(fd, HEADER_BYTES + header.nbytes)
-        self.array: np.ndarray | None = np.ndarray(
-            header.shape, dtype=header.dtype, buffer=self._mmap, offset=HEADER_BYTES
-        )
+        # frombuffer keeps an export of the mapping alive (np.ndarray(buffer=...) does not), so
+        # unmapping under a live view raises BufferError instead of leaving it dangling.
+        count = math.prod(header.shape)
+        self.array: np.ndarray | None = np.frombuffer(
+            self._mmap, header.dtype, count, HEADER_BYTES
+        ).reshape(header.shape)
 
     @property
     def nbytes(self) -> int:
