@@ -361,9 +361,13 @@ def _unlink_owned_then_terminate(signum: int, frame: object) -> None:
 def _open_segment(name: str) -> int:
     """``/dev/shm/<name>`` opened read-write without following a link; ValueError if it is not
     a regular file."""
-    fd = os.open(
-        os.path.join(_DEV_SHM, name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    )
+    path = os.path.join(_DEV_SHM, name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise ValueError(f"name: expected a regular file, {path} is a symbolic link") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise ValueError(f"name: expected a regular file, {_DEV_SHM}/{name} is not one")
