@@ -1,12 +1,13 @@
-"""Segments whose owner is gone (issue 13 section 4): SIGTERM and SIGKILL of an owner, and the
-sweep that reclaims what they leave when the next store starts.
+"""Owners, orphans and readers (issue 13 sections 4 and 8): SIGTERM and SIGKILL of an owner and
+the sweep that reclaims what they leave when the next store starts; a second owner of a live
+name refused; a reader killed while attached.
 
-Owners here are forked children of the test process (no interpreter start-up): each builds a
-``RoutingStore``, reports through a pipe, and waits to be killed. Liveness is the owner's lock
-on the segment file, never its pid: a live owner's segment survives every sweep even with a
-dead pid in its header, and an orphan is reclaimed even when its pid was recycled by a live
-process. Segments of earlier releases (no header) are reclaimed when the pid in their name is
-dead.
+Owners and readers here are forked children of the test process (no interpreter start-up): each
+builds its store or reader, reports through a pipe, and waits to be killed. Liveness is the
+owner's lock on the segment file, never its pid: a live owner's segment survives every sweep
+even with a dead pid in its header, and an orphan is reclaimed even when its pid was recycled
+by a live process. Segments of earlier releases (no header) are reclaimed when the pid in their
+name is dead.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from rollout import shm
-from rollout.capture import RoutingStore
+from rollout.capture import RoutedExpertsReader, RoutingStore
 from rollout.shm.header import Header
 
 DEV_SHM = Path("/dev/shm")
@@ -58,9 +60,10 @@ def _store(name: str, lock_path: str) -> RoutingStore:
     )
 
 
-def _fork_owner(body: Callable[[], None]) -> int:
-    """Fork a child that runs ``body`` (which builds its store and may then block), reporting
-    when the store exists; return its pid once it has. The child never returns into pytest."""
+def _fork_owner(body: Callable[[], None], *, reports: bool = True) -> int:
+    """Fork a child that runs ``body`` (which builds its store or reader, calls ``ready`` and
+    may then block); return its pid once it reported (or, with ``reports=False``, once it has
+    failed without reporting). The child never returns into pytest."""
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -76,7 +79,7 @@ def _fork_owner(body: Callable[[], None]) -> int:
             os._exit(code)
     os.close(ready_w)
     with os.fdopen(ready_r, "rb") as ready:
-        assert ready.read(1) == b"r", "the owner failed to build its store"
+        assert ready.read(1) == (b"r" if reports else b""), f"child reported: {not reports}"
     return pid
 
 
@@ -213,3 +216,59 @@ def _rewrite_owner_pid(name: str, pid: int) -> None:
         os.pwrite(fd, header.pack(), 0)
     finally:
         os.close(fd)
+
+
+def test_a_second_owner_of_a_live_name_is_refused(tag, lock_path):
+    name = shm.segment_name(f"{tag}-same", 0)
+    with _store(name, lock_path) as first:
+        _fill(first, np.random.default_rng())
+        rows = first.read(range(64))
+        # In this process (two engines given one instance_id) and in another one.
+        with pytest.raises(
+            FileExistsError, match=f"{name}: in use by a live owner \\(pid {os.getpid()}"
+        ):
+            _store(name, lock_path)
+        child = _fork_owner(lambda ready: (_store(name, lock_path), ready()), reports=False)
+        assert _wait(child) == 1  # its store raised; the pipe closed without a report
+        # The first owner is untouched: its segment, its rows, its liveness.
+        np.testing.assert_array_equal(first.read(range(64)), rows)
+        with RoutedExpertsReader.from_spec(first.reader_spec()) as reader:
+            np.testing.assert_array_equal(reader.read(range(64)), rows)
+        assert name not in shm.reclaim_orphans(lock_path=lock_path)
+    assert not (DEV_SHM / name).exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_reader_killed_while_attached_leaves_the_owner_working(signum, tag, lock_path):
+    name = shm.segment_name(f"{tag}-read", 0)
+    gen = np.random.default_rng()
+    with _store(name, lock_path) as store:
+        _fill(store, gen)
+        spec = store.reader_spec()
+
+        def read_forever(ready):
+            with RoutedExpertsReader.from_spec(spec) as reader:
+                reader.read(range(64))
+                ready()
+                while True:
+                    reader.read(range(64))
+
+        reader_pid = _fork_owner(read_forever)
+        os.kill(reader_pid, signum)
+        assert _wait(reader_pid) == -signum
+        assert (DEV_SHM / name).exists()
+        assert name not in shm.reclaim_orphans(lock_path=lock_path)
+        # The owner goes on: new steps land, and a new reader sees exactly what it wrote.
+        rows = _fill(store, gen)
+        with RoutedExpertsReader.from_spec(spec) as reader:
+            np.testing.assert_array_equal(reader.read(range(64)), rows)
+    assert not (DEV_SHM / name).exists()
+
+
+def _fill(store: RoutingStore, gen: np.random.Generator) -> np.ndarray:
+    """Write random rows to all 64 slots in steps of 8 tokens; return them [64, 2, 2]."""
+    rows = gen.integers(0, 64, (64, 2, 2), dtype=np.int16)
+    for first in range(0, 64, 8):
+        store.after_forward(torch.from_numpy(rows[first : first + 8]), 8, range(first, first + 8))
+        store.commit()
+    return rows
