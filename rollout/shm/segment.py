@@ -178,18 +178,22 @@ def create(
     """
     _check_name(name)
     header = Header(os.getpid(), check_shape(shape), check_dtype(dtype))
+    _install_sigterm_cleanup()
     with file_lock(default_lock_path() if lock_path is None else lock_path, lock_timeout_s):
         _reclaim_orphans_locked()
         fd = _build_unnamed(name, header)
         try:
             inode = os.fstat(fd).st_ino
             _publish(fd, name)
-            segment = OwnedSegment(name, fd, header, inode)
+            try:
+                segment = OwnedSegment(name, fd, header, inode)
+            except BaseException:
+                _unlink_if_same(name, inode)
+                raise
         except BaseException:
             os.close(fd)  # an unnamed file vanishes with its last descriptor
             raise
     logger.debug("created shared memory %s (%s %s)", name, header.dtype.name, header.shape)
-    _install_sigterm_cleanup()
     return segment
 
 
