@@ -1,5 +1,5 @@
 """Segments: create, attach, unlink, the orphan sweep and the SIGTERM clean-up (the rules are in
-``rollout.shm``'s docstring)."""
+``rollout.shm``'s docstring, which also exports the public names)."""
 
 from __future__ import annotations
 
@@ -23,19 +23,6 @@ import numpy as np
 
 from rollout.shm.header import HEADER_BYTES, Header, check_dtype, check_shape, read_header
 from rollout.shm.lock import default_lock_path, file_lock
-
-__all__ = [
-    "DEFAULT_LOCK_TIMEOUT_S",
-    "SEGMENT_PREFIX",
-    "OwnedSegment",
-    "Segment",
-    "attach",
-    "create",
-    "new_instance_id",
-    "reclaim_orphans",
-    "segment_name",
-    "unlink_if_present",
-]
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from rollout import LLM, SamplingParams
 from rollout.engine.llm_engine import LLMEngine
@@ -32,6 +31,8 @@ ENGINE = {
     "kv_cache_blocks": 256,
     "device": "cpu",
 }
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GREEDY = {"temperature": 0.0, "ignore_eos": True, "return_routed_experts": True}
 PROMPTS = [[5, 17, 33, 2, 90, 41], [7, 7, 120, 64], [200, 3, 15, 88, 9, 31, 44, 12, 6]]
 
@@ -57,16 +58,8 @@ def qwen3(tmp_path_factory):
     return make_tiny_moe("qwen3_moe", tmp_path_factory.mktemp("qwen3"))
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_engine_killed_mid_generation_then_restarted(qwen3, tmp_path, one_thread):
+def test_engine_killed_mid_generation_then_restarted(qwen3, tmp_path):
     victims = {}
     for signum in (signal.SIGTERM, signal.SIGKILL):
         victims[signum] = subprocess.Popen(
@@ -102,7 +95,7 @@ def test_engine_killed_mid_generation_then_restarted(qwen3, tmp_path, one_thread
             np.testing.assert_array_equal(out.routed_experts, clean[f"arr_{i}"])
 
 
-def test_second_engine_with_the_same_instance_id_is_refused(qwen3, one_thread):
+def test_second_engine_with_the_same_instance_id_is_refused(qwen3):
     params = SamplingParams(max_tokens=6, **GREEDY)
     with LLM(qwen3, capture_routing=True, **ENGINE) as llm:
         before = llm.generate(PROMPTS, params, use_tqdm=False)

@@ -30,11 +30,12 @@ import numpy as np, torch
 from rollout import shm
 from rollout.capture import RoutedExpertsReader, RoutingStore
 
+GEN = torch.Generator().manual_seed(SEED)
 for case, child in CHILDREN.items():
     name = shm.segment_name(shm.new_instance_id(), 0)
     store = RoutingStore(name=name, num_kv_slots=32, num_moe_layers=2, top_k=2,
                          max_num_tokens=8, device="cpu", lock_path=LOCK)
-    rows = torch.randint(0, 100, (8, 2, 2), dtype=torch.int16)
+    rows = torch.randint(0, 100, (8, 2, 2), dtype=torch.int16, generator=GEN)
     slots = list(range(3, 11))
     store.after_forward(rows, 8, slots)
     store.commit()
@@ -55,10 +56,9 @@ print("ok")
 """
 
 
-def test_forked_child_leaves_the_parents_segment(tmp_path):
-    code = f"CHILDREN = {CHILDREN!r}\nLOCK = {str(tmp_path / 'shm.lock')!r}\n" + textwrap.dedent(
-        SCRIPT
-    )
+def test_forked_child_leaves_the_parents_segment(tmp_path, seed):
+    lock = str(tmp_path / "shm.lock")
+    code = f"CHILDREN = {CHILDREN!r}\nLOCK = {lock!r}\nSEED = {seed}\n" + textwrap.dedent(SCRIPT)
     proc = subprocess.run(
         [sys.executable, "-c", code],
         check=False,

@@ -218,10 +218,10 @@ def _rewrite_owner_pid(name: str, pid: int) -> None:
         os.close(fd)
 
 
-def test_a_second_owner_of_a_live_name_is_refused(tag, lock_path):
+def test_a_second_owner_of_a_live_name_is_refused(tag, lock_path, seed):
     name = shm.segment_name(f"{tag}-same", 0)
     with _store(name, lock_path) as first:
-        _fill(first, np.random.default_rng())
+        _fill(first, np.random.default_rng(seed))
         rows = first.read(range(64))
         # In this process (two engines given one instance_id) and in another one.
         with pytest.raises(
@@ -239,9 +239,9 @@ def test_a_second_owner_of_a_live_name_is_refused(tag, lock_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
-def test_a_reader_killed_while_attached_leaves_the_owner_working(signum, tag, lock_path):
+def test_a_reader_killed_while_attached_leaves_the_owner_working(signum, tag, lock_path, seed):
     name = shm.segment_name(f"{tag}-read", 0)
-    gen = np.random.default_rng()
+    gen = np.random.default_rng(seed)
     with _store(name, lock_path) as store:
         _fill(store, gen)
         spec = store.reader_spec()
