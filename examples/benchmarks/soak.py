@@ -82,29 +82,35 @@ def run_processes() -> dict[str, int]:
     return found
 
 
+def run_segments(pids: set[int]) -> dict[str, int]:
+    """Name -> bytes of the segments in ``/dev/shm`` named after one of ``pids``
+    (``routing-replay-<pid>-...``, the pid of the process that drew the engine's id)."""
+    sizes = {}
+    for entry in os.scandir("/dev/shm"):
+        fields = entry.name.split("-")
+        ours = entry.name.startswith(f"{shm.SEGMENT_PREFIX}-") and fields[2].isdigit()
+        if ours and int(fields[2]) in pids:
+            try:
+                sizes[entry.name] = entry.stat().st_size
+            except FileNotFoundError:
+                pass  # unlinked since the scan
+    return sizes
+
+
 def snapshot(processes: dict[str, int]) -> Snapshot:
-    pids = set(processes.values())
-    segments = [
-        entry
-        for entry in os.scandir("/dev/shm")
-        if entry.name.startswith(f"{shm.SEGMENT_PREFIX}-")
-        and entry.name.split("-")[2].isdigit()
-        and int(entry.name.split("-")[2]) in pids
-    ]
+    segments = run_segments(set(processes.values()))
     fds, rss = {}, {}
     for label, pid in processes.items():
         try:
-            fds[label] = len(os.listdir(f"/proc/{pid}/fd"))
-            status = Path(f"/proc/{pid}/status").read_text()
+            count = len(os.listdir(f"/proc/{pid}/fd"))
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
         except OSError:
             continue  # the process is gone
-        kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
-        rss[label] = int(kb) / 1024
+        kb = [line.split()[1] for line in status if line.startswith("VmRSS")]
+        if kb:  # a zombie has no RSS line
+            fds[label], rss[label] = count, int(kb[0]) / 1024
     return Snapshot(
-        segments=len(segments),
-        segment_bytes=sum(entry.stat().st_size for entry in segments),
-        fds=fds,
-        rss_mb=rss,
+        segments=len(segments), segment_bytes=sum(segments.values()), fds=fds, rss_mb=rss
     )
 
 
@@ -194,37 +200,18 @@ def grpo_part(model: Path, out_dir: Path, steps: int) -> Part:
 
 
 def table_rows(start: Snapshot, end: Snapshot) -> list[list[object]]:
+    """Rows [what, start, end, change] (end and change None for a process that is gone)."""
+
+    def row(what: str, first: float, last: float | None) -> list[object]:
+        return [what, first, last, None if last is None else last - first]
+
     rows = [
-        [
-            "/dev/shm segments of the run",
-            start.segments,
-            end.segments,
-            end.segments - start.segments,
-        ],
-        [
-            "/dev/shm bytes of the run",
-            start.segment_bytes,
-            end.segment_bytes,
-            end.segment_bytes - start.segment_bytes,
-        ],
+        row("/dev/shm segments of the run", start.segments, end.segments),
+        row("/dev/shm bytes of the run", start.segment_bytes, end.segment_bytes),
     ]
     for label in start.fds:
-        rows.append(
-            [
-                f"open fds, {label}",
-                start.fds[label],
-                end.fds.get(label),
-                end.fds.get(label, 0) - start.fds[label],
-            ]
-        )
-        rows.append(
-            [
-                f"RSS MB, {label}",
-                start.rss_mb[label],
-                end.rss_mb.get(label),
-                end.rss_mb.get(label, 0) - start.rss_mb[label],
-            ]
-        )
+        rows.append(row(f"open fds, {label}", start.fds[label], end.fds.get(label)))
+        rows.append(row(f"RSS MB, {label}", start.rss_mb[label], end.rss_mb.get(label)))
     return rows
 
 
@@ -277,12 +264,8 @@ def main() -> None:
         print(f"\n{titles[name]}:")
         print_table(["", "start", "end", "change"], table_rows(part.start, part.end))
     # Everything is shut down: no segment of any process of the run may be left.
-    every_process = {
-        f"{n}:{label}": pid for n, p in parts.items() for label, pid in p.processes.items()
-    }
-    print(
-        f"\nafter shutdown: {snapshot(every_process).segments} segments of the run's processes left"
-    )
+    left = run_segments({pid for part in parts.values() for pid in part.processes.values()})
+    print(f"\nafter shutdown: {len(left)} segments of the run's processes left {sorted(left)}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         samples = {name: part.samples for name, part in parts.items()}

@@ -46,7 +46,7 @@ def test_soak_script_at_tiny_counts(tmp_path):
     ]
     assert segments == [["1", "1", "0"], ["1", "1", "0"]], out
     # ... and none once they are shut down.
-    assert "after shutdown: 0 segments of the run's processes left" in out
+    assert "after shutdown: 0 segments of the run's processes left []" in out
     samples = json.loads((tmp_path / "soak.json").read_text())
     assert [s["i"] for s in samples["generate"]] == [0, 1, 2, 3]
     assert [s["i"] for s in samples["grpo"]] == [0, 1]
