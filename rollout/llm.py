@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from rollout.capture import ReaderSpec
 from rollout.config import EngineConfig
 from rollout.engine.data_parallel import DataParallelEngine
-from rollout.engine.llm_engine import LLMEngine
+from rollout.engine.llm_engine import LLMEngine, NonFiniteLogitsError
 from rollout.hub import resolve_model
 from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
 from rollout.sampling_params import SamplingParams
@@ -203,6 +203,12 @@ class LLM:
                 a tokenizer, prompt + ``max_tokens`` beyond ``max_model_len``, or a sampling
                 list whose length differs from the prompts'. Nothing is generated then.
             RuntimeError: the engine is asleep (``sleep``).
+            NonFiniteLogitsError (a ValueError): ``prompts[i]: logits: ...``: the final logits
+                request ``i`` sampled from held a NaN or an inf (a broken weight or activation).
+
+        Whatever a step raises (that, a model error, a ``KeyboardInterrupt``) drops every
+        request of the call; the engine then serves the next call like a fresh one with the
+        same weights (``rollout.engine.llm_engine``).
         """
         engine = self.engine
         if engine.is_sleeping:
@@ -235,6 +241,11 @@ class LLM:
                     steps += 1
                     bar.set_postfix_str(f"step {steps}", refresh=False)
                     bar.update(0)
+        except NonFiniteLogitsError as exc:
+            index = request_ids.index(exc.request_id)
+            raise NonFiniteLogitsError(
+                f"prompts[{index}]: {exc}", exc.request_id, exc.dp_rank
+            ) from exc
         except BaseException:
             for request_id in request_ids:
                 engine.abort_request(request_id)

@@ -122,14 +122,18 @@ SCRIPT = textwrap.dedent(
         folder = llm.config.model
     with LLM("tiny/qwen3-moe", revision="v1", device="cpu", kv_cache_blocks=16) as llm:
         old = llm.config.model
+    # The trainer: load_config checks the snapshot before Ray starts, then the run resolves it.
     trainer = prepare_model(load_config(None, ["model=tiny/qwen3-moe", "model_revision=v1"]))
-    try:
-        LLM("tiny/absent-moe")
-        error = None
-    except ValueError as err:
-        error = str(err)
+    errors = []
+    for make in (lambda: LLM("tiny/absent-moe"),
+                 lambda: load_config(None, ["model=tiny/absent-moe"])):
+        try:
+            make()
+            errors.append(None)
+        except ValueError as err:
+            errors.append(str(err))
     print(json.dumps({"tokens": len(out.token_ids), "folder": folder, "old": old,
-                      "trainer": str(trainer), "error": error}))
+                      "trainer": str(trainer), "errors": errors}))
     """
 )
 
@@ -159,5 +163,7 @@ def test_llm_and_trainer_take_hub_ids_from_hf_home_offline(
     assert summary["tokens"] == 3
     assert summary["folder"] == str(hub_cache["main"])
     assert summary["old"] == summary["trainer"] == str(hub_cache["old"])
-    assert str(hub_cache["cache"] / "models--tiny--absent-moe") in summary["error"]
-    assert "HF_HUB_OFFLINE" in summary["error"]
+    for error in summary["errors"]:  # rollout.LLM's, then the trainer config's
+        assert error.startswith("model: expected a checkpoint folder or a Hugging Face Hub id")
+        assert str(hub_cache["cache"] / "models--tiny--absent-moe") in error
+        assert "HF_HUB_OFFLINE" in error
