@@ -40,9 +40,13 @@ def check_against_model(config: TrainConfig) -> None:
       KV cache (every token but the last generated one takes a slot).
     """
     path = Path(config.model)
-    hub = not path.exists() and is_hub_id(config.model)
-    if config.model_init == "existing" and (hub or config.model_revision is not None):
-        # Raises naming the folder and the cache it looked in, or a revision with a folder.
+    if config.model_init == "existing" and path.exists() and config.model_revision is not None:
+        raise ValueError(
+            f"model_revision: expected null for the local folder {str(path)!r} (a revision "
+            f"selects a Hub snapshot), got {config.model_revision!r}"
+        )
+    if config.model_init == "existing" and not path.exists() and is_hub_id(config.model):
+        # Raises naming the folder and the Hub cache it looked in.
         path = resolve_model(config.model, revision=config.model_revision)
     if path.exists() and not path.is_dir():
         raise ValueError(f"model: expected a checkpoint folder, got {str(path)!r} (a file)")

@@ -110,6 +110,15 @@ def test_local_folders_and_bad_arguments(
         resolve_model("tiny/qwen3-moe", revision="")
 
 
+def test_trainer_config_refuses_a_revision_of_a_local_folder(hub_cache: dict[str, Path]) -> None:
+    from replay.trainer.config import load_config
+
+    folder = hub_cache["main"]
+    with pytest.raises(ValueError, match=r"^model_revision: expected null for the local folder"):
+        load_config(None, [f"model={folder}", "model_revision=v1"])
+    assert load_config(None, [f"model={folder}"]).model_revision is None
+
+
 SCRIPT = textwrap.dedent(
     """
     import json, sys
