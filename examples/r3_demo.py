@@ -53,15 +53,15 @@ def engine_config(family: str, device: str, folder: Path) -> dict[str, Any]:
     """Build the tiny checkpoint in ``folder``; return the ``LLM`` keyword arguments."""
     cuda = device.startswith("cuda")
     path = make_tiny_moe(family, folder, seed=0, **(flashinfer_overrides(family) if cuda else {}))
-    return dict(
-        model=path,
-        device=device,
-        dtype="bfloat16" if cuda else "float32",
-        max_num_seqs=64,
-        max_num_batched_tokens=2048,
-        max_model_len=512,
-        seed=0,
-    )
+    return {
+        "model": path,
+        "device": device,
+        "dtype": "bfloat16" if cuda else "float32",
+        "max_num_seqs": 64,
+        "max_num_batched_tokens": 2048,
+        "max_model_len": 512,
+        "seed": 0,
+    }
 
 
 def make_prompts(num_prompts: int) -> list[str]:

@@ -72,7 +72,7 @@ def test_example_help_prints_the_whole_description() -> None:
     paths = [str(ROOT / "examples" / name) for name in SCRIPTS]
     result = subprocess.run(
         [sys.executable, "-c", HELP, *paths], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=120,
+        timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     helps = json.loads(result.stdout.strip().splitlines()[-1])

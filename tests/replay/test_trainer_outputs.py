@@ -45,7 +45,9 @@ def test_tensorboard_asked_for_without_the_package_raises(
     assert read_metrics(tmp_path) == [{"step": 1, "reward_mean": 0.25}]
 
 
-def test_wandb_offline_run_gets_the_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_offline_run_gets_the_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     wandb = pytest.importorskip("wandb")
     # Offline twice over (the config's mode and W&B's own switch), every W&B folder in tmp_path.
     for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
