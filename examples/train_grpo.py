@@ -69,6 +69,7 @@ def main() -> None:
         "step": last.get("step"),
         "reward_mean": last.get("reward_mean"),
         "kl_k3": last.get("kl_k3"),
+        "kl_k3_max": max((r["kl_k3"] for r in records), default=None),
         "router_agreement": last.get("router_agreement"),
     }
     print(json.dumps(summary))

@@ -78,6 +78,11 @@ class LLM:
             them: expert parallelism; ``num_experts`` must be a multiple of N). The ranks step
             in lockstep and run eager (``enforce_eager`` is implied: no CUDA graphs). Outputs
             and routed-expert rows are those of a single-rank engine either way.
+        deterministic: the true on-policy mode: batch-invariant numerics, so a request's tokens
+            and logprobs do not depend on what else is batched with it, how its prefill was
+            chunked, prefix-cache hits or recompute after preemption, and equal bit for bit
+            those the policy of ``rollout.load_policy(..., deterministic=True)`` computes on
+            the same tokens and weights (with ``replay`` R3 on its side).
 
     Raises:
         ValueError / TypeError: a bad argument, naming it.
@@ -103,6 +108,7 @@ class LLM:
         capture_routing: bool = False,
         data_parallel_size: int = 1,
         data_parallel_mode: str = "replicas",
+        deterministic: bool = False,
     ) -> None:
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
@@ -125,6 +131,7 @@ class LLM:
             capture_routing=capture_routing,
             data_parallel_size=data_parallel_size,
             data_parallel_mode=data_parallel_mode,
+            deterministic=deterministic,
         )
         self._engine: LLMEngine | DataParallelEngine | None = (
             LLMEngine(self.config) if data_parallel_size == 1 else DataParallelEngine(self.config)

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from rollout.sampling_params import SamplingParams
+from routing_kernels import batch_invariant
 
 __all__ = [
     "SampledTokens",
@@ -218,6 +219,8 @@ class Sampler:
         seed: seeds the engine's generator, which unseeded rows draw from.
         use_flashinfer: sample unseeded rows with FlashInfer; None: when on CUDA and
             flashinfer is installed.
+        deterministic: logprobs by ``routing_kernels.batch_invariant.token_logprobs``, the
+            function a trainer computes its own with (the engine's deterministic mode).
     """
 
     def __init__(
@@ -227,8 +230,10 @@ class Sampler:
         device: torch.device | str,
         seed: int = 0,
         use_flashinfer: bool | None = None,
+        deterministic: bool = False,
     ) -> None:
         self.vocab_size = vocab_size
+        self.deterministic = deterministic
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self._flashinfer_sampling: Any = None
@@ -338,6 +343,8 @@ class Sampler:
             ids_S = logits_SV.argmax(dim=-1)
         else:
             ids_S = self._sample(logits_SV, inputs)
+        if self.deterministic:
+            return ids_S, batch_invariant.token_logprobs(logits_SV, ids_S)
         logprobs_S = logits_SV.gather(1, ids_S[:, None])[:, 0] - logits_SV.logsumexp(dim=-1)
         # A logprob of finite logits is finite, so NaN marks the rows that were not.
         nonfinite_S = ~logits_SV.isfinite().all(dim=-1)

@@ -148,6 +148,9 @@ class RolloutConfig:
         release_kv_while_training: put the engines to sleep (``LLM.sleep``: KV cache, CUDA
             graphs and attention workspaces released) after each rollout and wake them after
             the weight sync, so that a trainer sharing their GPU gets that memory.
+        deterministic: ``rollout.LLM(deterministic=True)``, the true on-policy mode: with
+            ``trainer.policy: engine`` and ``routing: r3`` the trainer's first forward of each
+            update reproduces the rollout's logprobs bit for bit.
 
     Sampling is fixed at temperature 1 without top-p / top-k: the engine's logprobs are those
     of the temperature-1 softmax, so the behaviour policy is exactly the policy whose
@@ -170,6 +173,7 @@ class RolloutConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     release_kv_while_training: bool = False
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -244,6 +248,7 @@ class RolloutConfig:
             "enable_prefix_caching",
             "enforce_eager",
             "capture_routing",
+            "deterministic",
         )
         return {name: getattr(self, name) for name in names}
 
@@ -273,6 +278,11 @@ class TrainerConfig:
             ``"object_store"`` (CPU copies through Ray's object store, any placement) or
             ``"cuda_ipc"`` (CUDA IPC handles of the trainer's GPU tensors, no copy on the
             trainer's side: rollout workers on the trainer's GPU, ``world_size`` 1).
+        policy: ``"hf"`` (HF transformers' model of the checkpoint) or ``"engine"`` (the
+            rollout engine's own model, ``rollout.load_policy``, with ``rollout.deterministic``'s
+            numerics: float32 parameters, the forward in ``rollout.dtype``; ``world_size`` 1,
+            ``compute_dtype`` float32 (no autocast), no grouped experts or gradient
+            checkpointing, which are HF-model features).
     """
 
     device: Device = "cuda"
@@ -291,6 +301,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     grouped_experts: Literal["off", "auto", "loop", "grouped_mm"] = "off"
     weight_sync: WeightSync = "object_store"
+    policy: Literal["hf", "engine"] = "hf"
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -341,6 +352,14 @@ class TrainerConfig:
             "an int >= 1",
             self.num_minibatches,
         )
+        if self.policy == "engine":
+            for name, expected, ok in (
+                ("world_size", "1", self.world_size == 1),
+                ("compute_dtype", "'float32'", self.compute_dtype == "float32"),
+                ("grouped_experts", "'off'", self.grouped_experts == "off"),
+                ("gradient_checkpointing", "false", not self.gradient_checkpointing),
+            ):
+                _require(ok, name, f"{expected} with policy 'engine'", getattr(self, name))
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

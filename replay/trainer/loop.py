@@ -136,6 +136,8 @@ class GRPOTrainer:
             seed=config.seed,
             reference_path=base,
             native_router_agreement=config.log.native_router_agreement,
+            policy_dtype=config.rollout.dtype,
+            deterministic=config.rollout.deterministic,
         )
         self.workers: RolloutWorkers | None = None
         self.log: MetricsLog | None = None

@@ -435,9 +435,12 @@ def start_trainer(
     seed: int,
     reference_path: str | Path | None = None,
     native_router_agreement: bool = True,
+    policy_dtype: str = "auto",
+    deterministic: bool = False,
 ) -> TrainerGroup:
     """Start the trainer's ``trainer.world_size`` ranks, each a ``TrainerWorker`` actor with
-    ``trainer.num_gpus`` / ``trainer.num_cpus``, and build their ``Learner``."""
+    ``trainer.num_gpus`` / ``trainer.num_cpus``, and build their ``Learner`` (``policy_dtype``
+    and ``deterministic``: the rollout's, for ``trainer.policy: engine``)."""
     return TrainerGroup(
         model_path,
         trainer=trainer,
@@ -446,4 +449,6 @@ def start_trainer(
         seed=seed,
         reference_path=None if reference_path is None else str(reference_path),
         native_router_agreement=native_router_agreement,
+        policy_dtype=policy_dtype,
+        deterministic=deterministic,
     )

@@ -193,6 +193,7 @@ class LLMEngine:
                 if config.dp_attention
                 else None
             ),
+            deterministic=config.deterministic,
         )
         model = checkpoint.model
         max_model_len = config.resolve_max_model_len(checkpoint.hf_config.max_position_embeddings)
