@@ -7,8 +7,9 @@ generate_packed``): the driver fetches the answers only and hands the routing's 
 the trainer, which reads them from the object store on its own node (Ray copies an object
 between nodes once; on the same node a numpy array comes back as a read-only view of the
 store, no copy). One buffer per worker instead of one array per answer keeps the object
-count, and the (de)serialization work per object, independent of the batch size. Shared
-memory never crosses nodes: see ``replay.trainer.workers.open_routing_readers``.
+count, and the (de)serialization work per object, independent of the batch size. (Ray returns
+an object under 100 KB inline to its owner, the driver, instead: a toy model's routing.) Shared
+memory never crosses nodes: see ``open_routing_readers``.
 
 Measured by ``examples/benchmarks/bench_routing_transfer.py`` (BENCHMARKS.md).
 
