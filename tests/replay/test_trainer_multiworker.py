@@ -10,10 +10,13 @@
 - A worker killed (SIGKILL of its process) fails the next call with ``WorkerDiedError`` naming
   it; a sync with a dead worker changes no engine (the living worker still holds the previous
   weights and version); the group then refuses every call.
+- The routing's way to the trainer: ``pack_routing`` / ``attach_routing`` give back the traces
+  ``Batch.from_outputs`` builds; a shared-memory reader attaches on its store's node only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from collections.abc import Iterator
@@ -25,9 +28,19 @@ import ray
 import torch
 
 import rollout
+from replay.trainer.batch import Batch
 from replay.trainer.loop import TINY_ADDITION_SPEC
+from replay.trainer.routing_transfer import (
+    NodeReaderSpecs,
+    attach_routing,
+    open_routing_readers,
+    pack_routing,
+)
 from replay.trainer.tasks import make_addition_model
 from replay.trainer.workers import RolloutWorkers, WorkerDiedError
+from rollout.capture import RoutingStore
+from rollout.shm import new_instance_id, segment_name
+from routing_kernels import RoutingMethod
 
 ENGINE = {
     "device": "cpu",
@@ -195,3 +208,63 @@ def test_worker_killed_before_generate_fails_it_naming_the_worker(
         os.kill(workers.infos[0].pid, signal.SIGKILL)
         with pytest.raises(WorkerDiedError, match=r"^rollout worker 0 \(node .* died during gen"):
             workers.rollout(PROMPTS, rollout.SamplingParams(max_tokens=2))
+
+
+# ---------------------------------------------------------------------- routing transfer
+
+
+SPEC = rollout.RoutingSpec(
+    moe_layers=(0, 1), num_experts=8, top_k=2, method=RoutingMethod.RENORMALIZE
+)
+
+
+def output(i: int, prompt: int, answer: int, rng: torch.Generator) -> rollout.RequestOutput:
+    rows = prompt + answer - 1
+    ids_RLK = torch.stack([torch.randperm(8, generator=rng)[:2] for _ in range(rows * 2)])
+    return rollout.RequestOutput(
+        request_id=i,
+        prompt_token_ids=list(range(1, prompt + 1)),
+        token_ids=list(range(1, answer + 1)),
+        text=None,
+        logprobs=np.zeros(answer, dtype=np.float32),
+        finish_reason="length",
+        num_cached_tokens=0,
+        routed_experts=ids_RLK.reshape(rows, 2, 2).numpy().astype(np.uint8),
+    )
+
+
+def test_packed_routing_round_trip(rng: torch.Generator) -> None:
+    outputs = [output(i, 3 + i, 2 + (i % 3), rng) for i in range(5)]
+    want = Batch.from_outputs(outputs, SPEC)
+    halves = [pack_routing(outputs[:2], SPEC), pack_routing(outputs[2:], SPEC)]
+    assert all(out.routed_experts is None for part, _ in halves for out in part)
+    packed = [p for _, p in halves]
+    assert [len(p) for p in packed] == [2, 3]
+    assert packed[0].offsets_A.tolist() == [0, 4, 10]
+    assert packed[0].nbytes == 10 * 2 * 2
+    bare = Batch.from_outputs([out for part, _ in halves for out in part])
+    assert bare.traces is None
+    assert attach_routing(bare, packed).traces == want.traces
+    with pytest.raises(
+        ValueError, match=r"parts: expected routing for the batch's 5 answers, got 3"
+    ):
+        attach_routing(bare, packed[1:])
+    mixed = [outputs[0], dataclasses.replace(outputs[1], routed_experts=None)]
+    with pytest.raises(ValueError, match=r"outputs\[1\]\.routed_experts: expected routing"):
+        pack_routing(mixed, SPEC)
+    assert pack_routing(mixed[1:], SPEC)[1] is None
+
+
+def test_routing_readers_attach_on_their_node_only(local_ray: None) -> None:
+    here = ray.get_runtime_context().get_node_id()
+    name = segment_name(new_instance_id(), 0)
+    with RoutingStore(
+        name=name, num_kv_slots=16, num_moe_layers=2, top_k=2, max_num_tokens=4, device="cpu"
+    ) as store:
+        (reader,) = open_routing_readers(NodeReaderSpecs(node_id=here, specs=(store.spec,)))
+        assert reader.spec == store.spec
+        reader.close()
+        elsewhere = NodeReaderSpecs(node_id="f" * len(here), specs=(store.spec,))
+        with pytest.raises(ValueError, match=r"shared memory is node-local") as err:
+            open_routing_readers(elsewhere)
+        assert f"routing stores ['{name}']: expected a reader on their node fff" in str(err.value)
