@@ -16,13 +16,14 @@ a step of 256 samples x 8192 tokens carries 256 x 8191 routing rows, 0.8 GB. On 
     validated and copied) and puts them in the object store once more for the trainer;
   - ``object per sample``: each worker puts every sample's rows as an object of its own and
     the trainer fetches them all;
-  - ``buffer per worker``: ``RolloutWorker.generate_packed`` (``pack_routing``: one
-    concatenated buffer, returned as its own object, which the driver never fetches); the
-    trainer fetches one object per worker (a zero-copy view of the object store); beside it
-    the same object holding the samples' arrays unconcatenated, and the buffer copied on the
-    trainer after the fetch (what zero-copy saves);
+  - ``one concatenated buffer per worker``: the worker concatenates its samples' rows and
+    returns the buffer as an object of its own;
+  - ``object per worker``: ``RolloutWorker.generate_split`` (``split_routing``: the samples'
+    arrays as they are, returned as one object of its own, which the driver never fetches);
+    the trainer fetches one object per worker (zero-copy views of the object store); and the
+    same with a private copy on the trainer after the fetch (what zero-copy saves);
 
-- on the trainer: ``PackedRouting.traces`` (one ``RoutedExperts`` per sample: validated and
+- on the trainer: ``WorkerRouting.traces`` (one ``RoutedExperts`` per sample: validated and
   copied) and the alignment onto the training batch (``replay.layout.align_traces``) in
   micro-batches of ``--micro-batch`` samples, padded (``[micro, tokens]`` with an attention
   mask) and packed (one row, ``cu_seqlens``).
@@ -53,7 +54,7 @@ from common import print_table
 
 from replay.layout import BatchLayout, align_traces
 from replay.routed_experts import RoutedExperts
-from replay.trainer.routing_transfer import PackedRouting, pack_routing
+from replay.trainer.routing_transfer import WorkerRouting, split_routing
 from rollout import RequestOutput, RoutingSpec
 from routing_kernels import RoutingMethod
 
@@ -94,11 +95,11 @@ class Source:
     def put_each(self) -> list[ray.ObjectRef]:
         return [ray.put(out.routed_experts) for out in self.outputs]
 
-    def packed(self) -> tuple[list[RequestOutput], PackedRouting | None]:
-        return pack_routing(self.outputs, self.spec)
+    def packed(self) -> tuple[list[RequestOutput], WorkerRouting | None]:
+        return split_routing(self.outputs, self.spec)
 
-    def listed(self) -> tuple[int, list[np.ndarray]]:
-        return 0, self.arrays()
+    def concatenated(self) -> tuple[int, np.ndarray]:
+        return 0, np.concatenate(self.arrays())
 
 
 class Trainer:
@@ -111,16 +112,13 @@ class Trainer:
     def fetch_nested(self, refs: list[ray.ObjectRef]) -> int:
         return sum(self.fetch(inner) for inner in ray.get(refs))
 
-    def fetch_nested_arrays(self, refs: list[ray.ObjectRef]) -> int:
-        return sum(a.nbytes for part in ray.get(refs) for a in part)
-
     def fetch_copy(self, refs: list[ray.ObjectRef]) -> int:
-        """``fetch``, then a private copy of each buffer (what zero-copy saves)."""
-        return sum(np.array(part.rows_NLK).nbytes for part in ray.get(refs))
+        """``fetch``, then a private copy of each array (what zero-copy saves)."""
+        return sum(np.array(a).nbytes for part in ray.get(refs) for a in part.rows)
 
 
 def _nbytes(part: Any) -> int:
-    if isinstance(part, PackedRouting):
+    if isinstance(part, WorkerRouting):
         return part.nbytes
     if isinstance(part, np.ndarray):
         return part.nbytes
@@ -176,9 +174,9 @@ def transfer_s(
         def per_sample() -> int:
             return ray.get(trainer.fetch_nested.remote([w.put_each.remote() for w in sources]))
 
-        def per_worker_list() -> int:
-            routing = [w.listed.options(num_returns=2).remote()[1] for w in sources]
-            return ray.get(trainer.fetch_nested_arrays.remote(routing))
+        def concatenated() -> int:
+            routing = [w.concatenated.options(num_returns=2).remote()[1] for w in sources]
+            return ray.get(trainer.fetch.remote(routing))
 
         def per_worker(fetch: str = "fetch") -> int:
             routing = [w.packed.options(num_returns=2).remote()[1] for w in sources]
@@ -188,9 +186,9 @@ def transfer_s(
         for name, fn in (
             ("via driver (before)", via_driver),
             ("object per sample", per_sample),
-            ("buffer per worker (now)", per_worker),
-            ("object per worker, arrays unconcatenated", per_worker_list),
-            ("buffer per worker, copied on the trainer", lambda: per_worker("fetch_copy")),
+            ("one concatenated buffer per worker", concatenated),
+            ("object per worker (now)", per_worker),
+            ("object per worker, copied on the trainer", lambda: per_worker("fetch_copy")),
         ):
             seconds, got = timed(fn, repeats)
             assert got == nbytes, (name, got, nbytes)
@@ -252,10 +250,10 @@ def main() -> None:
     copy_s, fresh_s = copy_floor_s(nbytes, args.repeats)
     rows_out = transfer_s(spec, samples, rows, args.workers, args.repeats)
 
-    packed = pack_routing(Source(spec, samples, rows, seed=7).outputs, spec)[1]
-    assert packed is not None
-    traces_s, traces = timed(packed.traces, args.repeats)
-    rows_out.append(("trainer: PackedRouting.traces (validate + copy)", traces_s))
+    routing = split_routing(Source(spec, samples, rows, seed=7).outputs, spec)[1]
+    assert routing is not None
+    traces_s, traces = timed(routing.traces, args.repeats)
+    rows_out.append(("trainer: WorkerRouting.traces (validate + copy)", traces_s))
     for layout in ("padded", "packed"):
         seconds, _ = timed(
             lambda layout=layout: align_all(traces, spec, args.micro_batch, layout == "packed"),
@@ -280,12 +278,12 @@ def main() -> None:
     )
     stage = dict(rows_out)
     path = (
-        stage["transfer: buffer per worker (now)"]
+        stage["transfer: object per worker (now)"]
         + stage[f"trainer: align_traces, padded, micro-batch {args.micro_batch}"]
     )
-    traces = stage["trainer: PackedRouting.traces (validate + copy)"]
+    traces = stage["trainer: WorkerRouting.traces (validate + copy)"]
     print(
-        f"\ntransfer (buffer per worker) + padded alignment: {path:.3f} s = "
+        f"\ntransfer (object per worker) + padded alignment: {path:.3f} s = "
         f"{path / args.step_s:.2%} of a {args.step_s:g} s rollout step (target < 2%: "
         f"{'met' if path < budget else 'missed'}); with the traces' construction: "
         f"{(path + traces) / args.step_s:.2%}"

@@ -1,25 +1,27 @@
-"""A rollout worker's routing on its way to the trainer: one concatenated buffer per worker.
+"""A rollout worker's routing on its way to the trainer: one Ray object per worker and step.
 
 Routing is the bulk of a step's rollout data (Qwen3-30B-A3B: 48 MoE layers x top-8 uint8 =
 384 bytes per token, about 0.8 GB for 256 answers of 8k tokens), and only the trainer needs
 it. So a worker returns it as its own Ray object beside the answers (``RolloutWorker.
-generate_packed``): the driver fetches the answers only and hands the routing's ObjectRefs to
+generate_split``): the driver fetches the answers only and hands the routing's ObjectRefs to
 the trainer, which reads them from the object store on its own node (Ray copies an object
 between nodes once; on the same node a numpy array comes back as a read-only view of the
-store, no copy). One buffer per worker instead of one array per answer keeps the object
-count, and the (de)serialization work per object, independent of the batch size. (Ray returns
-an object under 100 KB inline to its owner, the driver, instead: a toy model's routing.) Shared
-memory never crosses nodes: see ``open_routing_readers``.
+store, no copy). (Ray returns an object under 100 KB inline to its owner, the driver,
+instead: a toy model's routing.) Shared memory never crosses nodes: see
+``open_routing_readers``.
 
-Measured by ``examples/benchmarks/bench_routing_transfer.py`` (BENCHMARKS.md).
+One object per worker, not one per answer (each object costs Ray a put, a location record and
+a fetch), holding the answers' arrays as they are: Ray serializes each array as a buffer of
+its own inside the object, so the worker's one copy is the one into the object store; a
+concatenated buffer would add a copy into freshly allocated memory, which measured 3x slower
+at 0.8 GB (``examples/benchmarks/bench_routing_transfer.py``, BENCHMARKS.md).
 
-Legend: N rows of all answers, L MoE layers, K top_k, A answers.
+Legend: R rows of an answer, L MoE layers, K top_k.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,63 +35,50 @@ from rollout.capture import ReaderSpec, RoutedExpertsReader
 
 __all__ = [
     "NodeReaderSpecs",
-    "PackedRouting",
+    "WorkerRouting",
     "attach_routing",
     "open_routing_readers",
-    "pack_routing",
+    "split_routing",
 ]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
-class PackedRouting:
-    """The routing rows of consecutive answers in one buffer.
+class WorkerRouting:
+    """The routing rows of consecutive answers (one worker's share of a step).
 
     Attributes:
-        rows_NLK: every answer's rows (DESIGN.md: ``N_a - 1`` rows for ``N_a`` tokens, start
-            0), answer after answer, in the id dtype of ``num_experts``.
-        offsets_A: int64 ``[A + 1]``: answer ``a`` owns ``rows_NLK[offsets_A[a]:offsets_A[a+1]]``.
+        rows: per answer, its rows ``[R, L, K]`` (DESIGN.md: ``N - 1`` rows for ``N`` tokens,
+            start 0) in the id dtype of ``num_experts``.
         moe_layers: the model's MoE layers (the layer axis).
         num_experts: routed experts per MoE layer.
     """
 
-    rows_NLK: np.ndarray
-    offsets_A: np.ndarray
+    rows: tuple[np.ndarray, ...]
     moe_layers: tuple[int, ...]
     num_experts: int
 
-    def __post_init__(self) -> None:
-        offsets = self.offsets_A
-        if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0:
-            raise ValueError(f"offsets_A: expected [0, ...] (1-D), got {offsets!r:.80}")
-        if np.any(np.diff(offsets) < 0) or offsets[-1] != len(self.rows_NLK):
-            raise ValueError(
-                f"offsets_A: expected non-decreasing offsets ending at {len(self.rows_NLK)} "
-                f"(the rows), got {offsets!r:.80}"
-            )
-
     def __len__(self) -> int:
         """The number of answers."""
-        return self.offsets_A.size - 1
+        return len(self.rows)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the rows."""
-        return self.rows_NLK.nbytes
+        return sum(rows_RLK.nbytes for rows_RLK in self.rows)
 
     def traces(self) -> tuple[RoutedExperts, ...]:
         """One trace per answer (each validated and copied by ``RoutedExperts``)."""
-        bounds = self.offsets_A.tolist()
         return tuple(
-            RoutedExperts(self.rows_NLK[lo:hi], self.moe_layers, self.num_experts, start=0)
-            for lo, hi in itertools.pairwise(bounds)
+            RoutedExperts(rows_RLK, self.moe_layers, self.num_experts, start=0)
+            for rows_RLK in self.rows
         )
 
 
-def pack_routing(
+def split_routing(
     outputs: Sequence[RequestOutput], spec: RoutingSpec
-) -> tuple[list[RequestOutput], PackedRouting | None]:
+) -> tuple[list[RequestOutput], WorkerRouting | None]:
     """Split engine outputs into the outputs without their routed experts and one
-    ``PackedRouting`` of them all (None when no output carries routing).
+    ``WorkerRouting`` of them all (None when no output carries routing).
 
     Raises:
         ValueError: some outputs carry routing and others do not, naming the first without.
@@ -102,19 +91,15 @@ def pack_routing(
             f"outputs[{routed.index(False)}].routed_experts: expected routing for every output "
             f"(the others have it), got None"
         )
-    rows = [out.routed_experts for out in outputs]
-    offsets_A = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum([len(r) for r in rows], out=offsets_A[1:])
-    packed = PackedRouting(
-        rows_NLK=np.concatenate(rows),
-        offsets_A=offsets_A,
+    routing = WorkerRouting(
+        rows=tuple(out.routed_experts for out in outputs),
         moe_layers=spec.moe_layers,
         num_experts=spec.num_experts,
     )
-    return [dataclasses.replace(out, routed_experts=None) for out in outputs], packed
+    return [dataclasses.replace(out, routed_experts=None) for out in outputs], routing
 
 
-def attach_routing(batch: Batch, parts: Sequence[PackedRouting]) -> Batch:
+def attach_routing(batch: Batch, parts: Sequence[WorkerRouting]) -> Batch:
     """``batch`` (answers without traces) with the traces of ``parts``, whose answers are the
     batch's in order.
 

@@ -91,7 +91,7 @@ class TrainerWorker:
         advantages: np.ndarray,
         routing: Sequence[ray.ObjectRef] | None = None,
     ) -> dict[str, Any]:
-        """One GRPO update; its metrics. ``routing``: the rollout's ``PackedRouting`` objects
+        """One GRPO update; its metrics. ``routing``: the rollout's ``WorkerRouting`` objects
         (``Rollout.routing``), read here from the object store of this rank's node."""
         if routing is not None:
             batch = attach_routing(batch, ray.get(list(routing)))

@@ -14,7 +14,7 @@ A worker may itself hold several engine ranks (``data_parallel_size``).
 Several workers: ``generate`` splits the prompts into contiguous shares, one per worker, and
 reassembles the answers in prompt order; a request's tokens and routing rows are those one
 engine gives it (its sampling seed travels with it). A worker's routing comes back as one
-buffer, its own Ray object, which the driver passes on to the trainer unread
+object of its own, which the driver passes on to the trainer unread
 (``replay.trainer.routing_transfer``). A worker that dies fails the call with
 ``WorkerDiedError`` naming it, and the group refuses further work.
 
@@ -62,9 +62,9 @@ from replay.trainer.config import RolloutConfig
 from replay.trainer.placement import ActorGroup, Placement, plan_placement
 from replay.trainer.routing_transfer import (
     NodeReaderSpecs,
-    PackedRouting,
+    WorkerRouting,
     attach_routing,
-    pack_routing,
+    split_routing,
 )
 from replay.trainer.weight_sync import SharedCudaTensors, open_cuda_tensors
 
@@ -119,12 +119,12 @@ class RolloutWorker:
         """``LLM.generate`` without a progress bar."""
         return self.llm.generate(prompts, sampling, use_tqdm=False)
 
-    def generate_packed(
+    def generate_split(
         self, prompts: list[Prompt], sampling: list[rollout.SamplingParams]
-    ) -> tuple[list[rollout.RequestOutput], PackedRouting | None]:
-        """``generate``, its routing split off into one buffer (``pack_routing``): call it with
+    ) -> tuple[list[rollout.RequestOutput], WorkerRouting | None]:
+        """``generate``, its routing split off (``split_routing``): call it with
         ``num_returns=2`` so that the routing becomes an object of its own."""
-        return pack_routing(self.generate(prompts, sampling), self.llm.routing_spec)
+        return split_routing(self.generate(prompts, sampling), self.llm.routing_spec)
 
     def sleep(self) -> None:
         """Release the engine's KV cache, CUDA graphs and attention workspaces
@@ -199,7 +199,7 @@ class RolloutWorker:
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class Rollout:
     """A rollout's answers (``batch``, without traces) and its routing as ObjectRefs to one
-    ``PackedRouting`` per worker that served answers, in answer order (None without routing):
+    ``WorkerRouting`` per worker that served answers, in answer order (None without routing):
     hand both to ``TrainerGroup.step``, or ``attach_routing(batch, ray.get(routing))``."""
 
     batch: Batch
@@ -330,7 +330,7 @@ class RolloutWorkers:
 
         ``sampling`` is one ``SamplingParams`` for all or one per prompt. The answers come back
         in prompt order; their routing (``return_routed_experts``, on all requests or none)
-        stays in the object store, one ``PackedRouting`` per worker.
+        stays in the object store, one ``WorkerRouting`` per worker.
         """
         prompts = list(prompts)
         if not prompts:
@@ -355,7 +355,7 @@ class RolloutWorkers:
         ranks = [rank for rank, share in enumerate(shares) if len(share)]
         calls = [
             self._actors[rank]
-            .generate_packed.options(num_returns=2)
+            .generate_split.options(num_returns=2)
             .remote([prompts[i] for i in shares[rank]], [params[i] for i in shares[rank]])
             for rank in ranks
         ]

@@ -10,7 +10,7 @@
 - A worker killed (SIGKILL of its process) fails the next call with ``WorkerDiedError`` naming
   it; a sync with a dead worker changes no engine (the living worker still holds the previous
   weights and version); the group then refuses every call.
-- The routing's way to the trainer: ``pack_routing`` / ``attach_routing`` give back the traces
+- The routing's way to the trainer: ``split_routing`` / ``attach_routing`` give back the traces
   ``Batch.from_outputs`` builds; a shared-memory reader attaches on its store's node only.
 """
 
@@ -34,7 +34,7 @@ from replay.trainer.routing_transfer import (
     NodeReaderSpecs,
     attach_routing,
     open_routing_readers,
-    pack_routing,
+    split_routing,
 )
 from replay.trainer.tasks import make_addition_model
 from replay.trainer.workers import RolloutWorkers, WorkerDiedError
@@ -233,15 +233,15 @@ def output(i: int, prompt: int, answer: int, rng: torch.Generator) -> rollout.Re
     )
 
 
-def test_packed_routing_round_trip(rng: torch.Generator) -> None:
+def test_worker_routing_round_trip(rng: torch.Generator) -> None:
     outputs = [output(i, 3 + i, 2 + (i % 3), rng) for i in range(5)]
     want = Batch.from_outputs(outputs, SPEC)
-    halves = [pack_routing(outputs[:2], SPEC), pack_routing(outputs[2:], SPEC)]
+    halves = [split_routing(outputs[:2], SPEC), split_routing(outputs[2:], SPEC)]
     assert all(out.routed_experts is None for part, _ in halves for out in part)
     packed = [p for _, p in halves]
     assert [len(p) for p in packed] == [2, 3]
-    assert packed[0].offsets_A.tolist() == [0, 4, 10]
-    assert packed[0].nbytes == 10 * 2 * 2
+    assert packed[0].nbytes == (4 + 6) * 2 * 2
+    assert all(a is out.routed_experts for a, out in zip(packed[0].rows, outputs, strict=False))
     bare = Batch.from_outputs([out for part, _ in halves for out in part])
     assert bare.traces is None
     assert attach_routing(bare, packed).traces == want.traces
@@ -251,8 +251,8 @@ def test_packed_routing_round_trip(rng: torch.Generator) -> None:
         attach_routing(bare, packed[1:])
     mixed = [outputs[0], dataclasses.replace(outputs[1], routed_experts=None)]
     with pytest.raises(ValueError, match=r"outputs\[1\]\.routed_experts: expected routing"):
-        pack_routing(mixed, SPEC)
-    assert pack_routing(mixed[1:], SPEC)[1] is None
+        split_routing(mixed, SPEC)
+    assert split_routing(mixed[1:], SPEC)[1] is None
 
 
 def test_routing_readers_attach_on_their_node_only(local_ray: None) -> None:
