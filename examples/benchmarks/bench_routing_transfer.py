@@ -28,7 +28,8 @@ a step of 256 samples x 8192 tokens carries 256 x 8191 routing rows, 0.8 GB. On 
   micro-batches of ``--micro-batch`` samples, padded (``[micro, tokens]`` with an attention
   mask) and packed (one row, ``cu_seqlens``).
 
-The last column compares each stage with the budget: 2% of a step's rollout time (``--step-s``,
+Each time is the best of ``--repeats`` rounds (after a warm-up) that run the variants in turn:
+on a shared machine the least disturbed run. The last column compares each stage with the budget: 2% of a step's rollout time (``--step-s``,
 default 25 s). Where 25 s comes from: this repository's engine decodes 256 sequences of
 Qwen3-30B-A3B at 10345 tok/s on one H200 (BENCHMARKS.md, 2026-11-23, short context), so a step
 of 256 x 8192 tokens is at least 2.1 M / 10345 = 203 s on one engine, and 25 s on eight GPUs at
@@ -42,7 +43,6 @@ the rollout slower). 2% of 25 s: 0.5 s.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -125,16 +125,18 @@ def _nbytes(part: Any) -> int:
     return sum(t.ids.nbytes for t in part)
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call (page faults of
-    fresh buffers, Ray's first-call costs), and the last result."""
-    result = fn()
-    seconds = []
+def best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, Any]]:
+    """``{name: (seconds, last result)}``: each ``fn`` called once to warm up (page faults of
+    fresh buffers, Ray's first-call costs), then ``repeats`` rounds calling every ``fn`` in
+    turn; the least of each one's times (on a shared machine, the least disturbed run)."""
+    results = {name: fn() for name, fn in fns.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), result
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: (min(seconds[name]), results[name]) for name in fns}
 
 
 def copy_floor_s(nbytes: int, repeats: int) -> tuple[float, float]:
@@ -143,7 +145,10 @@ def copy_floor_s(nbytes: int, repeats: int) -> tuple[float, float]:
     as for every buffer a step allocates anew)."""
     src = np.full(nbytes, 7, dtype=np.uint8)
     dst = np.zeros_like(src)
-    return timed(lambda: np.copyto(dst, src), repeats)[0], timed(lambda: np.array(src), repeats)[0]
+    best = best_of(
+        {"touched": lambda: np.copyto(dst, src), "fresh": lambda: np.array(src)}, repeats
+    )
+    return best["touched"][0], best["fresh"][0]
 
 
 def transfer_s(
@@ -182,15 +187,15 @@ def transfer_s(
             routing = [w.packed.options(num_returns=2).remote()[1] for w in sources]
             return ray.get(getattr(trainer, fetch).remote(routing))
 
+        paths = {
+            "via driver (before)": via_driver,
+            "object per sample": per_sample,
+            "one concatenated buffer per worker": concatenated,
+            "object per worker (now)": per_worker,
+            "object per worker, copied on the trainer": lambda: per_worker("fetch_copy"),
+        }
         out = []
-        for name, fn in (
-            ("via driver (before)", via_driver),
-            ("object per sample", per_sample),
-            ("one concatenated buffer per worker", concatenated),
-            ("object per worker (now)", per_worker),
-            ("object per worker, copied on the trainer", lambda: per_worker("fetch_copy")),
-        ):
-            seconds, got = timed(fn, repeats)
+        for name, (seconds, got) in best_of(paths, repeats).items():
             assert got == nbytes, (name, got, nbytes)
             out.append((f"transfer: {name}", seconds))
         return out
@@ -229,7 +234,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of --samples to run")
     parser.add_argument("--workers", type=int, default=2, help="rollout-worker actors")
     parser.add_argument("--micro-batch", type=int, default=8, help="samples per alignment")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds after a warm-up")
     parser.add_argument("--step-s", type=float, default=25.0, help="assumed rollout s / step")
     args = parser.parse_args()
     samples = max(args.workers, round(args.samples * args.scale))
@@ -252,16 +257,19 @@ def main() -> None:
 
     routing = split_routing(Source(spec, samples, rows, seed=7).outputs, spec)[1]
     assert routing is not None
-    traces_s, traces = timed(routing.traces, args.repeats)
+    ((traces_s, traces),) = best_of({"traces": routing.traces}, args.repeats).values()
     rows_out.append(("trainer: WorkerRouting.traces (validate + copy)", traces_s))
-    for layout in ("padded", "packed"):
-        seconds, _ = timed(
-            lambda layout=layout: align_all(traces, spec, args.micro_batch, layout == "packed"),
-            args.repeats,
-        )
-        rows_out.append(
-            (f"trainer: align_traces, {layout}, micro-batch {args.micro_batch}", seconds)
-        )
+    micro = args.micro_batch
+    aligned = best_of(
+        {
+            f"trainer: align_traces, {layout}, micro-batch {micro}": (
+                lambda packed=layout == "packed": align_all(traces, spec, micro, packed)
+            )
+            for layout in ("padded", "packed")
+        },
+        args.repeats,
+    )
+    rows_out += [(name, seconds) for name, (seconds, _) in aligned.items()]
 
     budget = 0.02 * args.step_s
     table = [

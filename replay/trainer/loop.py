@@ -271,6 +271,13 @@ class GRPOTrainer:
         """Checkpoint the current step (policy, optimizer, RNG, driver state)."""
         folder = staging_dir(self.out_dir, self.step)
         self.trainer.save(folder)
+        if not (Learner.policy_dir(folder) / "config.json").exists():
+            node = self.trainer.infos[0]
+            raise RuntimeError(
+                f"log.out_dir: expected a folder that trainer rank 0 (node {node.node_id[:12]} "
+                f"at {node.node_ip}) and this driver share (a shared filesystem), got "
+                f"{self.out_dir}, where the policy it just saved is not visible here"
+            )
         save_driver_state(folder, {"step": self.step, "rng": self.rng.bit_generator.state})
         final = commit_checkpoint(self.out_dir, self.step)
         prune_checkpoints(self.out_dir, self.config.log.keep_checkpoints)

@@ -124,8 +124,13 @@ class PlacementPlan:
         return None
 
     def group(self, role: Role) -> ActorGroup:
-        (group,) = [g for g in self.groups if g.role == role]
-        return group
+        """The plan's actor group of ``role`` (ValueError naming the roles it has)."""
+        for group in self.groups:
+            if group.role == role:
+                return group
+        raise ValueError(
+            f"role: expected one of the plan's {[g.role for g in self.groups]}, got {role!r}"
+        )
 
     def totals(self) -> dict[str, float]:
         """Every resource summed over the bundles."""
