@@ -37,7 +37,7 @@ from ray._private.state import state as ray_state
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from replay.trainer.config import TrainConfig
+from replay.trainer.config import TrainConfig, TrainerConfig
 
 __all__ = [
     "NODE_RESOURCE_AMOUNT",
@@ -48,7 +48,9 @@ __all__ = [
     "PlacementError",
     "PlacementPlan",
     "check_placement",
+    "plan_from_config",
     "plan_placement",
+    "trainer_actor_group",
 ]
 
 logger = logging.getLogger(__name__)
@@ -201,25 +203,25 @@ def plan_placement(groups: Sequence[ActorGroup], mode: PlacementMode = "separate
 
 def plan_from_config(config: TrainConfig) -> PlacementPlan:
     """The plan of a GRPO run: its rollout workers and trainer ranks in ``config.placement``."""
-    rollout, trainer = config.rollout, config.trainer
-    return plan_placement(
-        [
-            ActorGroup(
-                role="rollout",
-                count=rollout.num_workers,
-                num_cpus=rollout.num_cpus_per_worker,
-                num_gpus=rollout.num_gpus_per_worker,
-                node_resource=rollout.node_resource,
-            ),
-            ActorGroup(
-                role="trainer",
-                count=trainer.world_size,
-                num_cpus=trainer.num_cpus,
-                num_gpus=trainer.num_gpus,
-                node_resource=trainer.node_resource,
-            ),
-        ],
-        config.placement,
+    rollout = config.rollout
+    workers = ActorGroup(
+        role="rollout",
+        count=rollout.num_workers,
+        num_cpus=rollout.num_cpus_per_worker,
+        num_gpus=rollout.num_gpus_per_worker,
+        node_resource=rollout.node_resource,
+    )
+    return plan_placement([workers, trainer_actor_group(config.trainer)], config.placement)
+
+
+def trainer_actor_group(trainer: TrainerConfig) -> ActorGroup:
+    """The trainer's ranks as ``trainer`` (a ``TrainConfig.trainer`` section) describes."""
+    return ActorGroup(
+        role="trainer",
+        count=trainer.world_size,
+        num_cpus=trainer.num_cpus,
+        num_gpus=trainer.num_gpus,
+        node_resource=trainer.node_resource,
     )
 
 

@@ -27,7 +27,7 @@ from replay.trainer.actors import WorkerInfo, actor_name, gather
 from replay.trainer.batch import Batch
 from replay.trainer.config import GRPOConfig, RoutingMode, TrainerConfig
 from replay.trainer.learner import Learner
-from replay.trainer.placement import ActorGroup, Placement, plan_placement
+from replay.trainer.placement import Placement, plan_placement, trainer_actor_group
 from replay.trainer.routing_transfer import attach_routing
 from replay.trainer.weight_sync import SharedCudaTensors, share_cuda_tensors
 
@@ -160,14 +160,8 @@ class TrainerGroup:
         self.config = trainer
         self._own_placement = placement is None
         if placement is None:
-            group = ActorGroup(
-                role="trainer",
-                count=trainer.world_size,
-                num_cpus=trainer.num_cpus,
-                num_gpus=trainer.num_gpus,
-                node_resource=trainer.node_resource,
-            )
-            placement = Placement.reserve(plan_placement([group]), timeout_s=placement_timeout_s)
+            plan = plan_placement([trainer_actor_group(trainer)])
+            placement = Placement.reserve(plan, timeout_s=placement_timeout_s)
         self._placement = placement
         self._actors: list[Any] = []
         self.infos: list[WorkerInfo] = []
