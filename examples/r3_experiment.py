@@ -114,16 +114,21 @@ def main() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
+    # Every mode's config is checked before Ray starts, not after the previous modes ran.
+    configs = {}
+    for mode in args.modes:
+        overrides = [*args.overrides, f"routing={mode}", f"log.out_dir={args.out / mode}"]
+        if mode != "r3":
+            # Capture stays on so that router agreement is measured in every mode.
+            overrides.append("rollout.capture_routing=true")
+        configs[mode] = load_config(args.config, overrides)
+
     address = args.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     ray.init(address=address, include_dashboard=False if address is None else None)
     runs = {}
     try:
-        for mode in args.modes:
-            overrides = [*args.overrides, f"routing={mode}", f"log.out_dir={args.out / mode}"]
-            if mode != "r3":
-                # Capture stays on so that router agreement is measured in every mode.
-                overrides.append("rollout.capture_routing=true")
-            train(load_config(args.config, overrides))
+        for mode, config in configs.items():
+            train(config)
             runs[mode] = read_metrics(args.out / mode)
     finally:
         ray.shutdown()

@@ -41,6 +41,12 @@ import torch
 from torch import nn
 
 from replay.discovery import MoELayer, MoEStructure, RoutingSpec
+from replay.forward_layout import (
+    ForwardInputs,
+    LayoutInputs,
+    check_forward_layout,
+    read_forward_inputs,
+)
 from replay.layout import AlignedTraces, BatchLayout, align_traces, traces_from_aligned
 from replay.routed_experts import RoutedExperts
 from routing_kernels.replay_weights import replay_topk
@@ -83,6 +89,7 @@ class ReplayController:
             _RouterSeam(self, position, layer.router)
             for position, layer in enumerate(structure.layers)
         )
+        self._read_inputs = read_forward_inputs(model.forward)
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         model.register_forward_hook(self._after_forward, with_kwargs=True)
 
@@ -150,13 +157,18 @@ class ReplayController:
 
         Without a layout argument every row is one unpadded sequence, all of the length the
         traces imply. The traces are checked and aligned here, once (ValueError naming the
-        sequence, the expected and the actual value); each forward inside the block must have
-        this batch shape.
+        sequence, the expected and the actual value). Each forward inside the block must have
+        this batch shape and this layout by its own inputs (its ``attention_mask``,
+        ``position_ids``, ``cu_seq_lens_q``; ``replay.forward_layout``), else ValueError naming
+        what differs: traces aligned for one layout would route another's tokens.
         """
         layout = BatchLayout.from_inputs(
             attention_mask=attention_mask,
             position_ids=position_ids,
             cu_seqlens=cu_seqlens,
+        )
+        given = LayoutInputs.of(
+            attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens
         )
         if layout is None:
             layout = _dense_layout_of(traces)
@@ -168,7 +180,7 @@ class ReplayController:
             top_k=self.top_k,
             device=self._device(),
         )
-        return ReplayContext(self, aligned, layout)
+        return ReplayContext(self, aligned, layout, given)
 
     def record(
         self,
@@ -179,15 +191,20 @@ class ReplayController:
     ) -> RecordContext:
         """A context that captures the native routing of the one forward run inside it (R2).
 
-        The layout arguments mean what they mean for ``replay``; without them every row is one
-        sequence of the forward's length. Recomputation in backward is ignored.
+        The layout arguments mean what they mean for ``replay``, and the forward must have that
+        layout by its own inputs; without them the layout is the forward's own (its
+        ``attention_mask``, ``position_ids``, ``cu_seq_lens_q``; else every row is one
+        sequence of the forward's length). Recomputation in backward is ignored.
         """
         layout = BatchLayout.from_inputs(
             attention_mask=attention_mask,
             position_ids=position_ids,
             cu_seqlens=cu_seqlens,
         )
-        return RecordContext(self, layout)
+        given = LayoutInputs.of(
+            attention_mask=attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens
+        )
+        return RecordContext(self, layout, given)
 
     # ------------------------------------------------------------------ the seam
 
@@ -243,7 +260,7 @@ class ReplayController:
         if self._context is None:
             self._forward = self._native
         else:
-            self._forward = self._context._new_forward(_batch_shape(args, kwargs))
+            self._forward = self._context._new_forward(self._read_inputs(args, kwargs))
 
     def _after_forward(
         self,
@@ -346,11 +363,16 @@ class ReplayContext(_ModeContext):
     _MODE = Mode.REPLAY
 
     def __init__(
-        self, controller: ReplayController, aligned: AlignedTraces, layout: BatchLayout
+        self,
+        controller: ReplayController,
+        aligned: AlignedTraces,
+        layout: BatchLayout,
+        given: LayoutInputs,
     ) -> None:
         super().__init__(controller)
         self._aligned = aligned
         self._layout = layout
+        self._given = given
         self._forwards: list[_ReplayForward] = []
 
     @property
@@ -375,8 +397,9 @@ class ReplayContext(_ModeContext):
             consumed = [forward.consumed for forward in forwards]
             _check_each_layer_once(self._controller.layers, consumed, "replay")
 
-    def _new_forward(self, batch_shape: tuple[int, int] | None) -> _ReplayForward:
-        _check_batch_shape(batch_shape, self._layout, "replay")
+    def _new_forward(self, inputs: ForwardInputs) -> _ReplayForward:
+        _check_batch_shape(inputs.batch_shape, self._layout, "replay")
+        check_forward_layout("replay", self._given, self._layout, inputs)
         forward = _ReplayForward(self, len(self._controller.layers))
         self._forwards.append(forward)
         return forward
@@ -429,9 +452,12 @@ class RecordContext(_ModeContext):
 
     _MODE = Mode.RECORD
 
-    def __init__(self, controller: ReplayController, layout: BatchLayout | None) -> None:
+    def __init__(
+        self, controller: ReplayController, layout: BatchLayout | None, given: LayoutInputs
+    ) -> None:
         super().__init__(controller)
         self._layout = layout
+        self._given = given
         self._forward: _RecordForward | None = None
         self._traces: list[RoutedExperts] | None = None
 
@@ -464,18 +490,20 @@ class RecordContext(_ModeContext):
             consumed = [] if self._forward is None else [self._forward.consumed]
             _check_each_layer_once(self._controller.layers, consumed, "record")
 
-    def _new_forward(self, batch_shape: tuple[int, int] | None) -> _RecordForward:
+    def _new_forward(self, inputs: ForwardInputs) -> _RecordForward:
         if self._forward is not None:
             raise RuntimeError("record: expected one forward per record context, got a second one")
         if self._layout is None:
-            if batch_shape is None:
+            self._layout = inputs.layout_inputs.model_layout(inputs.batch_shape)
+            if self._layout is None:
                 raise ValueError(
                     "record: expected input_ids or inputs_embeds [batch, seq_len, ...] to find "
                     "the sequences, got neither; pass attention_mask, position_ids or "
                     "cu_seqlens to record()"
                 )
-            self._layout = BatchLayout.dense(*batch_shape)
-        _check_batch_shape(batch_shape, self._layout, "record")
+        else:
+            check_forward_layout("record", self._given, self._layout, inputs)
+        _check_batch_shape(inputs.batch_shape, self._layout, "record")
         self._forward = _RecordForward(len(self._controller.layers))
         return self._forward
 
@@ -662,17 +690,6 @@ def _tensors_in(output: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     elif depth < 2 and isinstance(output, (tuple, list)):
         for value in output:
             yield from _tensors_in(value, depth + 1)
-
-
-def _batch_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
-    """(batch, seq_len) of a forward's ``input_ids`` / ``inputs_embeds``, if it has them."""
-    candidates = [kwargs.get("input_ids"), kwargs.get("inputs_embeds")]
-    if args:
-        candidates.append(args[0])
-    for value in candidates:
-        if isinstance(value, torch.Tensor) and value.ndim >= 2:
-            return int(value.shape[0]), int(value.shape[1])
-    return None
 
 
 def _check_batch_shape(shape: tuple[int, int] | None, layout: BatchLayout, what: str) -> None:

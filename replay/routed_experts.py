@@ -15,6 +15,9 @@ import base64
 import binascii
 import io
 import os
+import struct
+import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -28,6 +31,27 @@ if TYPE_CHECKING:
 
 # Bumped whenever the .npz layout written by ``RoutedExperts.save`` changes.
 _FORMAT_VERSION = 1
+_REQUIRED_KEYS = frozenset({"format_version", "ids", "moe_layers", "num_experts", "start"})
+_NPZ_KEYS = _REQUIRED_KEYS | {"valid"}
+# What zipfile, zlib and numpy's .npy parser raise on truncated or corrupted bytes (measured by
+# flipping every byte of a saved trace and truncating it at every length: tests/reliability).
+_CORRUPT_FILE_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    ValueError,
+    NotImplementedError,  # a flipped compression-method field
+    RuntimeError,  # a flipped encryption flag
+    KeyError,
+    struct.error,
+    OverflowError,
+    MemoryError,  # a corrupted .npy header declaring an absurd shape
+)
+# The zip end-of-central-directory record, at the very end of a file without an archive
+# comment (``save`` writes none): signature, disk numbers, member counts, directory size and
+# offset, comment length.
+_END_RECORD = struct.Struct("<4s4H2LH")
 
 
 def compact_dtype(num_experts: int) -> np.dtype:
@@ -42,9 +66,10 @@ class RoutedExperts:
     """An immutable routing trace: ids ``[rows, num_moe_layers, top_k]`` plus its spec.
 
     Construct with ``RoutedExperts(ids, moe_layers, num_experts, start=0, valid=None)``.
-    The inputs are validated and copied; the stored arrays are read-only, so a trace never
-    changes after construction. Every bad input raises ValueError (TypeError for a wrong
-    Python type) naming the field, the expected and the actual value.
+    The inputs are validated and copied; the stored arrays are views of immutable ``bytes``, so
+    they cannot be written nor flagged writable again: a trace never changes after
+    construction (replay trusts a validated trace's ids). Every bad input raises ValueError
+    (TypeError for a wrong Python type) naming the field, the expected and the actual value.
 
     Args:
         ids: integer array-like ``[rows, len(moe_layers), top_k]`` of logical expert ids in
@@ -131,6 +156,22 @@ class RoutedExperts:
     # Equality is by value over mutable-looking arrays, as for numpy arrays: not hashable.
     __hash__ = None  # type: ignore[assignment]
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # Pickle (Ray, copy.deepcopy) rebuilds numpy arrays writable; ship the bytes instead so
+        # the copy's arrays are read-only views again. The contents were validated when built.
+        valid = None if self._valid_R is None else self._valid_R.tobytes()
+        return (
+            _restore,
+            (
+                self._ids_RLK.tobytes(),
+                self._ids_RLK.shape,
+                self._moe_layers,
+                self._num_experts,
+                self._start,
+                valid,
+            ),
+        )
+
     def __repr__(self) -> str:
         layers = self._moe_layers
         layer_text = f"{layers[0]}..{layers[-1]}" if len(layers) > 1 else str(layers[0])
@@ -161,27 +202,46 @@ class RoutedExperts:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RoutedExperts:
-        """Read a trace written by ``save``; the contents are validated as on construction."""
-        with np.load(path, allow_pickle=False) as data:
-            keys = set(data.files)
-            required = {"format_version", "ids", "moe_layers", "num_experts", "start"}
-            if not required <= keys:
-                raise ValueError(
-                    f"{os.fspath(path)}: expected keys {sorted(required)}, "
-                    f"missing {sorted(required - keys)}"
-                )
-            version = int(data["format_version"])
-            if version != _FORMAT_VERSION:
-                raise ValueError(
-                    f"{os.fspath(path)}: format_version: expected {_FORMAT_VERSION}, got {version}"
-                )
-            return cls(
-                data["ids"],
-                [int(layer) for layer in data["moe_layers"]],
-                int(data["num_experts"]),
-                start=int(data["start"]),
-                valid=data["valid"] if "valid" in keys else None,
+        """Read a trace written by ``save``; the contents are validated as on construction.
+
+        A missing or unreadable file raises its OSError; a file that is not such a trace
+        (truncated, corrupted, another format, unknown or missing keys, non-integer fields)
+        raises ValueError naming ``path`` and what is wrong.
+        """
+        name = os.fspath(path)
+        arrays = _read_npz(name)
+        keys = set(arrays)
+        if keys - _NPZ_KEYS:
+            raise ValueError(
+                f"{name}: expected keys from {sorted(_NPZ_KEYS)}, got unknown keys "
+                f"{sorted(keys - _NPZ_KEYS)}"
             )
+        if not _REQUIRED_KEYS <= keys:
+            raise ValueError(
+                f"{name}: expected keys {sorted(_REQUIRED_KEYS)}, "
+                f"missing {sorted(_REQUIRED_KEYS - keys)}"
+            )
+        version = _stored_int(name, "format_version", arrays["format_version"])
+        if version != _FORMAT_VERSION:
+            raise ValueError(f"{name}: format_version: expected {_FORMAT_VERSION}, got {version}")
+        moe_layers = arrays["moe_layers"]
+        if moe_layers.ndim != 1 or not np.issubdtype(moe_layers.dtype, np.integer):
+            raise ValueError(
+                f"{name}: moe_layers: expected a 1-D integer array, got {moe_layers.dtype} "
+                f"shape {moe_layers.shape}: {_preview(moe_layers)}"
+            )
+        num_experts = _stored_int(name, "num_experts", arrays["num_experts"])
+        start = _stored_int(name, "start", arrays["start"])
+        try:
+            return cls(
+                arrays["ids"],
+                moe_layers.tolist(),
+                num_experts,
+                start=start,
+                valid=arrays.get("valid"),
+            )
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {err}") from err
 
     # ------------------------------------------------------------------ combination
 
@@ -263,10 +323,17 @@ class RoutedExperts:
         moe_layers: Sequence[int],
         num_experts: int,
         start: int = 0,
+        num_rows: int | None = None,
     ) -> RoutedExperts:
         """Wrap SGLang's ``meta_info["routed_experts"]``: base64 text (str or ASCII bytes) of
         flat little-endian int32, reshaped ``(-1, num_hidden_layers, top_k)``; the dense layers
         are dropped, keeping the ``moe_layers`` columns.
+
+        ``num_rows`` (optional, recommended) is the number of rows the payload must hold (the
+        tokens fed forward for the request). The wire format carries no dtype nor row count,
+        so only with it is a payload of another element size caught: int64 ids of ``n`` rows
+        are ``8 n H K`` bytes, which without ``num_rows`` would read as ``2 n`` rows of int32.
+        With it the byte length must be exactly ``4 * num_rows * num_hidden_layers * top_k``.
         """
         if not isinstance(payload, (str, bytes)):
             raise TypeError(f"payload: expected str or bytes, got {type(payload).__name__}")
@@ -274,6 +341,16 @@ class RoutedExperts:
         top_k = _check_int("top_k", top_k, minimum=1)
         raw = _b64decode("payload", payload)
         row_bytes = 4 * num_hidden_layers * top_k
+        if num_rows is not None:
+            num_rows = _check_int("num_rows", num_rows, minimum=0)
+            if len(raw) != num_rows * row_bytes:
+                per_id = len(raw) / (num_rows * num_hidden_layers * top_k) if num_rows else None
+                hint = "" if per_id is None else f", {per_id:g} bytes per id where int32 has 4"
+                raise ValueError(
+                    f"payload: expected {num_rows * row_bytes} bytes (int32 x num_rows "
+                    f"{num_rows} x num_hidden_layers {num_hidden_layers} x top_k {top_k}), got "
+                    f"{len(raw)} bytes{hint}"
+                )
         if len(raw) % row_bytes:
             raise ValueError(
                 f"payload: expected a multiple of {row_bytes} bytes (int32 x num_hidden_layers "
@@ -379,10 +456,7 @@ def _check_ids(ids: npt.ArrayLike, moe_layers: tuple[int, ...], num_experts: int
                 f"{sorted_RLK[row, layer, slot]} twice at (row {row}, layer {moe_layers[layer]}): "
                 f"{array[row, layer].tolist()}"
             )
-    # astype copies, so later writes to the caller's array cannot reach the trace.
-    stored = array.astype(compact_dtype(num_experts), copy=True)
-    stored.setflags(write=False)
-    return stored
+    return _immutable(array.astype(compact_dtype(num_experts), copy=False))
 
 
 def _check_valid(valid: npt.ArrayLike, rows: int) -> np.ndarray:
@@ -391,9 +465,79 @@ def _check_valid(valid: npt.ArrayLike, rows: int) -> np.ndarray:
         raise ValueError(f"valid: expected dtype bool, got {array.dtype}")
     if array.shape != (rows,):
         raise ValueError(f"valid: expected shape ({rows},) (one per row), got {array.shape}")
-    stored = array.copy()
-    stored.setflags(write=False)
-    return stored
+    return _immutable(array)
+
+
+def _immutable(array: np.ndarray) -> np.ndarray:
+    """A copy of ``array`` viewing an immutable ``bytes`` object: read-only, and (unlike a
+    ``setflags(write=False)`` array) impossible to flag writable again; later writes to the
+    caller's array cannot reach it."""
+    return np.frombuffer(array.tobytes(), dtype=array.dtype).reshape(array.shape)
+
+
+def _restore(
+    ids: bytes,
+    shape: tuple[int, int, int],
+    moe_layers: tuple[int, ...],
+    num_experts: int,
+    start: int,
+    valid: bytes | None,
+) -> RoutedExperts:
+    """Unpickle a trace (see ``RoutedExperts.__reduce__``): views of the pickled bytes."""
+    trace = RoutedExperts.__new__(RoutedExperts)
+    trace._ids_RLK = np.frombuffer(ids, dtype=compact_dtype(num_experts)).reshape(shape)
+    trace._moe_layers, trace._num_experts, trace._start = moe_layers, num_experts, start
+    trace._valid_R = None if valid is None else np.frombuffer(valid, dtype=np.bool_)
+    return trace
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of the .npz at ``path`` by key; ValueError naming ``path`` if the bytes are
+    not an intact .npz of plain arrays."""
+    with open(path, "rb") as file:  # a missing or unreadable file raises its own OSError
+        size = os.fstat(file.fileno()).st_size
+        if size == 0:
+            raise ValueError(
+                f"{path}: expected a trace .npz (RoutedExperts.save), got an empty file"
+            )
+        try:
+            with zipfile.ZipFile(file) as archive:
+                members = archive.namelist()
+                # zipfile stops at a corrupted directory entry without a word, so a flipped
+                # byte there would silently drop ``valid``: count against the end record.
+                file.seek(size - _END_RECORD.size)
+                signature, *_, declared, _, _, _ = _END_RECORD.unpack(file.read())
+                if signature != b"PK\x05\x06" or declared != len(members):
+                    raise zipfile.BadZipFile(
+                        f"the archive's end record declares {declared} members, its directory "
+                        f"lists {len(members)}"
+                    )
+                # archive.read checks each member's CRC before numpy parses a byte of it.
+                return {
+                    name.removesuffix(".npy"): np.lib.format.read_array(
+                        io.BytesIO(archive.read(name)), allow_pickle=False
+                    )
+                    for name in members
+                }
+        except _CORRUPT_FILE_ERRORS as err:
+            raise ValueError(
+                f"{path}: expected a trace .npz (RoutedExperts.save), could not read it: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
+
+def _stored_int(path: str, key: str, array: np.ndarray) -> int:
+    """An integer scalar of a loaded .npz (``int()`` would truncate 8.9 to 8)."""
+    if array.ndim != 0 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(
+            f"{path}: {key}: expected an integer scalar, got {array.dtype} shape {array.shape}: "
+            f"{_preview(array)}"
+        )
+    return int(array)
+
+
+def _preview(array: np.ndarray) -> str:
+    return repr(array.ravel()[:8].tolist()) if array.ndim else repr(array.item())
 
 
 def _b64decode(name: str, text: str | bytes) -> bytes:

@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 import yaml
 
+from replay.trainer.preflight import check_against_model
+
 __all__ = [
     "GRPOConfig",
     "LogConfig",
@@ -228,6 +230,14 @@ class RolloutConfig:
             "null or an int >= 2",
             self.max_model_len,
         )
+        if self.max_model_len is not None:
+            # A prompt has at least one token; load_config checks the task's actual prompts.
+            _require(
+                self.max_tokens < self.max_model_len,
+                "max_tokens",
+                f"an int < max_model_len ({self.max_model_len}; prompts take a token or more)",
+                self.max_tokens,
+            )
         _require(self.block_size >= 1, "block_size", "an int >= 1", self.block_size)
         _require(
             self.kv_cache_blocks is None or self.kv_cache_blocks >= 1,
@@ -553,6 +563,17 @@ class TrainConfig:
                 f"trainer.weight_sync: expected 'object_store' with rollout.device "
                 f"{self.rollout.device} ('cuda_ipc' shares CUDA memory), got 'cuda_ipc'"
             )
+        if self.trainer.weight_sync == "cuda_ipc":
+            rollout = self.rollout
+            gpus = self.trainer.num_gpus + rollout.num_workers * rollout.num_gpus_per_worker
+            if gpus > 1 + 1e-9:  # float sums such as 0.1 + 3 x 0.3
+                raise ValueError(
+                    f"trainer.weight_sync: expected 'object_store' when the trainer and the "
+                    f"rollout workers cannot share one GPU (trainer.num_gpus "
+                    f"{self.trainer.num_gpus:g} + rollout.num_workers {rollout.num_workers} x "
+                    f"rollout.num_gpus_per_worker {rollout.num_gpus_per_worker:g} = {gpus:g} > 1; "
+                    f"'cuda_ipc' needs every worker on the trainer's GPU), got 'cuda_ipc'"
+                )
 
     def _check_placement(self) -> None:
         rollout, trainer = self.rollout, self.trainer
@@ -656,8 +677,20 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return _build(TrainConfig, top, "")
 
 
-def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> TrainConfig:
-    """Read a YAML config (None: start from no file) and apply ``section.field=value`` overrides."""
+def load_config(
+    path: str | os.PathLike | None,
+    overrides: Iterable[str] = (),
+    *,
+    check_model: bool = True,
+) -> TrainConfig:
+    """Read a YAML config (None: start from no file) and apply ``section.field=value`` overrides.
+
+    With ``check_model`` (the default) the config is also checked against the model folder it
+    names (``replay.trainer.preflight.check_against_model``: the folder, its context length, the
+    task's prompts plus ``rollout.max_tokens``), so that a run that cannot start fails here,
+    before Ray starts any worker. False validates the values alone (e.g. a config for another
+    machine, or a model that a previous step has yet to write).
+    """
     data: Any = {}
     if path is not None:
         text = Path(path).read_text()
@@ -670,7 +703,10 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
                 f"config {os.fspath(path)}: expected a mapping at the top level, "
                 f"got {type(data).__name__}"
             )
-    return config_from_dict(apply_overrides(data, overrides))
+    config = config_from_dict(apply_overrides(data, overrides))
+    if check_model:
+        check_against_model(config)
+    return config
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def test_yaml_sections_and_defaults(tmp_path: Path) -> None:
             "grpo": {"group_size": 4, "ratio": "sequence", "tis_cap": 2},
         },
     )
-    config = load_config(path)
+    config = load_config(path, check_model=False)  # values only: no "ckpt" folder here
     assert config.model == "ckpt"
     assert config.routing == "r2"
     assert config.trainer.lr == 3.0e-4
@@ -62,6 +62,7 @@ def test_overrides_apply_in_order_and_parse_yaml(tmp_path: Path) -> None:
             "seed=7",
             "seed=9",
         ],
+        check_model=False,
     )
     assert config.trainer.lr == 1e-5
     assert config.grpo.tis_cap is None
@@ -71,7 +72,9 @@ def test_overrides_apply_in_order_and_parse_yaml(tmp_path: Path) -> None:
 
 
 def test_override_creates_missing_section(tmp_path: Path) -> None:
-    config = load_config(write_yaml(tmp_path, {"model": "m"}), ["task.max_digits=5"])
+    config = load_config(
+        write_yaml(tmp_path, {"model": "m"}), ["task.max_digits=5"], check_model=False
+    )
     assert config.task.max_digits == 5
 
 
@@ -153,15 +156,18 @@ def test_direct_construction_is_validated_too() -> None:
 
 def test_round_trip_through_yaml(tmp_path: Path) -> None:
     config = load_config(
-        write_yaml(tmp_path, {"model": "m", "grpo": {"tis_cap": 3.0}, "routing": "none"})
+        write_yaml(tmp_path, {"model": "m", "grpo": {"tis_cap": 3.0}, "routing": "none"}),
+        check_model=False,
     )
-    again = load_config(write_yaml(tmp_path, config_to_dict(config)))
+    again = load_config(write_yaml(tmp_path, config_to_dict(config)), check_model=False)
     assert again == config
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in EXAMPLES.glob("*.yaml")))
 def test_example_configs_load(name: str) -> None:
-    config = load_config(EXAMPLES / name)
+    # Their models are written by examples/sft_addition.py (or by the run itself):
+    # tests/reliability/test_trainer_config_preflight.py checks them against such models.
+    config = load_config(EXAMPLES / name, check_model=False)
     assert isinstance(config, TrainConfig)
 
 

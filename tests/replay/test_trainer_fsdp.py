@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
+from torch.distributed.tensor import DTensor
 
 import replay
 from replay.trainer import distributed
@@ -277,3 +278,67 @@ def test_ray_trainer_group_of_two_ranks(
     # The optimizer state is keyed by HF parameter name (resumable on any number of ranks).
     names = set(state["optimizer"]["state"])
     assert state["step"] == 1 and names and names <= {n for n, _ in saved.named_parameters()}
+
+
+def _one_rank_main(rank: int, port: int, device: str, checkpoint: Path, out: Path) -> None:
+    """FSDP2 on one rank (on CUDA a one-rank NCCL group): a replayed forward, backward and
+    clipped AdamW step of the sharded policy against the same model unsharded on that device."""
+    distributed.init_process_group(
+        rank=rank, world_size=1, master_addr="127.0.0.1", master_port=port, device=device
+    )
+    gen = torch.Generator().manual_seed(port)
+    ids_BS = torch.randint(0, 14, (4, 9), generator=gen).to(device)
+    experts = torch.rand(4, 8, SPEC.num_layers, SPEC.num_experts, generator=gen).argsort(-1)
+    traces = [
+        replay.RoutedExperts(e[..., : SPEC.top_k].numpy(), (0, 1), SPEC.num_experts)
+        for e in experts
+    ]
+    results = {}
+    for sharded in (False, True):
+        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        model.to(device)
+        ctl = replay.patch(model)
+        if sharded:
+            distributed.shard_policy(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, eps=1e-2)
+        with ctl.replay(traces):
+            logits_BSV = model(input_ids=ids_BS).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits_BSV[:, :-1].flatten(0, 1), ids_BS[:, 1:].flatten()
+        )
+        loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        norm = distributed.full_tensor(torch.nn.utils.get_total_norm(grads))
+        torch.nn.utils.clip_grads_with_norm_(list(model.parameters()), 0.5, norm)
+        optimizer.step()
+        state = distributed.full_optimizer_state(model, optimizer)
+        results[sharded] = {
+            "loss": loss.item(),
+            "grad_norm": float(norm),
+            "weights": {k: v.cpu() for k, v in distributed.full_model_state(model).items()},
+            "exp_avg": {k: v["exp_avg"].cpu() for k, v in state["state"].items()},
+            "sharded": any(isinstance(p, DTensor) for p in model.parameters()),
+        }
+    torch.save(results, out / "one_rank.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_fsdp2_on_one_gpu_matches_the_unsharded_policy(checkpoint: Path, tmp_path: Path) -> None:
+    port = distributed.free_port()
+    mp.spawn(_one_rank_main, args=(port, "cuda", checkpoint, tmp_path), nprocs=1)
+    check_one_rank_matches_unsharded(tmp_path)
+
+
+def check_one_rank_matches_unsharded(out: Path) -> None:
+    results = torch.load(out / "one_rank.pt", weights_only=False)
+    plain, sharded = results[False], results[True]
+    assert sharded["sharded"] and not plain["sharded"]
+    assert sharded["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert sharded["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+    assert sharded["grad_norm"] > 0.5  # clipped: the norm's value reached the update
+    assert_weights_close(sharded["weights"], plain["weights"], "one rank")
+    assert sharded["exp_avg"].keys() == plain["exp_avg"].keys() != set()
+    for name, tensor in plain["exp_avg"].items():
+        torch.testing.assert_close(sharded["exp_avg"][name], tensor, atol=1e-6, rtol=1e-5)

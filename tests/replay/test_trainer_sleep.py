@@ -1,5 +1,7 @@
 """``rollout.release_kv_while_training``: the GRPO loop puts the rollout workers to sleep for the
-trainer's update and the weight sync, and wakes them afterwards (one CPU step through Ray)."""
+trainer's update and the weight sync, and wakes them afterwards: one step through Ray on CPU,
+and one on a GPU shared by the trainer and the worker (CUDA graphs, weights pushed by CUDA IPC
+into the sleeping engine)."""
 
 from __future__ import annotations
 
@@ -49,10 +51,37 @@ class _TrainerSpy:
         return recorded
 
 
+# The trainer and the rollout worker share one GPU; the engine's KV stays small (the other GPU
+# tests run beside this one), and its CUDA graphs are on.
+ON_ONE_GPU = [
+    "rollout.device=cuda",
+    "rollout.num_gpus_per_worker=0.5",
+    "rollout.dtype=bfloat16",
+    "rollout.kv_cache_blocks=64",
+    "rollout.enforce_eager=false",
+    "trainer.device=cuda",
+    "trainer.num_gpus=0.5",
+    "trainer.compute_dtype=bfloat16",
+    "trainer.weight_sync=cuda_ipc",
+]
+
+
 @pytest.mark.timeout(300)
 def test_workers_sleep_through_the_update_and_wake_for_the_next_rollout(
     local_ray: None, tmp_path: Path
 ) -> None:
+    check_one_step_sleeps_through_the_update(tmp_path, [])
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_cuda_workers_sleep_through_the_update_and_take_ipc_weights_asleep(
+    local_ray: None, tmp_path: Path
+) -> None:
+    check_one_step_sleeps_through_the_update(tmp_path, ON_ONE_GPU)
+
+
+def check_one_step_sleeps_through_the_update(tmp_path: Path, overrides: list[str]) -> None:
     config = load_config(
         TINY,
         [
@@ -63,6 +92,7 @@ def test_workers_sleep_through_the_update_and_wake_for_the_next_rollout(
             "log.progress=false",
             "log.tensorboard=false",
             "log.checkpoint_every=0",
+            *overrides,
         ],
     )
     assert config.rollout.release_kv_while_training

@@ -38,13 +38,7 @@ LOGPROB_ATOL = 1e-5
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, return_routed_experts=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as each rank gets on this 2-core machine (same float rounding)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

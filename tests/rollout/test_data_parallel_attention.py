@@ -61,13 +61,7 @@ def _greedy(max_tokens: int, **kwargs) -> SamplingParams:
     )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as each rank gets on this 2-core machine (same float rounding)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe", "glm4_moe"])

@@ -72,15 +72,6 @@ BLOCKS = {
 STEPS = ([5, 3], [0, 4], [2, 2], [1, 6])
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread, as each rank uses (same float rounding)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random_experts(num_tokens, top_k, num_experts, rng):
     ids = torch.stack(
         [torch.randperm(num_experts, generator=rng)[:top_k] for _ in range(num_tokens)]

@@ -69,15 +69,14 @@ def _hf_logprobs(hf, prompt, generated):
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory):
+def family(request, tmp_path_factory, seed_for):
     """(family, checkpoint path, prompts, HF greedy tokens, HF logprobs of those tokens)."""
     name = request.param
     path = make_tiny_moe(name, tmp_path_factory.mktemp(name))
     hf = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"prompt seed {seed}")
+    seed = seed_for(f"{request.node.nodeid}[{name}]")
     prompts = _prompts(hf.config.vocab_size, torch.Generator().manual_seed(seed))
     tokens = [_hf_greedy(hf, p) for p in prompts]
     logprobs = [_hf_logprobs(hf, p, t) for p, t in zip(prompts, tokens)]
@@ -334,13 +333,12 @@ GPU_ENGINE = dict(dtype="bfloat16", device="cuda", max_num_seqs=8, kv_cache_bloc
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def cuda_family(request, tmp_path_factory):
+def cuda_family(request, tmp_path_factory, seed_for):
     """(family, checkpoint with FlashInfer-sized heads, prompts, HF bf16 model on CUDA)."""
     name = request.param
     path = make_tiny_moe(name, tmp_path_factory.mktemp(name), **flashinfer_overrides(name))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"prompt seed {seed}")
+    seed = seed_for(f"{request.node.nodeid}[{name}]")
     return name, path, _prompts(hf.config.vocab_size, torch.Generator().manual_seed(seed)), hf
 
 

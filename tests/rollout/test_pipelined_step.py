@@ -35,13 +35,7 @@ ENGINE = dict(block_size=4, max_num_batched_tokens=16, max_num_seqs=6)
 LOGPROB_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more on this 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

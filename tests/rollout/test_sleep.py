@@ -34,14 +34,7 @@ ENGINE = dict(block_size=4, max_num_batched_tokens=32, max_num_seqs=8, capture_r
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, return_routed_experts=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny models gain nothing from more on this 2-core machine (and
-    data-parallel ranks use one each: the same float rounding)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
