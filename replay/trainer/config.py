@@ -537,7 +537,6 @@ class TrainConfig:
             "a float > 0",
             self.placement_timeout_s,
         )
-        self._check_placement()
         _require(self.seed >= 0, "seed", "an int >= 0", self.seed)
         _require(self.steps >= 1, "steps", "an int >= 1", self.steps)
         if self.routing == "r3" and not self.rollout.capture_routing:
@@ -574,6 +573,7 @@ class TrainConfig:
                     f"rollout.num_gpus_per_worker {rollout.num_gpus_per_worker:g} = {gpus:g} > 1; "
                     f"'cuda_ipc' needs every worker on the trainer's GPU), got 'cuda_ipc'"
                 )
+        self._check_placement()
 
     def _check_placement(self) -> None:
         rollout, trainer = self.rollout, self.trainer

@@ -72,15 +72,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tor
     return path, {name: t.detach().clone() for name, t in hf.state_dict().items()}
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread, as each fractional-CPU actor gets (same float rounding)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sampling(rng: torch.Generator) -> list[rollout.SamplingParams]:
     seeds = torch.randint(0, 2**31, (len(PROMPTS),), generator=rng).tolist()
     return [
