@@ -51,8 +51,10 @@ from replay.trainer.config import TrainConfig, config_to_dict
 from replay.trainer.grpo import group_advantages
 from replay.trainer.learner import Learner
 from replay.trainer.metrics_log import MetricsLog
+from replay.trainer.placement import Placement, plan_from_config
 from replay.trainer.tasks import AdditionModelSpec, AdditionTask, make_addition_model
-from replay.trainer.workers import RolloutWorkers, start_trainer
+from replay.trainer.trainer_group import TrainerGroup, start_trainer
+from replay.trainer.workers import RolloutWorkers
 
 __all__ = ["TINY_ADDITION_SPEC", "GRPOTrainer", "prepare_model", "train"]
 
@@ -109,8 +111,10 @@ class GRPOTrainer:
     """Owns the actors and the run folder of one GRPO run (see the module docstring).
 
     Building it prepares the model (``prepare_model``), finds the checkpoint to resume from
-    (``log.resume``), starts the trainer and rollout actors and writes ``config.yaml``. Every
-    output goes under ``out_dir``, the absolute ``log.out_dir`` (``LogConfig.out_path``).
+    (``log.resume``), reserves the actors' placement group (``config.placement``: a request
+    the cluster cannot hold raises ``PlacementError`` here, before any actor starts), starts
+    the trainer and rollout actors in it and writes ``config.yaml``. Every output goes under
+    ``out_dir``, the absolute ``log.out_dir`` (``LogConfig.out_path``).
     """
 
     def __init__(self, config: TrainConfig) -> None:
@@ -128,21 +132,28 @@ class GRPOTrainer:
         )
         self.rng = np.random.default_rng(config.seed)
         self.step = 0
-        self.trainer = start_trainer(
-            start_model,
-            trainer=config.trainer,
-            grpo=config.grpo,
-            routing=config.routing,
-            seed=config.seed,
-            reference_path=base,
-            native_router_agreement=config.log.native_router_agreement,
-            policy_dtype=config.rollout.dtype,
-            deterministic=config.rollout.deterministic,
+        self.placement = Placement.reserve(
+            plan_from_config(config), timeout_s=config.placement_timeout_s
         )
+        self.trainer: TrainerGroup | None = None
         self.workers: RolloutWorkers | None = None
         self.log: MetricsLog | None = None
         try:
-            self.workers = RolloutWorkers.from_config(start_model, config.rollout, seed=config.seed)
+            self.trainer = start_trainer(
+                start_model,
+                trainer=config.trainer,
+                grpo=config.grpo,
+                routing=config.routing,
+                seed=config.seed,
+                reference_path=base,
+                native_router_agreement=config.log.native_router_agreement,
+                policy_dtype=config.rollout.dtype,
+                deterministic=config.rollout.deterministic,
+                placement=self.placement,
+            )
+            self.workers = RolloutWorkers.from_config(
+                start_model, config.rollout, seed=config.seed, placement=self.placement
+            )
             self._check_layers()
             if resume_from is not None:
                 self._resume(resume_from)
@@ -166,7 +177,7 @@ class GRPOTrainer:
             logger.info("release_kv_while_training: the rollout engines sleep during each update")
 
     def _check_layers(self) -> None:
-        assert self.workers is not None
+        assert self.workers is not None and self.trainer is not None
         trainer_layers = self.trainer.moe_layers()
         if trainer_layers != self.workers.routing_spec.moe_layers:
             raise ValueError(
@@ -225,7 +236,9 @@ class GRPOTrainer:
             )
             for seed in seeds
         ]
-        batch = self.workers.generate([p.prompt for p in per_answer], sampling)
+        # The routing stays in the object store until the trainer reads it on its node.
+        result = self.workers.rollout([p.prompt for p in per_answer], sampling)
+        batch = result.batch
         rollout_done = time.perf_counter()
         release = config.rollout.release_kv_while_training
         if release:
@@ -239,7 +252,7 @@ class GRPOTrainer:
         advantages = group_advantages(
             torch.from_numpy(rewards), grpo.group_size, normalize_std=grpo.normalize_std
         )
-        metrics = self.trainer.step(batch, advantages.numpy())
+        metrics = self.trainer.step(batch, advantages.numpy(), result.routing)
         train_done = time.perf_counter()
 
         self.trainer.push_weights(self.workers)
@@ -276,6 +289,13 @@ class GRPOTrainer:
         """Checkpoint the current step (policy, optimizer, RNG, driver state)."""
         folder = staging_dir(self.out_dir, self.step)
         self.trainer.save(folder)
+        if not (Learner.policy_dir(folder) / "config.json").exists():
+            node = self.trainer.infos[0]
+            raise RuntimeError(
+                f"log.out_dir: expected a folder that trainer rank 0 (node {node.node_id[:12]} "
+                f"at {node.node_ip}) and this driver share (a shared filesystem), got "
+                f"{self.out_dir}, where the policy it just saved is not visible here"
+            )
         save_driver_state(folder, {"step": self.step, "rng": self.rng.bit_generator.state})
         final = commit_checkpoint(self.out_dir, self.step)
         prune_checkpoints(self.out_dir, self.config.log.keep_checkpoints)
@@ -283,9 +303,11 @@ class GRPOTrainer:
         return final
 
     def shutdown(self) -> None:
-        """Close the log and end the actors (idempotent)."""
+        """Close the log, end the actors and release their placement group (idempotent)."""
         if self.log is not None:
             self.log.close()
         if self.workers is not None:
             self.workers.shutdown()
-        self.trainer.shutdown()
+        if self.trainer is not None:
+            self.trainer.shutdown()
+        self.placement.remove()
