@@ -159,9 +159,13 @@ class TrainerGroup:
     ):
         self.config = trainer
         self._own_placement = placement is None
+        group = trainer_actor_group(trainer)
         if placement is None:
-            plan = plan_placement([trainer_actor_group(trainer)])
-            placement = Placement.reserve(plan, timeout_s=placement_timeout_s)
+            placement = Placement.reserve(plan_placement([group]), timeout_s=placement_timeout_s)
+        elif placement.plan.group("trainer") != group:
+            raise ValueError(
+                f"placement: expected a plan for {group}, got {placement.plan.group('trainer')}"
+            )
         self._placement = placement
         self._actors: list[Any] = []
         self.infos: list[WorkerInfo] = []
