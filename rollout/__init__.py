@@ -2,10 +2,13 @@
 
 ``LLM`` generates; ``SamplingParams`` sets how each request samples and stops;
 ``RequestOutput`` is one finished request; ``RoutingSpec`` describes the model's routing
-(``LLM.routing_spec``); ``EngineStats`` its counters (``LLM.stats``). ``load_policy`` returns the
-engine's model as a trainable module (``Policy``), bitwise equal to a deterministic engine.
+(``LLM.routing_spec``); ``EngineStats`` its counters (``LLM.stats``); ``resolve_model`` turns
+a checkpoint folder or a Hugging Face Hub id into the local folder every loader reads.
+``load_policy`` returns the engine's model as a trainable module (``Policy``), bitwise equal to
+a deterministic engine.
 """
 
+from rollout.hub import resolve_model
 from rollout.llm import LLM
 from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
 from rollout.policy import Policy, load_policy
@@ -19,4 +22,5 @@ __all__ = [
     "RoutingSpec",
     "SamplingParams",
     "load_policy",
+    "resolve_model",
 ]

@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rollout.forward_batch import ForwardBatch
+from rollout.hub import resolve_model
 from rollout.layers.invariant_attention import SequenceAttentionBackend
 from rollout.layers.linear import Linear
 from rollout.loader import load_checkpoint, load_hf_config, resolve_dtype
@@ -63,11 +64,12 @@ def load_policy(
     device: str | torch.device | None = None,
     deterministic: bool = True,
     parameter_dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
 ) -> Policy:
     """The checkpoint's model as a trainable ``Policy`` built by the engine's own code.
 
     Args:
-        model: the checkpoint folder (as for ``rollout.LLM``).
+        model: the checkpoint folder or a Hugging Face Hub id (as for ``rollout.LLM``).
         dtype: as ``rollout.LLM``'s (``"auto"``: the checkpoint's dtype on CUDA, float32 on
             CPU): the parameters' and the forward's dtype. Use the engine's dtype for bitwise
             agreement with it.
@@ -78,6 +80,7 @@ def load_policy(
             to ``dtype`` first, exactly as an engine holding them in ``dtype`` (and a weight
             sync's ``copy_`` into its parameters) does. None: ``dtype``. Needs
             ``deterministic`` (the batch-invariant ops round the weights; torch's would not).
+        revision: for a Hub id, its branch, tag or commit (``rollout.resolve_model``).
 
     Raises:
         ValueError: what ``rollout.LLM`` raises for a bad checkpoint, dtype or device, or a
@@ -85,6 +88,7 @@ def load_policy(
     """
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    model = resolve_model(model, revision=revision)
     if parameter_dtype is None:
         checkpoint = load_checkpoint(model, dtype=dtype, device=device, deterministic=deterministic)
         return Policy(checkpoint.model)

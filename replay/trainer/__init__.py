@@ -24,25 +24,22 @@ from replay.trainer.config import (
     TaskConfig,
     TrainConfig,
     TrainerConfig,
+    WandbConfig,
     load_config,
 )
 from replay.trainer.grpo import LossTerms, group_advantages, policy_loss, token_logprobs
 from replay.trainer.learner import Learner
 from replay.trainer.loop import GRPOTrainer, train
 from replay.trainer.metrics_log import MetricsLog, read_metrics
+from replay.trainer.placement import Placement, PlacementError
 from replay.trainer.tasks import (
     AdditionModelSpec,
     AdditionTask,
     Problem,
     make_addition_model,
 )
-from replay.trainer.workers import (
-    RolloutWorker,
-    RolloutWorkers,
-    TrainerGroup,
-    TrainerWorker,
-    start_trainer,
-)
+from replay.trainer.trainer_group import TrainerGroup, TrainerWorker, start_trainer
+from replay.trainer.workers import Rollout, RolloutWorker, RolloutWorkers, WorkerDiedError
 
 __all__ = [
     "AdditionModelSpec",
@@ -54,7 +51,10 @@ __all__ = [
     "LogConfig",
     "LossTerms",
     "MetricsLog",
+    "Placement",
+    "PlacementError",
     "Problem",
+    "Rollout",
     "RolloutConfig",
     "RolloutWorker",
     "RolloutWorkers",
@@ -64,6 +64,8 @@ __all__ = [
     "TrainerConfig",
     "TrainerGroup",
     "TrainerWorker",
+    "WandbConfig",
+    "WorkerDiedError",
     "group_advantages",
     "load_config",
     "make_addition_model",

@@ -41,6 +41,7 @@ __all__ = [
     "TaskConfig",
     "TrainConfig",
     "TrainerConfig",
+    "WandbConfig",
     "WeightSync",
     "apply_overrides",
     "config_from_dict",
@@ -150,6 +151,12 @@ class RolloutConfig:
         deterministic: ``rollout.LLM(deterministic=True)``, the true on-policy mode: with
             ``trainer.policy: engine`` and ``routing: r3`` the trainer's first forward of each
             update reproduces the rollout's logprobs bit for bit.
+        data_parallel_size, data_parallel_mode: engine ranks inside each worker
+            (``rollout.LLM``'s arguments: ``data_parallel_size`` processes, one GPU each on
+            CUDA, so ``num_gpus_per_worker`` must equal it there).
+        node_resource: a custom resource the rollout nodes were started with
+            (``ray start --resources='{"rollout_node": 1}'``); each worker takes a token
+            amount of it, so workers go to those nodes only (``replay.trainer.placement``).
 
     Sampling is fixed at temperature 1 without top-p / top-k: the engine's logprobs are those
     of the temperature-1 softmax, so the behaviour policy is exactly the policy whose
@@ -173,10 +180,27 @@ class RolloutConfig:
     enforce_eager: bool = False
     release_kv_while_training: bool = False
     deterministic: bool = False
+    data_parallel_size: int = 1
+    data_parallel_mode: Literal["replicas", "dp_attention"] = "replicas"
+    node_resource: str | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self)
         _require(self.num_workers >= 1, "num_workers", "an int >= 1", self.num_workers)
+        _require(
+            self.data_parallel_size >= 1,
+            "data_parallel_size",
+            "an int >= 1",
+            self.data_parallel_size,
+        )
+        if self.device == "cuda" and self.data_parallel_size > 1:
+            _require(
+                self.num_gpus_per_worker == self.data_parallel_size,
+                "num_gpus_per_worker",
+                f"{self.data_parallel_size} (data_parallel_size: one GPU per engine rank)",
+                self.num_gpus_per_worker,
+            )
+        _require(self.node_resource != "", "node_resource", "null or a resource name", "")
         if self.device == "cpu":
             _require(
                 self.num_gpus_per_worker == 0,
@@ -248,6 +272,8 @@ class RolloutConfig:
             "enforce_eager",
             "capture_routing",
             "deterministic",
+            "data_parallel_size",
+            "data_parallel_mode",
         )
         return {name: getattr(self, name) for name in names}
 
@@ -301,10 +327,12 @@ class TrainerConfig:
     grouped_experts: Literal["off", "auto", "loop", "grouped_mm"] = "off"
     weight_sync: WeightSync = "object_store"
     policy: Literal["hf", "engine"] = "hf"
+    node_resource: str | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self)
         _require(self.world_size >= 1, "world_size", "an int >= 1", self.world_size)
+        _require(self.node_resource != "", "node_resource", "null or a resource name", "")
         if self.device == "cpu":
             _require(self.num_gpus == 0, "num_gpus", "0 with device cpu", self.num_gpus)
         elif self.world_size > 1:
@@ -443,14 +471,43 @@ class TaskConfig:
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
+class WandbConfig:
+    """A Weights & Biases run that receives every step's record (``log.wandb``).
+
+    Args:
+        project: the W&B project.
+        name: the run's name (null: W&B picks one).
+        mode: ``online`` (stream to the W&B server), ``offline`` (write the run under
+            ``<out_dir>/wandb`` only; ``wandb sync`` uploads it later) or ``disabled``.
+    """
+
+    project: str
+    name: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(bool(self.project), "project", "a non-empty str", self.project)
+        _require(self.name != "", "name", "null or a non-empty str", self.name)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
 class LogConfig:
     """Outputs of a run.
 
     Args:
         out_dir: run folder: ``metrics.jsonl``, ``config.yaml``, TensorBoard events,
-            ``checkpoints/``.
+            ``checkpoints/``. An absolute path is used as it is (a shared filesystem on a
+            cluster); a relative one is taken against the working directory of the process
+            that runs the training loop (``out_path``). Under ``ray job submit`` that is Ray's
+            unpacked copy of the submitted working directory on the head node, so pass an
+            absolute path there (``--set log.out_dir=$PWD/runs/...`` on a machine that shares
+            the filesystem).
         tensorboard: also write TensorBoard events (needs the ``tensorboard`` package, a
             dependency; without it the run stops at start with an error naming this field).
+        wandb: also log every step to Weights & Biases (a ``WandbConfig`` or its fields as a
+            mapping; null: off). Needs the ``wandb`` package (``pip install
+            'routing-replay[wandb]'``); without it the run stops at start naming this field.
         progress: show a tqdm progress bar over steps.
         checkpoint_every: save every this many steps and after the last (0: never).
         keep_checkpoints: most recent checkpoints kept.
@@ -462,6 +519,7 @@ class LogConfig:
 
     out_dir: str = "runs/grpo"
     tensorboard: bool = True
+    wandb: WandbConfig | None = None
     progress: bool = True
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -469,6 +527,8 @@ class LogConfig:
     native_router_agreement: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.wandb, Mapping):  # from YAML: a nested section
+            object.__setattr__(self, "wandb", _build(WandbConfig, self.wandb, "wandb."))
         _check_fields(self)
         _require(bool(self.out_dir), "out_dir", "a non-empty path", self.out_dir)
         _require(
@@ -484,6 +544,10 @@ class LogConfig:
             self.keep_checkpoints,
         )
 
+    def out_path(self) -> Path:
+        """``out_dir`` as an absolute path (a relative one against the current directory)."""
+        return Path(self.out_dir).expanduser().absolute()
+
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class TrainConfig:
@@ -491,7 +555,9 @@ class TrainConfig:
 
     Args:
         model: HF checkpoint folder (config.json, safetensors, tokenizer.json) that both the
-            rollout engine and the trainer load.
+            rollout engine and the trainer load, or a Hugging Face Hub id (``org/name``)
+            resolved through the Hugging Face cache (``rollout.resolve_model``).
+        model_revision: the Hub id's branch, tag or commit hash (null: ``main``).
         model_init: ``"existing"`` (the folder must hold a checkpoint) or ``"random_addition"``
             (when the folder has no config.json, first write a small random addition model
             there: smoke tests without a supervised warm-up).
@@ -499,9 +565,16 @@ class TrainConfig:
         steps: training steps (each: rollout, update, weight sync).
         routing: ``none`` (native routing), ``r3`` (replay the rollout's routing) or ``r2``
             (record the trainer's own routing on a no-grad forward, then replay it).
+        placement: ``separate`` (a bundle per actor) or ``colocated`` (rollout worker ``r``
+            and trainer rank ``r`` in one bundle: one GPU per pair, ``rollout.num_workers ==
+            trainer.world_size``); see ``replay.trainer.placement``.
+        placement_timeout_s: how long the actors' placement group may wait for resources
+            that the cluster has but are in use (or that an autoscaler is adding); a request
+            the cluster can never hold fails at once.
     """
 
     model: str
+    model_revision: str | None = None
     model_init: Literal["existing", "random_addition"] = "existing"
     seed: int = 0
     steps: int = 100
@@ -511,10 +584,24 @@ class TrainConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    placement: Literal["separate", "colocated"] = "separate"
+    placement_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         _check_fields(self)
         _require(bool(self.model), "model", "a non-empty path", self.model)
+        _require(
+            self.model_revision is None or self.model_init == "existing",
+            "model_revision",
+            "null with model_init random_addition (it writes a local folder)",
+            self.model_revision,
+        )
+        _require(
+            self.placement_timeout_s > 0,
+            "placement_timeout_s",
+            "a float > 0",
+            self.placement_timeout_s,
+        )
         _require(self.seed >= 0, "seed", "an int >= 0", self.seed)
         _require(self.steps >= 1, "steps", "an int >= 1", self.steps)
         if self.routing == "r3" and not self.rollout.capture_routing:
@@ -551,6 +638,48 @@ class TrainConfig:
                     f"rollout.num_gpus_per_worker {rollout.num_gpus_per_worker:g} = {gpus:g} > 1; "
                     f"'cuda_ipc' needs every worker on the trainer's GPU), got 'cuda_ipc'"
                 )
+        self._check_placement()
+
+    def _check_placement(self) -> None:
+        rollout, trainer = self.rollout, self.trainer
+        if rollout.num_workers > self.grpo.batch_size:
+            raise ValueError(
+                f"rollout.num_workers: expected at most the answers of a step to split among "
+                f"the workers (grpo.prompts_per_step x grpo.group_size = {self.grpo.batch_size})"
+                f", got {rollout.num_workers}"
+            )
+        if self.placement != "colocated":
+            return
+        if rollout.num_workers != trainer.world_size:
+            raise ValueError(
+                f"rollout.num_workers: expected trainer.world_size ({trainer.world_size}) with "
+                f"placement colocated (one rollout worker per trainer rank), got "
+                f"{rollout.num_workers}"
+            )
+        if rollout.device != trainer.device:
+            raise ValueError(
+                f"rollout.device: expected trainer.device ({trainer.device}) with placement "
+                f"colocated, got {rollout.device}"
+            )
+        if rollout.device == "cuda" and trainer.world_size > 1:
+            raise ValueError(
+                f"placement: expected 'separate' with trainer.world_size {trainer.world_size} "
+                f"on cuda (each rank then needs trainer.num_gpus 1, leaving no share of its GPU "
+                f"to a rollout worker), got 'colocated'"
+            )
+        pair = rollout.num_gpus_per_worker + trainer.num_gpus
+        if rollout.device == "cuda" and pair > 1:
+            raise ValueError(
+                f"rollout.num_gpus_per_worker: expected at most 1 - trainer.num_gpus "
+                f"({1 - trainer.num_gpus:g}) with placement colocated (a worker and a trainer "
+                f"rank share one GPU), got {rollout.num_gpus_per_worker:g}"
+            )
+        if rollout.node_resource != trainer.node_resource:
+            raise ValueError(
+                f"rollout.node_resource: expected trainer.node_resource "
+                f"({trainer.node_resource!r}) with placement colocated (a pair sits on one "
+                f"node), got {rollout.node_resource!r}"
+            )
 
 
 _SECTIONS: dict[str, type] = {

@@ -51,10 +51,12 @@ from replay.trainer.config import TrainConfig, config_to_dict
 from replay.trainer.grpo import group_advantages
 from replay.trainer.learner import Learner
 from replay.trainer.metrics_log import MetricsLog
+from replay.trainer.placement import Placement, plan_from_config
 from replay.trainer.tasks import AdditionModelSpec, AdditionTask, make_addition_model
-from replay.trainer.workers import RolloutWorkers, start_trainer
+from replay.trainer.trainer_group import TrainerGroup, start_trainer
+from replay.trainer.workers import RolloutWorkers
 
-__all__ = ["TINY_ADDITION_SPEC", "GRPOTrainer", "train"]
+__all__ = ["TINY_ADDITION_SPEC", "GRPOTrainer", "prepare_model", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,30 @@ TINY_ADDITION_SPEC = AdditionModelSpec(
 )
 
 
+def prepare_model(config: TrainConfig) -> Path:
+    """The absolute checkpoint folder of ``config.model``: a folder or a Hugging Face Hub id
+    (``rollout.resolve_model``), or, with ``model_init: random_addition``, a local folder that
+    gets a small random addition model when it has no config.json yet.
+
+    Raises:
+        ValueError: no checkpoint there (naming what was looked for where), or no tokenizer.json.
+    """
+    if config.model_init == "random_addition":
+        path = Path(config.model).expanduser().absolute()
+        if not (path / "config.json").exists():
+            make_addition_model(path, TINY_ADDITION_SPEC, seed=config.seed)
+            logger.info("wrote a random addition model to %s", path)
+    else:
+        path = rollout.resolve_model(config.model, revision=config.model_revision)
+    if not (path / "config.json").exists():
+        raise ValueError(f"model: expected an HF checkpoint folder with config.json, got {path}")
+    if not (path / "tokenizer.json").exists():
+        raise ValueError(
+            f"model: expected tokenizer.json in {path} (the task's prompts are text), got none"
+        )
+    return path
+
+
 def train(config: TrainConfig) -> list[dict[str, Any]]:
     """Run ``config`` to its last step (resuming if asked); return the records of the steps
     run by this call. Ray must be initialised."""
@@ -84,15 +110,19 @@ def train(config: TrainConfig) -> list[dict[str, Any]]:
 class GRPOTrainer:
     """Owns the actors and the run folder of one GRPO run (see the module docstring).
 
-    Building it prepares the model (``model_init``), finds the checkpoint to resume from
-    (``log.resume``), starts the trainer and rollout actors and writes ``config.yaml``.
+    Building it prepares the model (``prepare_model``), finds the checkpoint to resume from
+    (``log.resume``), reserves the actors' placement group (``config.placement``: a request
+    the cluster cannot hold raises ``PlacementError`` here, before any actor starts), starts
+    the trainer and rollout actors in it and writes ``config.yaml``. Every output goes under
+    ``out_dir``, the absolute ``log.out_dir`` (``LogConfig.out_path``).
     """
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.out_dir = Path(config.log.out_dir)
+        self.out_dir = config.log.out_path()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        base = self._prepare_model(Path(config.model))
+        logger.info("run folder %s", self.out_dir)
+        base = prepare_model(config)
         resume_from = latest_checkpoint(self.out_dir) if config.log.resume else None
         start_model = base if resume_from is None else Learner.policy_dir(resume_from)
         self.task = AdditionTask(
@@ -102,27 +132,38 @@ class GRPOTrainer:
         )
         self.rng = np.random.default_rng(config.seed)
         self.step = 0
-        self.trainer = start_trainer(
-            start_model,
-            trainer=config.trainer,
-            grpo=config.grpo,
-            routing=config.routing,
-            seed=config.seed,
-            reference_path=base,
-            native_router_agreement=config.log.native_router_agreement,
-            policy_dtype=config.rollout.dtype,
-            deterministic=config.rollout.deterministic,
+        self.placement = Placement.reserve(
+            plan_from_config(config), timeout_s=config.placement_timeout_s
         )
+        self.trainer: TrainerGroup | None = None
         self.workers: RolloutWorkers | None = None
         self.log: MetricsLog | None = None
         try:
-            self.workers = RolloutWorkers.from_config(start_model, config.rollout, seed=config.seed)
+            self.trainer = start_trainer(
+                start_model,
+                trainer=config.trainer,
+                grpo=config.grpo,
+                routing=config.routing,
+                seed=config.seed,
+                reference_path=base,
+                native_router_agreement=config.log.native_router_agreement,
+                policy_dtype=config.rollout.dtype,
+                deterministic=config.rollout.deterministic,
+                placement=self.placement,
+            )
+            self.workers = RolloutWorkers.from_config(
+                start_model, config.rollout, seed=config.seed, placement=self.placement
+            )
             self._check_layers()
             if resume_from is not None:
                 self._resume(resume_from)
             # Inside the try: a log that cannot start (no tensorboard) ends the actors too.
             self.log = MetricsLog(
-                self.out_dir, tensorboard=config.log.tensorboard, resume_step=self.step
+                self.out_dir,
+                tensorboard=config.log.tensorboard,
+                wandb=config.log.wandb,
+                run_config=config_to_dict(config),
+                resume_step=self.step,
             )
         except BaseException:
             self.shutdown()
@@ -136,7 +177,7 @@ class GRPOTrainer:
             logger.info("release_kv_while_training: the rollout engines sleep during each update")
 
     def _check_layers(self) -> None:
-        assert self.workers is not None
+        assert self.workers is not None and self.trainer is not None
         trainer_layers = self.trainer.moe_layers()
         if trainer_layers != self.workers.routing_spec.moe_layers:
             raise ValueError(
@@ -150,20 +191,6 @@ class GRPOTrainer:
         self.step = int(state["step"])
         self.rng.bit_generator.state = state["rng"]
         logger.info("resumed from %s at step %d", folder, self.step)
-
-    def _prepare_model(self, path: Path) -> Path:
-        if self.config.model_init == "random_addition" and not (path / "config.json").exists():
-            make_addition_model(path, TINY_ADDITION_SPEC, seed=self.config.seed)
-            logger.info("wrote a random addition model to %s", path)
-        if not (path / "config.json").exists():
-            raise ValueError(
-                f"model: expected an HF checkpoint folder with config.json, got {path}"
-            )
-        if not (path / "tokenizer.json").exists():
-            raise ValueError(
-                f"model: expected tokenizer.json in {path} (the task's prompts are text), got none"
-            )
-        return path
 
     # ------------------------------------------------------------------ the loop
 
@@ -209,7 +236,9 @@ class GRPOTrainer:
             )
             for seed in seeds
         ]
-        batch = self.workers.generate([p.prompt for p in per_answer], sampling)
+        # The routing stays in the object store until the trainer reads it on its node.
+        result = self.workers.rollout([p.prompt for p in per_answer], sampling)
+        batch = result.batch
         rollout_done = time.perf_counter()
         release = config.rollout.release_kv_while_training
         if release:
@@ -223,7 +252,7 @@ class GRPOTrainer:
         advantages = group_advantages(
             torch.from_numpy(rewards), grpo.group_size, normalize_std=grpo.normalize_std
         )
-        metrics = self.trainer.step(batch, advantages.numpy())
+        metrics = self.trainer.step(batch, advantages.numpy(), result.routing)
         train_done = time.perf_counter()
 
         self.trainer.push_weights(self.workers)
@@ -260,6 +289,13 @@ class GRPOTrainer:
         """Checkpoint the current step (policy, optimizer, RNG, driver state)."""
         folder = staging_dir(self.out_dir, self.step)
         self.trainer.save(folder)
+        if not (Learner.policy_dir(folder) / "config.json").exists():
+            node = self.trainer.infos[0]
+            raise RuntimeError(
+                f"log.out_dir: expected a folder that trainer rank 0 (node {node.node_id[:12]} "
+                f"at {node.node_ip}) and this driver share (a shared filesystem), got "
+                f"{self.out_dir}, where the policy it just saved is not visible here"
+            )
         save_driver_state(folder, {"step": self.step, "rng": self.rng.bit_generator.state})
         final = commit_checkpoint(self.out_dir, self.step)
         prune_checkpoints(self.out_dir, self.config.log.keep_checkpoints)
@@ -267,9 +303,11 @@ class GRPOTrainer:
         return final
 
     def shutdown(self) -> None:
-        """Close the log and end the actors (idempotent)."""
+        """Close the log, end the actors and release their placement group (idempotent)."""
         if self.log is not None:
             self.log.close()
         if self.workers is not None:
             self.workers.shutdown()
-        self.trainer.shutdown()
+        if self.trainer is not None:
+            self.trainer.shutdown()
+        self.placement.remove()

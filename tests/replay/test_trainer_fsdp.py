@@ -23,7 +23,7 @@ from replay.trainer.batch import Batch
 from replay.trainer.config import GRPOConfig, TrainConfig, TrainerConfig
 from replay.trainer.learner import Learner
 from replay.trainer.tasks import AdditionModelSpec, make_addition_model
-from replay.trainer.workers import start_trainer
+from replay.trainer.trainer_group import start_trainer
 
 SPEC = AdditionModelSpec(
     num_layers=2,

@@ -19,12 +19,13 @@ from replay.trainer.config import (
     load_config,
 )
 from replay.trainer.tasks import AdditionModelSpec, make_addition_model
+from replay.trainer.trainer_group import start_trainer
 from replay.trainer.weight_sync import (
     SharedCudaTensors,
     open_cuda_tensors,
     share_cuda_tensors,
 )
-from replay.trainer.workers import RolloutWorkers, start_trainer
+from replay.trainer.workers import RolloutWorkers
 
 # FlashInfer's attention (the engine on CUDA) needs head_dim 64.
 SPEC = AdditionModelSpec(
