@@ -1,6 +1,14 @@
 """Run GRPO with routing ``none``, ``r3`` and ``r2`` from the same checkpoint and seeds, then
 plot reward and KL(rollout || train) over steps and write a JSON summary.
 
+A mode ``<routing>-deterministic`` (``none-deterministic``, ``r3-deterministic``) adds the true
+on-policy mode: a deterministic rollout engine and the engine's own policy as the trainer
+(``rollout.deterministic=true``, ``trainer.policy=engine``, ``trainer.compute_dtype=float32``:
+the policy computes in the rollout's dtype over float32 master weights)::
+
+    python examples/r3_experiment.py --config examples/configs/toy_addition.yaml \
+        --out runs/addition/det --modes none r3 none-deterministic r3-deterministic
+
     python examples/sft_addition.py --out runs/addition/sft
     python examples/r3_experiment.py --config examples/configs/toy_addition.yaml \
         --out runs/addition/r3
@@ -28,8 +36,21 @@ from matplotlib.figure import Figure
 
 from replay.trainer import load_config, read_metrics, train
 
-MODES = ("none", "r3", "r2")
-COLORS = {"none": "tab:red", "r3": "tab:green", "r2": "tab:blue"}
+MODES = ("none", "r3", "r2", "none-deterministic", "r3-deterministic")
+DEFAULT_MODES = ("none", "r3", "r2")
+COLORS = {
+    "none": "tab:red",
+    "r3": "tab:green",
+    "r2": "tab:blue",
+    "none-deterministic": "tab:orange",
+    "r3-deterministic": "tab:olive",
+}
+# What a mode's "-deterministic" suffix sets on top of its routing.
+DETERMINISTIC = (
+    "rollout.deterministic=true",
+    "trainer.policy=engine",
+    "trainer.compute_dtype=float32",
+)
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -99,7 +120,7 @@ def main() -> None:
     )
     parser.add_argument("--config", required=True, help="YAML config (examples/configs/*.yaml)")
     parser.add_argument("--out", type=Path, required=True, help="experiment folder")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -117,8 +138,11 @@ def main() -> None:
     # Every mode's config is checked before Ray starts, not after the previous modes ran.
     configs = {}
     for mode in args.modes:
-        overrides = [*args.overrides, f"routing={mode}", f"log.out_dir={args.out / mode}"]
-        if mode != "r3":
+        routing, _, deterministic = mode.partition("-")
+        overrides = [*args.overrides, f"routing={routing}", f"log.out_dir={args.out / mode}"]
+        if deterministic:
+            overrides.extend(DETERMINISTIC)
+        if routing != "r3":
             # Capture stays on so that router agreement is measured in every mode.
             overrides.append("rollout.capture_routing=true")
         configs[mode] = load_config(args.config, overrides)

@@ -7,6 +7,11 @@ indices [T, K])``, and an ``experts`` module called as ``experts(hidden, indices
 5.23). Replay hooks into exactly that router output, so these are the structural facts checked
 here; anything else is rejected with a ValueError naming the module.
 
+A model may instead declare its MoE layers through an explicit interface (``DeclaresMoE``,
+e.g. ``rollout.load_policy``'s policy): ``replay_moe_layers()`` names each MoE layer's block,
+router and experts, ``replay_routing()`` states the routing. Those are then taken as declared
+(no structural search, no inference from the config) and checked like found ones.
+
 The routing method (DESIGN.md) decides how replayed gate weights are recomputed from the
 logits. It is read from the config for the known families, else from the router's attributes,
 and then checked on a probe: the method must reproduce the router's own weights at its own
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -28,7 +35,14 @@ from torch import nn
 import routing_kernels
 from routing_kernels import RoutingMethod
 
-__all__ = ["MoELayer", "MoEStructure", "RoutingSpec", "discover", "find_moe_layers"]
+__all__ = [
+    "DeclaresMoE",
+    "MoELayer",
+    "MoEStructure",
+    "RoutingSpec",
+    "discover",
+    "find_moe_layers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +129,22 @@ class MoEStructure:
         return tuple(layer.layer_index for layer in self.layers)
 
 
+@runtime_checkable
+class DeclaresMoE(Protocol):
+    """A model that names its MoE layers and routing itself, instead of being searched.
+
+    ``replay_moe_layers()``: ``(decoder-layer index, block name, router name, experts name)``
+    per MoE layer, in model order; the router's forward returns ``(logits [T, E], weights
+    [T, K], ids [T, K])`` and the experts are called as ``experts(hidden, ids, weights)``.
+    ``replay_routing()``: a mapping with ``method`` (a ``RoutingMethod`` or its name),
+    ``routed_scaling_factor``, ``n_group``, ``topk_group``, ``num_experts`` and ``top_k``.
+    """
+
+    def replay_moe_layers(self) -> Sequence[tuple[int, str, str, str]]: ...
+
+    def replay_routing(self) -> Mapping[str, Any]: ...
+
+
 def discover(
     model: nn.Module, *, routing: RoutingSpec | None = None, verify: bool = True
 ) -> MoEStructure:
@@ -126,6 +156,8 @@ def discover(
             module), routing that cannot be inferred or that does not reproduce a router's
             own weights, or layers that disagree on num_experts / top_k.
     """
+    if isinstance(model, DeclaresMoE):
+        return _declared_structure(model, routing=routing, verify=verify)
     layers = find_moe_layers(model)
     config = _text_config(model)
     specs = [routing if routing is not None else _infer_routing(config, layer) for layer in layers]
@@ -221,6 +253,63 @@ def find_moe_layers(model: nn.Module) -> tuple[MoELayer, ...]:
     return tuple(found)
 
 
+def _declared_structure(
+    model: DeclaresMoE, *, routing: RoutingSpec | None, verify: bool
+) -> MoEStructure:
+    """The structure ``model`` declares (``DeclaresMoE``), checked: every named module exists,
+    one MoE layer per decoder layer in ascending order, and (``verify``) each router's probe
+    output has the declared shape and its weights are reproduced by the declared routing."""
+    label = f"model ({type(model).__name__})"
+    declared = dict(model.replay_routing())
+    expected_keys = {"method", "routed_scaling_factor", "n_group", "topk_group", "num_experts"}
+    expected_keys.add("top_k")
+    if set(declared) != expected_keys:
+        raise ValueError(
+            f"{label}.replay_routing(): expected the keys {sorted(expected_keys)}, got "
+            f"{sorted(declared)}"
+        )
+    num_experts, top_k = declared.pop("num_experts"), declared.pop("top_k")
+    if routing is None:
+        routing = RoutingSpec(**declared)
+    modules = dict(model.named_modules())
+    layers = []
+    for entry in model.replay_moe_layers():
+        index, names = entry[0], entry[1:]
+        missing = [name for name in names if not isinstance(modules.get(name), nn.Module)]
+        if missing:
+            raise ValueError(
+                f"{label}.replay_moe_layers(): expected modules named {missing}, found none"
+            )
+        block, router, experts = (modules[name] for name in names)
+        layers.append(
+            MoELayer(
+                layer_index=int(index),
+                name=names[0],
+                block=block,
+                router=router,
+                router_name=names[1],
+                experts=experts,
+            )
+        )
+    indices = [layer.layer_index for layer in layers]
+    if not layers or indices != sorted(set(indices)):
+        raise ValueError(
+            f"{label}.replay_moe_layers(): expected MoE layers in ascending decoder order, one "
+            f"per layer, got layers {indices}"
+        )
+    config = _text_config(model)
+    for layer in layers:
+        shape = _router_shape(config, layer, routing, verify=verify, top_k=top_k)
+        if shape != (num_experts, top_k):
+            raise ValueError(
+                f"{layer.router_name}: expected (num_experts, top_k) ({num_experts}, {top_k}) "
+                f"as declared by replay_routing(), got {shape}"
+            )
+    return MoEStructure(
+        layers=tuple(layers), num_experts=num_experts, top_k=top_k, routing=routing
+    )
+
+
 # ---------------------------------------------------------------------- routing inference
 
 
@@ -273,15 +362,25 @@ def _attr(
 
 
 def _router_shape(
-    config: object, layer: MoELayer, routing: RoutingSpec, *, verify: bool
+    config: object,
+    layer: MoELayer,
+    routing: RoutingSpec,
+    *,
+    verify: bool,
+    top_k: int | None = None,
 ) -> tuple[int, int]:
     """(num_experts, top_k) of a router; with ``verify``, read from a probe through it that
-    also checks the output structure and that ``routing`` reproduces its weights."""
+    also checks the output structure and that ``routing`` reproduces its weights (``top_k``:
+    the declared one, used without a probe)."""
     router = layer.router
     label = f"{layer.router_name} ({type(router).__name__})"
     weight = router.weight
     if not verify or weight.is_meta:
-        top_k = getattr(router, "top_k", None) or getattr(config, "num_experts_per_tok", None)
+        top_k = (
+            top_k
+            or getattr(router, "top_k", None)
+            or getattr(config, "num_experts_per_tok", None)
+        )
         if not isinstance(top_k, int):
             raise ValueError(f"{label}: expected a `top_k` attribute (int), got {top_k!r}")
         return int(weight.shape[0]), top_k

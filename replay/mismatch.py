@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from replay.controller import ReplayController
 from replay.expert_tap import ExpertsTap
@@ -90,13 +91,16 @@ def measure_mismatch(
     *,
     replay: bool,
     tau: float = 2.0,
+    progress: bool = False,
 ) -> Mismatch:
-    """Forward each sample through ``model`` (no grad), natively or replaying its trace."""
+    """Forward each sample through ``model`` (no grad), natively or replaying its trace;
+    ``progress`` shows a tqdm bar over the samples."""
     if not samples:
         raise ValueError("samples: expected at least one rollout sample, got none")
     device = next(model.parameters()).device
     logp_rollout, logp_train, used = [], [], []
-    for sample in samples:
+    desc = f"scoring, {'replayed (r3)' if replay else 'native routing'}"
+    for sample in tqdm(samples, desc=desc, unit="seq", disable=not progress):
         input_ids_1S = torch.tensor([sample.token_ids], device=device)
         with torch.no_grad(), ExpertsTap(ctl) as tap:
             if replay:

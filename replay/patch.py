@@ -32,7 +32,9 @@ def patch(
     Args:
         model: an HF transformers (>= 5) MoE model, e.g. ``Qwen3MoeForCausalLM``. Its MoE layers
             are found by structure (a block with a router returning ``(logits, weights, ids)``
-            and an ``experts`` module); patch before wrapping it (FSDP, DDP, compile).
+            and an ``experts`` module), or taken as the model declares them
+            (``replay.discovery.DeclaresMoE``: ``rollout.load_policy``'s policy); patch before
+            wrapping it (FSDP, DDP, compile).
         method: the routing method replayed weights are computed with; inferred from the config
             when None (Qwen2/Qwen3-MoE and OLMoE: DEFAULT or RENORMALIZE_NAIVE by
             ``norm_topk_prob``; Mixtral: RENORMALIZE; GLM4-MoE and DeepSeek-V3: DEEPSEEK_V3).

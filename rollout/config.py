@@ -105,6 +105,11 @@ class EngineConfig:
             each rank computing a 1/N slice of the experts: ``dp_attention``). With
             ``data_parallel_size`` > 1, ``"dp_attention"`` runs eager: ``enforce_eager`` is set
             to True (its collectives change shape every step, which CUDA graphs cannot replay).
+        deterministic: batch-invariant numerics (``routing_kernels.batch_invariant``): a
+            sequence's logits and logprobs do not depend on its batch mates, chunked-prefill
+            boundaries, prefix-cache hits or recompute, and equal those of
+            ``rollout.load_policy(..., deterministic=True)`` bit for bit. Not with
+            ``data_parallel_mode="dp_attention"`` (its reduce-scatter sums ranks' partials).
     """
 
     model: str
@@ -123,6 +128,7 @@ class EngineConfig:
     capture_routing: bool = False
     data_parallel_size: int = 1
     data_parallel_mode: str = "replicas"
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, os.PathLike)):
@@ -165,6 +171,12 @@ class EngineConfig:
         check_bool("capture_routing", self.capture_routing)
         check_int("data_parallel_size", self.data_parallel_size, minimum=1)
         check_choice("data_parallel_mode", self.data_parallel_mode, DATA_PARALLEL_MODES)
+        check_bool("deterministic", self.deterministic)
+        if self.deterministic and self.dp_attention:
+            raise ValueError(
+                "data_parallel_mode: expected 'replicas' with deterministic=True (dp_attention "
+                "sums the ranks' expert outputs in a collective), got 'dp_attention'"
+            )
         if self.dp_attention:
             object.__setattr__(self, "enforce_eager", True)
 

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from rollout.capture import ReaderSpec
 from rollout.config import EngineConfig
 from rollout.engine.data_parallel import DataParallelEngine
-from rollout.engine.llm_engine import LLMEngine
+from rollout.engine.llm_engine import LLMEngine, NonFiniteLogitsError
+from rollout.hub import resolve_model
 from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
 from rollout.sampling_params import SamplingParams
 
@@ -45,7 +46,10 @@ class LLM:
     """Generate with an HF-format MoE checkpoint.
 
     Args:
-        model: the checkpoint folder (config.json, *.safetensors, optional tokenizer.json).
+        model: the checkpoint folder (config.json, *.safetensors, optional tokenizer.json), or
+            a Hugging Face Hub id (``"org/name"``) resolved through the Hugging Face cache
+            (``rollout.hub.resolve_model``: downloaded when missing, unless HF_HUB_OFFLINE).
+        revision: a Hub id's branch, tag or commit hash (None: ``main``).
         dtype: ``"auto"`` (the checkpoint's dtype on CUDA, float32 on CPU), ``"float32"``,
             ``"bfloat16"``, ``"float16"`` or a torch dtype.
         device: None (CUDA when available, else CPU), ``"cpu"``, ``"cuda[:N]"`` or a
@@ -74,6 +78,11 @@ class LLM:
             them: expert parallelism; ``num_experts`` must be a multiple of N). The ranks step
             in lockstep and run eager (``enforce_eager`` is implied: no CUDA graphs). Outputs
             and routed-expert rows are those of a single-rank engine either way.
+        deterministic: the true on-policy mode: batch-invariant numerics, so a request's tokens
+            and logprobs do not depend on what else is batched with it, how its prefill was
+            chunked, prefix-cache hits or recompute after preemption, and equal bit for bit
+            those the policy of ``rollout.load_policy(..., deterministic=True)`` computes on
+            the same tokens and weights (with ``replay`` R3 on its side).
 
     Raises:
         ValueError / TypeError: a bad argument, naming it.
@@ -83,6 +92,7 @@ class LLM:
         self,
         model: str | os.PathLike,
         *,
+        revision: str | None = None,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
         max_num_seqs: int = 256,
@@ -98,13 +108,14 @@ class LLM:
         capture_routing: bool = False,
         data_parallel_size: int = 1,
         data_parallel_mode: str = "replicas",
+        deterministic: bool = False,
     ) -> None:
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
         if isinstance(device, torch.device):
             device = str(device)
         self.config = EngineConfig(
-            model=model,
+            model=resolve_model(model, revision=revision),
             dtype=dtype,
             device=device,
             max_num_seqs=max_num_seqs,
@@ -120,6 +131,7 @@ class LLM:
             capture_routing=capture_routing,
             data_parallel_size=data_parallel_size,
             data_parallel_mode=data_parallel_mode,
+            deterministic=deterministic,
         )
         self._engine: LLMEngine | DataParallelEngine | None = (
             LLMEngine(self.config) if data_parallel_size == 1 else DataParallelEngine(self.config)
@@ -198,6 +210,12 @@ class LLM:
                 a tokenizer, prompt + ``max_tokens`` beyond ``max_model_len``, or a sampling
                 list whose length differs from the prompts'. Nothing is generated then.
             RuntimeError: the engine is asleep (``sleep``).
+            NonFiniteLogitsError (a ValueError): ``prompts[i]: logits: ...``: the final logits
+                request ``i`` sampled from held a NaN or an inf (a broken weight or activation).
+
+        Whatever a step raises (that, a model error, a ``KeyboardInterrupt``) drops every
+        request of the call; the engine then serves the next call like a fresh one with the
+        same weights (``rollout.engine.llm_engine``).
         """
         engine = self.engine
         if engine.is_sleeping:
@@ -220,10 +238,21 @@ class LLM:
                 unit="req",
                 disable=not use_tqdm,
             ) as bar:
+                steps = 0
                 while len(outputs) < len(request_ids):
                     for out in engine.step():
                         outputs[out.request_id] = out
                         bar.update(1)
+                    # Requests of one batch tend to finish together: the step count shows
+                    # progress in between (update(0) redraws at most every mininterval).
+                    steps += 1
+                    bar.set_postfix_str(f"step {steps}", refresh=False)
+                    bar.update(0)
+        except NonFiniteLogitsError as exc:
+            index = request_ids.index(exc.request_id)
+            raise NonFiniteLogitsError(
+                f"prompts[{index}]: {exc}", exc.request_id, exc.dp_rank
+            ) from exc
         except BaseException:
             for request_id in request_ids:
                 engine.abort_request(request_id)

@@ -226,6 +226,7 @@ def load_checkpoint(
     load_format: str = "safetensors",
     seed: int = 0,
     parallel: MoEParallelConfig | None = None,
+    deterministic: bool = False,
 ) -> LoadedCheckpoint:
     """Build the checkpoint's model on ``device`` in ``dtype`` and fill its weights.
 
@@ -237,6 +238,7 @@ def load_checkpoint(
         load_format: ``"safetensors"`` or ``"dummy"`` (random weights, ``seed``).
         parallel: expert-parallel configuration: the experts the model holds (only those are
             allocated and read) and shared-expert overlap.
+        deterministic: build the model with batch-invariant numerics (``MoECausalLM``).
 
     Raises:
         ValueError: a bad argument, an unsupported architecture, an unknown or mis-shaped
@@ -253,7 +255,7 @@ def load_checkpoint(
     resolved = resolve_dtype(dtype, hf_config, device)
     cls = model_class(hf_config.architectures)
     with _default_dtype(resolved), torch.device(device):
-        model = cls(hf_config, device=device, parallel=parallel)
+        model = cls(hf_config, device=device, parallel=parallel, deterministic=deterministic)
     model.eval()
     if load_format == "dummy":
         dummy_init_(model, seed=seed)

@@ -2,11 +2,20 @@
 
 Legend: S sampling rows (one per sequence that samples this step), V vocabulary.
 
-Per row: ``temperature == 0`` is greedy (argmax; ties go to the lower id). Otherwise the logits
-are divided by the temperature, filtered by top-k and then top-p (on the top-k distribution,
-FlashInfer's ``top_k_first`` order), and a token is drawn. Whatever the sampling settings, the
-returned logprob is ``log_softmax(logits)[token]`` of the raw float32 logits (temperature 1,
-no filtering): the probability the model's policy gave the token, which RL needs.
+Per row: a greedy request (``SamplingParams.greedy``: a temperature below
+``rollout.sampling_params.MIN_SAMPLING_TEMPERATURE``, 0 included) takes the argmax (ties go to
+the lower id). Otherwise the logits are divided by the temperature, filtered by top-k and then
+top-p (on the top-k distribution, FlashInfer's ``top_k_first`` order), and a token is drawn.
+Whatever the sampling settings, the returned logprob is ``log_softmax(logits)[token]`` of the
+raw float32 logits (temperature 1, no filtering): the probability the model's policy gave the
+token, which RL needs.
+
+Non-finite logits. A row with a NaN or infinite logit (a broken weight or activation: nothing
+sensible can be sampled from it) gets logprob NaN and token 0, decided on the device with the
+sampling. The NaN is the row's flag: it reaches the host in the logprobs' copy, which the engine
+waits for anyway, so checking it costs no synchronisation of its own (the engine raises
+``rollout.engine.llm_engine.NonFiniteLogitsError`` naming the request). Token 0 keeps the id a
+valid one for the next step, launched before the host sees the flag, which feeds it.
 
 Randomness. A request with a ``seed`` draws with noise that depends only on ``(seed, number
 of tokens it has generated)``, so it gets the same tokens whatever else is in the batch, at
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +41,7 @@ from typing import Any
 import torch
 
 from rollout.sampling_params import SamplingParams
+from routing_kernels import batch_invariant
 
 __all__ = [
     "SampledTokens",
@@ -165,7 +176,8 @@ class SampledTokens:
 
     Args:
         ids_S: the sampled ids [S] int64 (``Sampler``'s output).
-        logprobs_S: their logprobs [S] float32, on the same device.
+        logprobs_S: their logprobs [S] float32, on the same device (NaN: the row's logits were
+            not finite).
     """
 
     __slots__ = ("_copied", "_host_ids_S", "_host_logprobs_S", "ids_S")
@@ -207,6 +219,8 @@ class Sampler:
         seed: seeds the engine's generator, which unseeded rows draw from.
         use_flashinfer: sample unseeded rows with FlashInfer; None: when on CUDA and
             flashinfer is installed.
+        deterministic: logprobs by ``routing_kernels.batch_invariant.token_logprobs``, the
+            function a trainer computes its own with (the engine's deterministic mode).
     """
 
     def __init__(
@@ -216,8 +230,10 @@ class Sampler:
         device: torch.device | str,
         seed: int = 0,
         use_flashinfer: bool | None = None,
+        deterministic: bool = False,
     ) -> None:
         self.vocab_size = vocab_size
+        self.deterministic = deterministic
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self._flashinfer_sampling: Any = None
@@ -308,7 +324,8 @@ class Sampler:
     def __call__(
         self, logits_SV: torch.Tensor, inputs: SamplingInputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sampled ids [S] int64 and their temperature-1 logprobs [S] float32 (on the device).
+        """Sampled ids [S] int64 and their temperature-1 logprobs [S] float32 (on the device);
+        a row with a non-finite logit gets id 0 and logprob NaN (the module docstring).
 
         Raises:
             ValueError: ``logits_SV`` is not float32 [S, V] matching ``inputs``.
@@ -326,8 +343,12 @@ class Sampler:
             ids_S = logits_SV.argmax(dim=-1)
         else:
             ids_S = self._sample(logits_SV, inputs)
+        if self.deterministic:
+            return ids_S, batch_invariant.token_logprobs(logits_SV, ids_S)
         logprobs_S = logits_SV.gather(1, ids_S[:, None])[:, 0] - logits_SV.logsumexp(dim=-1)
-        return ids_S, logprobs_S
+        # A logprob of finite logits is finite, so NaN marks the rows that were not.
+        nonfinite_S = ~logits_SV.isfinite().all(dim=-1)
+        return ids_S.masked_fill(nonfinite_S, 0), logprobs_S.masked_fill(nonfinite_S, math.nan)
 
     def _sample(self, logits_SV: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         scaled_SV = logits_SV / inputs.temperature_S[:, None]

@@ -12,6 +12,11 @@ from rollout.config import (
     check_token_ids,
 )
 
+__all__ = ["MIN_SAMPLING_TEMPERATURE", "SamplingParams"]
+
+# Temperatures below this sample greedily (see SamplingParams.temperature).
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class SamplingParams:
@@ -19,7 +24,13 @@ class SamplingParams:
 
     Args:
         max_tokens: most tokens to generate (>= 1).
-        temperature: softmax temperature (>= 0); 0 means greedy.
+        temperature: softmax temperature (>= 0). 0, and every temperature below
+            ``MIN_SAMPLING_TEMPERATURE`` (1e-5; 1e-38, subnormals), means greedy: argmax, ties
+            to the lower id, ``top_p``, ``top_k`` and ``seed`` unused. That is the limit of
+            sampling as the temperature goes to 0, which such temperatures reach anyway but for
+            near-ties (a logit gap below ~1e-3), and the logits they divide would overflow
+            float32 for the smallest. Whatever the temperature, a token's logprob is that of
+            the temperature-1 distribution (``rollout.sampler``).
         top_p: nucleus mass in (0, 1]; 1 disables it.
         top_k: keep the k most likely tokens (>= 1); -1 disables it.
         seed: per-request seed (>= 0) for reproducible sampling; None uses the engine's stream.
@@ -60,5 +71,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when ``temperature == 0`` (argmax sampling)."""
-        return self.temperature == 0.0
+        """True when ``temperature < MIN_SAMPLING_TEMPERATURE`` (argmax sampling)."""
+        return self.temperature < MIN_SAMPLING_TEMPERATURE

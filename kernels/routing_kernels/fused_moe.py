@@ -49,6 +49,7 @@ import triton.language as tl
 from routing_kernels.moe_align import MoeAlignment, moe_align
 
 __all__ = [
+    "INVARIANT_CONFIGS",
     "MASKED_ID",
     "FusedMoeConfig",
     "GemmTiles",
@@ -154,6 +155,19 @@ def default_config(
     return config
 
 
+# Batch-invariant mode (``fused_experts_triton(..., invariant=True)``): one tile shape for every
+# token count, so a (token, slot) pair's output is reduced in the same order whichever other
+# pairs share its expert's blocks, and the K slots are then added in slot order.
+INVARIANT_CONFIGS = {
+    dtype: FusedMoeConfig(
+        block_m=16,
+        gate_up=GemmTiles(block_n=64, block_k=block_k),
+        down=GemmTiles(block_n=64, block_k=block_k),
+    )
+    for dtype, block_k in ((torch.bfloat16, 64), (torch.float16, 64), (torch.float32, 32))
+}
+
+
 def fused_experts(
     hidden_TH: torch.Tensor,
     gate_up_proj_EFH: torch.Tensor,
@@ -248,18 +262,25 @@ def fused_experts_triton(
     *,
     config: FusedMoeConfig | None = None,
     masked: bool = False,
+    invariant: bool = False,
 ) -> torch.Tensor:
     """``fused_experts`` through the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
     ``config`` overrides ``default_config`` (benchmarks, tests of other tile shapes); ``masked``
     as for ``fused_experts``. No host sync and fixed-size buffers for a fixed ``T``: safe to
-    capture in a CUDA graph.
+    capture in a CUDA graph. ``invariant``: batch-invariant (``INVARIANT_CONFIGS``' tiles
+    whatever ``T``, the slots summed in slot order in fp32), the CUDA path of
+    ``routing_kernels.batch_invariant.experts``.
     """
     num_tokens, hidden, num_experts, inter, top_k = _check_inputs(
         hidden_TH, gate_up_proj_EFH, down_proj_EHI, topk_weights_TK, topk_ids_TK
     )
     if config is None:
-        config = default_config(num_tokens, top_k, num_experts, hidden_TH.dtype)
+        config = (
+            INVARIANT_CONFIGS[hidden_TH.dtype]
+            if invariant
+            else default_config(num_tokens, top_k, num_experts, hidden_TH.dtype)
+        )
     elif not isinstance(config, FusedMoeConfig):
         raise TypeError(f"config: expected a FusedMoeConfig or None, got {type(config).__name__}")
     if num_tokens == 0:
@@ -300,7 +321,13 @@ def fused_experts_triton(
         rows_per_a_row=1,
         gated=False,
     )
-    if top_k > 1:
+    if top_k > 1 and invariant:
+        out_TKH = out_PH.view(num_tokens, top_k, hidden)
+        acc_TH = out_TKH[:, 0].float()
+        for slot in range(1, top_k):
+            acc_TH = acc_TH + out_TKH[:, slot].float()
+        out_TH.copy_(acc_TH)
+    elif top_k > 1:
         # torch reductions of half types accumulate in fp32 before the one final rounding.
         torch.sum(out_PH.view(num_tokens, top_k, hidden), dim=1, out=out_TH)
     return out_TH

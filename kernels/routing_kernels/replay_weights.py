@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from routing_kernels import batch_invariant
 from routing_kernels.routing_method import RoutingMethod
 
 __all__ = [
@@ -131,6 +132,10 @@ def replay_weights_reference(
     check_ids: bool = True,
 ) -> torch.Tensor:
     """Plain-torch ``replay_weights`` (the CPU path and the oracle); autograd gives the gradient.
+
+    Batch-invariant: softmax, sigmoid and sums are ``routing_kernels.batch_invariant``'s, so a
+    row's weights depend on that row alone (the rollout engine's deterministic mode computes
+    its gate weights with this very function).
 
     Same arguments, semantics and errors as ``replay_weights``; runs on any device.
     """
@@ -241,14 +246,14 @@ def _weights_reference(
     x_TE = logits_TE.to(_compute_dtype(logits_TE))
     index_TK = ids_TK.long()
     if method is RoutingMethod.DEFAULT:
-        return torch.softmax(x_TE, dim=-1).gather(1, index_TK)
+        return batch_invariant.softmax(x_TE).gather(1, index_TK)
     x_TK = x_TE.gather(1, index_TK)
     if method in (RoutingMethod.RENORMALIZE, RoutingMethod.RENORMALIZE_NAIVE):
         # Softmax over all E then renormalizing over the k equals the softmax over the k.
-        return torch.softmax(x_TK, dim=-1)
-    s_TK = torch.sigmoid(x_TK)
+        return batch_invariant.softmax(x_TK)
+    s_TK = batch_invariant.sigmoid(x_TK)
     if method is RoutingMethod.DEEPSEEK_V3:
-        denom_T1 = s_TK.sum(dim=-1, keepdim=True) + _DEEPSEEK_DENOM_EPS
+        denom_T1 = batch_invariant.tree_sum(s_TK)[:, None] + _DEEPSEEK_DENOM_EPS
         return s_TK / denom_T1 * scale
     return s_TK
 
@@ -499,10 +504,12 @@ class _ReplayTopK(torch.autograd.Function):
         )  # fmt: skip
 
 
-def _block_rows(num_tokens: int, per_row: int, budget: int, cap: int) -> int:
-    """Rows per program: ``budget`` live elements per program, at most ``cap``, not past T."""
-    rows = max(2, min(cap, budget // per_row))
-    return min(rows, max(2, triton.next_power_of_2(num_tokens)))
+def _block_rows(per_row: int, budget: int, cap: int) -> int:
+    """Rows per program: ``budget`` live elements per program, at most ``cap``. Not chosen by
+    the number of rows: the tile's shape decides how a row's reductions (its softmax over E or
+    K) are ordered, so a row's weights are the same bits in a decode step of one token and in
+    a training batch (batch invariance, which ``rollout.LLM(deterministic=True)`` relies on)."""
+    return max(2, min(cap, budget // per_row))
 
 
 def _launch_forward(
@@ -543,7 +550,7 @@ def _launch_forward(
     block_e = min(max(2, triton.next_power_of_2(num_experts)), 512)
     # The duplicate check holds a [rows, K, K] tile; DEFAULT also a [rows, E-chunk] tile.
     per_row = max(block_k * block_k, block_e if method is RoutingMethod.DEFAULT else 0)
-    block_t = _block_rows(num_tokens, per_row, budget=4096, cap=128)
+    block_t = _block_rows(per_row, budget=4096, cap=128)
     _replay_weights_fwd_kernel[(triton.cdiv(num_tokens, block_t),)](
         logits_TE, ids_TK, weights_TK, lse_arg, bad_flag,
         replay_T, native_ids_TK, native_w_TK, ids_out_arg,
@@ -586,7 +593,7 @@ def _launch_backward(
     cdtype = _compute_dtype(logits_TE)
     block_k = max(2, triton.next_power_of_2(top_k))
     block_e = min(max(2, triton.next_power_of_2(num_experts)), 512)
-    block_t = _block_rows(num_tokens, max(block_e, block_k), budget=4096, cap=64)
+    block_t = _block_rows(max(block_e, block_k), budget=4096, cap=64)
     lse_arg = lse_T if method is RoutingMethod.DEFAULT else grad_logits_TE
     replay_T = ids_TK if merge is None else merge[0].view(torch.uint8)
     grad_native_arg = grad_weights_TK if grad_native_TK is None else grad_native_TK

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from routing_kernels import batch_invariant
 from routing_kernels.expert_ids import ID_DTYPE_CAPACITY
 from routing_kernels.routing_method import RoutingMethod
 
@@ -139,6 +140,9 @@ def route_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``route`` in plain torch, float32 math, on any device: the CPU path and the kernel's model.
 
+    Batch-invariant: sigmoid, softmax and sums are ``routing_kernels.batch_invariant``'s, so a
+    row's ids and weights depend on that row alone (not on the rows beside it).
+
     Same arguments, results and errors as ``route``. It also checks the values: NaN or inf in
     ``logits_TE`` or ``correction_bias`` raise ValueError with their count (one host sync).
     """
@@ -157,26 +161,26 @@ def route_reference(
         _check_finite("correction_bias", correction_bias)
     x_TE = logits_TE.float()
     if spec.method is RoutingMethod.DEEPSEEK_V3:
-        s_TE = torch.sigmoid(x_TE)
+        s_TE = batch_invariant.sigmoid(x_TE)
         choice_TE = s_TE if correction_bias is None else s_TE + correction_bias.float()
         if spec.n_group > 1:
             choice_TE = _mask_groups(choice_TE, spec.n_group, spec.topk_group)
         ids_TK = _stable_topk(choice_TE, top_k)
         s_TK = s_TE.gather(1, ids_TK)
-        weights_TK = s_TK / (s_TK.sum(dim=1, keepdim=True) + _DEEPSEEK_DENOM_EPS)
+        weights_TK = s_TK / (batch_invariant.tree_sum(s_TK)[:, None] + _DEEPSEEK_DENOM_EPS)
         weights_TK = weights_TK * spec.routed_scaling_factor
     else:
         ids_TK = _stable_topk(x_TE, top_k)
         if spec.method is RoutingMethod.DEFAULT:
-            weights_TK = torch.softmax(x_TE, dim=1).gather(1, ids_TK)
+            weights_TK = batch_invariant.softmax(x_TE).gather(1, ids_TK)
         elif spec.method is RoutingMethod.RENORMALIZE:
-            weights_TK = torch.softmax(x_TE.gather(1, ids_TK), dim=1)
+            weights_TK = batch_invariant.softmax(x_TE.gather(1, ids_TK))
         elif spec.method is RoutingMethod.RENORMALIZE_NAIVE:
-            p_TK = torch.softmax(x_TE, dim=1).gather(1, ids_TK)
-            weights_TK = p_TK / p_TK.sum(dim=1, keepdim=True)
+            p_TK = batch_invariant.softmax(x_TE).gather(1, ids_TK)
+            weights_TK = p_TK / batch_invariant.tree_sum(p_TK)[:, None]
         else:
             assert spec.method is RoutingMethod.LLAMA4
-            weights_TK = torch.sigmoid(x_TE.gather(1, ids_TK))
+            weights_TK = batch_invariant.sigmoid(x_TE.gather(1, ids_TK))
     ids_TK = ids_TK.to(torch.int32)
     if capture_out is not None:
         capture_out.copy_(ids_TK)

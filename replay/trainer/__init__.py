@@ -24,6 +24,7 @@ from replay.trainer.config import (
     TaskConfig,
     TrainConfig,
     TrainerConfig,
+    WandbConfig,
     load_config,
 )
 from replay.trainer.grpo import LossTerms, group_advantages, policy_loss, token_logprobs
@@ -63,6 +64,7 @@ __all__ = [
     "TrainerConfig",
     "TrainerGroup",
     "TrainerWorker",
+    "WandbConfig",
     "WorkerDiedError",
     "group_advantages",
     "load_config",

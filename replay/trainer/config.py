@@ -41,6 +41,7 @@ __all__ = [
     "TaskConfig",
     "TrainConfig",
     "TrainerConfig",
+    "WandbConfig",
     "WeightSync",
     "apply_overrides",
     "config_from_dict",
@@ -147,6 +148,9 @@ class RolloutConfig:
         release_kv_while_training: put the engines to sleep (``LLM.sleep``: KV cache, CUDA
             graphs and attention workspaces released) after each rollout and wake them after
             the weight sync, so that a trainer sharing their GPU gets that memory.
+        deterministic: ``rollout.LLM(deterministic=True)``, the true on-policy mode: with
+            ``trainer.policy: engine`` and ``routing: r3`` the trainer's first forward of each
+            update reproduces the rollout's logprobs bit for bit.
         data_parallel_size, data_parallel_mode: engine ranks inside each worker
             (``rollout.LLM``'s arguments: ``data_parallel_size`` processes, one GPU each on
             CUDA, so ``num_gpus_per_worker`` must equal it there).
@@ -175,6 +179,7 @@ class RolloutConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     release_kv_while_training: bool = False
+    deterministic: bool = False
     data_parallel_size: int = 1
     data_parallel_mode: Literal["replicas", "dp_attention"] = "replicas"
     node_resource: str | None = None
@@ -266,6 +271,7 @@ class RolloutConfig:
             "enable_prefix_caching",
             "enforce_eager",
             "capture_routing",
+            "deterministic",
             "data_parallel_size",
             "data_parallel_mode",
         )
@@ -297,6 +303,11 @@ class TrainerConfig:
             ``"object_store"`` (CPU copies through Ray's object store, any placement) or
             ``"cuda_ipc"`` (CUDA IPC handles of the trainer's GPU tensors, no copy on the
             trainer's side: rollout workers on the trainer's GPU, ``world_size`` 1).
+        policy: ``"hf"`` (HF transformers' model of the checkpoint) or ``"engine"`` (the
+            rollout engine's own model, ``rollout.load_policy``, with ``rollout.deterministic``'s
+            numerics: float32 parameters, the forward in ``rollout.dtype``; ``world_size`` 1,
+            ``compute_dtype`` float32 (no autocast), no grouped experts or gradient
+            checkpointing, which are HF-model features).
     """
 
     device: Device = "cuda"
@@ -315,6 +326,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     grouped_experts: Literal["off", "auto", "loop", "grouped_mm"] = "off"
     weight_sync: WeightSync = "object_store"
+    policy: Literal["hf", "engine"] = "hf"
     node_resource: str | None = None
 
     def __post_init__(self) -> None:
@@ -367,6 +379,14 @@ class TrainerConfig:
             "an int >= 1",
             self.num_minibatches,
         )
+        if self.policy == "engine":
+            for name, expected, ok in (
+                ("world_size", "1", self.world_size == 1),
+                ("compute_dtype", "'float32'", self.compute_dtype == "float32"),
+                ("grouped_experts", "'off'", self.grouped_experts == "off"),
+                ("gradient_checkpointing", "false", not self.gradient_checkpointing),
+            ):
+                _require(ok, name, f"{expected} with policy 'engine'", getattr(self, name))
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -451,14 +471,43 @@ class TaskConfig:
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
+class WandbConfig:
+    """A Weights & Biases run that receives every step's record (``log.wandb``).
+
+    Args:
+        project: the W&B project.
+        name: the run's name (null: W&B picks one).
+        mode: ``online`` (stream to the W&B server), ``offline`` (write the run under
+            ``<out_dir>/wandb`` only; ``wandb sync`` uploads it later) or ``disabled``.
+    """
+
+    project: str
+    name: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(bool(self.project), "project", "a non-empty str", self.project)
+        _require(self.name != "", "name", "null or a non-empty str", self.name)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
 class LogConfig:
     """Outputs of a run.
 
     Args:
         out_dir: run folder: ``metrics.jsonl``, ``config.yaml``, TensorBoard events,
-            ``checkpoints/``.
+            ``checkpoints/``. An absolute path is used as it is (a shared filesystem on a
+            cluster); a relative one is taken against the working directory of the process
+            that runs the training loop (``out_path``). Under ``ray job submit`` that is Ray's
+            unpacked copy of the submitted working directory on the head node, so pass an
+            absolute path there (``--set log.out_dir=$PWD/runs/...`` on a machine that shares
+            the filesystem).
         tensorboard: also write TensorBoard events (needs the ``tensorboard`` package, a
             dependency; without it the run stops at start with an error naming this field).
+        wandb: also log every step to Weights & Biases (a ``WandbConfig`` or its fields as a
+            mapping; null: off). Needs the ``wandb`` package (``pip install
+            'routing-replay[wandb]'``); without it the run stops at start naming this field.
         progress: show a tqdm progress bar over steps.
         checkpoint_every: save every this many steps and after the last (0: never).
         keep_checkpoints: most recent checkpoints kept.
@@ -470,6 +519,7 @@ class LogConfig:
 
     out_dir: str = "runs/grpo"
     tensorboard: bool = True
+    wandb: WandbConfig | None = None
     progress: bool = True
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -477,6 +527,8 @@ class LogConfig:
     native_router_agreement: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.wandb, Mapping):  # from YAML: a nested section
+            object.__setattr__(self, "wandb", _build(WandbConfig, self.wandb, "wandb."))
         _check_fields(self)
         _require(bool(self.out_dir), "out_dir", "a non-empty path", self.out_dir)
         _require(
@@ -492,6 +544,10 @@ class LogConfig:
             self.keep_checkpoints,
         )
 
+    def out_path(self) -> Path:
+        """``out_dir`` as an absolute path (a relative one against the current directory)."""
+        return Path(self.out_dir).expanduser().absolute()
+
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class TrainConfig:
@@ -499,7 +555,9 @@ class TrainConfig:
 
     Args:
         model: HF checkpoint folder (config.json, safetensors, tokenizer.json) that both the
-            rollout engine and the trainer load.
+            rollout engine and the trainer load, or a Hugging Face Hub id (``org/name``)
+            resolved through the Hugging Face cache (``rollout.resolve_model``).
+        model_revision: the Hub id's branch, tag or commit hash (null: ``main``).
         model_init: ``"existing"`` (the folder must hold a checkpoint) or ``"random_addition"``
             (when the folder has no config.json, first write a small random addition model
             there: smoke tests without a supervised warm-up).
@@ -516,6 +574,7 @@ class TrainConfig:
     """
 
     model: str
+    model_revision: str | None = None
     model_init: Literal["existing", "random_addition"] = "existing"
     seed: int = 0
     steps: int = 100
@@ -531,6 +590,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_fields(self)
         _require(bool(self.model), "model", "a non-empty path", self.model)
+        _require(
+            self.model_revision is None or self.model_init == "existing",
+            "model_revision",
+            "null with model_init random_addition (it writes a local folder)",
+            self.model_revision,
+        )
         _require(
             self.placement_timeout_s > 0,
             "placement_timeout_s",

@@ -33,6 +33,8 @@ from typing import Literal
 
 import torch
 
+from routing_kernels import batch_invariant
+
 __all__ = ["LossTerms", "group_advantages", "policy_loss", "token_logprobs"]
 
 
@@ -68,12 +70,16 @@ def group_advantages(
     return centred_PG.reshape(-1)
 
 
-def token_logprobs(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor) -> torch.Tensor:
+def token_logprobs(
+    logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, *, invariant: bool = False
+) -> torch.Tensor:
     """Log-probability of every token given the ones before it, in float32, ``[B, S]``.
 
     Position ``t >= 1`` holds ``log_softmax(logits[:, t - 1])[input_ids[:, t]]``; position 0
     is 0 (no prediction). Computed as the gathered logit minus the log-sum-exp, so no
-    ``[B, S, V]`` log-softmax is materialised beyond the float32 logits.
+    ``[B, S, V]`` log-softmax is materialised beyond the float32 logits. ``invariant``: by
+    ``routing_kernels.batch_invariant.token_logprobs``, the function a deterministic rollout
+    engine's sampler uses (equal logits rows give equal bits).
     """
     if logits_BSV.ndim != 3 or input_ids_BS.shape != logits_BSV.shape[:2]:
         raise ValueError(
@@ -83,6 +89,8 @@ def token_logprobs(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor) -> torc
         )
     logits_BSV = logits_BSV[:, :-1].float()
     next_BS = input_ids_BS[:, 1:]
+    if invariant:
+        return torch.nn.functional.pad(batch_invariant.token_logprobs(logits_BSV, next_BS), (1, 0))
     picked_BS = logits_BSV.gather(-1, next_BS.unsqueeze(-1)).squeeze(-1)
     logp_BS = picked_BS - torch.logsumexp(logits_BSV, dim=-1)
     return torch.nn.functional.pad(logp_BS, (1, 0))

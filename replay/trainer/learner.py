@@ -55,6 +55,7 @@ import torch
 import transformers
 
 import replay
+import rollout
 from replay.expert_tap import ExpertsTap
 from replay.layout import BatchLayout
 from replay.metrics import extreme_token_fraction, kl_k3, router_agreement
@@ -87,6 +88,11 @@ class Learner:
         reference_path: checkpoint of the frozen reference policy for ``grpo.kl_coef > 0``
             (default: ``model_path``).
         native_router_agreement: run the extra native pass under ``r3`` (see module doc).
+        policy_dtype: with ``trainer.policy == "engine"``: the policy's dtype, as
+            ``rollout.LLM``'s ``dtype`` (pass the rollout's, for bitwise agreement).
+        deterministic: with ``trainer.policy == "engine"``: batch-invariant numerics (the
+            rollout's ``deterministic``); the logprobs are then ``token_logprobs(...,
+            invariant=True)``, the engine sampler's function.
     """
 
     def __init__(
@@ -99,6 +105,8 @@ class Learner:
         seed: int = 0,
         reference_path: str | Path | None = None,
         native_router_agreement: bool = True,
+        policy_dtype: str = "auto",
+        deterministic: bool = False,
     ) -> None:
         if routing not in ("none", "r3", "r2"):
             raise ValueError(f"routing: expected one of ['none', 'r3', 'r2'], got {routing!r}")
@@ -106,6 +114,8 @@ class Learner:
         self.grpo = grpo
         self.routing = routing
         self.native_router_agreement = native_router_agreement
+        self.policy_dtype = policy_dtype
+        self.deterministic = deterministic and trainer.policy == "engine"
         self.world_size = trainer.world_size
         self.rank = distributed.check_process_group(trainer.world_size)
         self.device = torch.device(trainer.device)
@@ -138,7 +148,17 @@ class Learner:
         self.step_count = 0
         self.pad_token_id = _pad_token_id(self.model.config)
 
-    def _load(self, path: Path) -> transformers.PreTrainedModel:
+    def _load(self, path: Path) -> torch.nn.Module:
+        if self.config.policy == "engine":
+            # float32 master weights (as the HF path trains); the deterministic forward rounds
+            # them to the rollout's dtype per op, as the engine holding them in it does.
+            return rollout.load_policy(
+                path,
+                dtype=self.policy_dtype,
+                device=self.device,
+                deterministic=self.deterministic,
+                parameter_dtype=torch.float32 if self.deterministic else None,
+            )
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.to(self.device)
         if self.config.grouped_experts != "off":
@@ -320,6 +340,9 @@ class Learner:
         autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if self.config.compute_dtype == "bfloat16":
             autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.config.policy == "engine":
+            logits_BSV = model(tensors.input_ids_BS, attention_mask=tensors.attention_mask_BS)
+            return token_logprobs(logits_BSV, tensors.input_ids_BS, invariant=self.deterministic)
         with autocast:
             logits_BSV = model(
                 input_ids=tensors.input_ids_BS,

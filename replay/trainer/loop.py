@@ -56,7 +56,7 @@ from replay.trainer.tasks import AdditionModelSpec, AdditionTask, make_addition_
 from replay.trainer.trainer_group import TrainerGroup, start_trainer
 from replay.trainer.workers import RolloutWorkers
 
-__all__ = ["TINY_ADDITION_SPEC", "GRPOTrainer", "train"]
+__all__ = ["TINY_ADDITION_SPEC", "GRPOTrainer", "prepare_model", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,30 @@ TINY_ADDITION_SPEC = AdditionModelSpec(
 )
 
 
+def prepare_model(config: TrainConfig) -> Path:
+    """The absolute checkpoint folder of ``config.model``: a folder or a Hugging Face Hub id
+    (``rollout.resolve_model``), or, with ``model_init: random_addition``, a local folder that
+    gets a small random addition model when it has no config.json yet.
+
+    Raises:
+        ValueError: no checkpoint there (naming what was looked for where), or no tokenizer.json.
+    """
+    if config.model_init == "random_addition":
+        path = Path(config.model).expanduser().absolute()
+        if not (path / "config.json").exists():
+            make_addition_model(path, TINY_ADDITION_SPEC, seed=config.seed)
+            logger.info("wrote a random addition model to %s", path)
+    else:
+        path = rollout.resolve_model(config.model, revision=config.model_revision)
+    if not (path / "config.json").exists():
+        raise ValueError(f"model: expected an HF checkpoint folder with config.json, got {path}")
+    if not (path / "tokenizer.json").exists():
+        raise ValueError(
+            f"model: expected tokenizer.json in {path} (the task's prompts are text), got none"
+        )
+    return path
+
+
 def train(config: TrainConfig) -> list[dict[str, Any]]:
     """Run ``config`` to its last step (resuming if asked); return the records of the steps
     run by this call. Ray must be initialised."""
@@ -86,17 +110,19 @@ def train(config: TrainConfig) -> list[dict[str, Any]]:
 class GRPOTrainer:
     """Owns the actors and the run folder of one GRPO run (see the module docstring).
 
-    Building it prepares the model (``model_init``), finds the checkpoint to resume from
+    Building it prepares the model (``prepare_model``), finds the checkpoint to resume from
     (``log.resume``), reserves the actors' placement group (``config.placement``: a request
     the cluster cannot hold raises ``PlacementError`` here, before any actor starts), starts
-    the trainer and rollout actors in it and writes ``config.yaml``.
+    the trainer and rollout actors in it and writes ``config.yaml``. Every output goes under
+    ``out_dir``, the absolute ``log.out_dir`` (``LogConfig.out_path``).
     """
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.out_dir = Path(config.log.out_dir)
+        self.out_dir = config.log.out_path()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        base = self._prepare_model(Path(config.model))
+        logger.info("run folder %s", self.out_dir)
+        base = prepare_model(config)
         resume_from = latest_checkpoint(self.out_dir) if config.log.resume else None
         start_model = base if resume_from is None else Learner.policy_dir(resume_from)
         self.task = AdditionTask(
@@ -121,6 +147,8 @@ class GRPOTrainer:
                 seed=config.seed,
                 reference_path=base,
                 native_router_agreement=config.log.native_router_agreement,
+                policy_dtype=config.rollout.dtype,
+                deterministic=config.rollout.deterministic,
                 placement=self.placement,
             )
             self.workers = RolloutWorkers.from_config(
@@ -131,7 +159,11 @@ class GRPOTrainer:
                 self._resume(resume_from)
             # Inside the try: a log that cannot start (no tensorboard) ends the actors too.
             self.log = MetricsLog(
-                self.out_dir, tensorboard=config.log.tensorboard, resume_step=self.step
+                self.out_dir,
+                tensorboard=config.log.tensorboard,
+                wandb=config.log.wandb,
+                run_config=config_to_dict(config),
+                resume_step=self.step,
             )
         except BaseException:
             self.shutdown()
@@ -159,20 +191,6 @@ class GRPOTrainer:
         self.step = int(state["step"])
         self.rng.bit_generator.state = state["rng"]
         logger.info("resumed from %s at step %d", folder, self.step)
-
-    def _prepare_model(self, path: Path) -> Path:
-        if self.config.model_init == "random_addition" and not (path / "config.json").exists():
-            make_addition_model(path, TINY_ADDITION_SPEC, seed=self.config.seed)
-            logger.info("wrote a random addition model to %s", path)
-        if not (path / "config.json").exists():
-            raise ValueError(
-                f"model: expected an HF checkpoint folder with config.json, got {path}"
-            )
-        if not (path / "tokenizer.json").exists():
-            raise ValueError(
-                f"model: expected tokenizer.json in {path} (the task's prompts are text), got none"
-            )
-        return path
 
     # ------------------------------------------------------------------ the loop
 

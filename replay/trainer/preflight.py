@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import tokenizers
 
 from replay.trainer.tasks import Problem, char_tokenizer
+from rollout.hub import is_hub_id, resolve_model
 from rollout.loader import load_hf_config, load_tokenizer
 
 if TYPE_CHECKING:
@@ -28,7 +29,9 @@ def check_against_model(config: TrainConfig) -> None:
     """Check what ``config`` asks of its model folder (it is read, never written):
 
     - ``model`` is a checkpoint folder with config.json (of a supported architecture) and
-      tokenizer.json, or, with ``model_init: random_addition``, a place without config.json
+      tokenizer.json, or a Hugging Face Hub id whose snapshot has them (``model_revision``;
+      ``rollout.resolve_model``: downloaded into the Hugging Face cache now, unless
+      HF_HUB_OFFLINE), or, with ``model_init: random_addition``, a place without config.json
       where the random addition model will be written;
     - ``rollout.max_model_len`` is at most the model's ``max_position_embeddings``;
     - the task's longest prompt, tokenized by the model's tokenizer, plus
@@ -37,6 +40,14 @@ def check_against_model(config: TrainConfig) -> None:
       KV cache (every token but the last generated one takes a slot).
     """
     path = Path(config.model)
+    if config.model_init == "existing" and path.exists() and config.model_revision is not None:
+        raise ValueError(
+            f"model_revision: expected null for the local folder {str(path)!r} (a revision "
+            f"selects a Hub snapshot), got {config.model_revision!r}"
+        )
+    if config.model_init == "existing" and not path.exists() and is_hub_id(config.model):
+        # Raises naming the folder and the Hub cache it looked in.
+        path = resolve_model(config.model, revision=config.model_revision)
     if path.exists() and not path.is_dir():
         raise ValueError(f"model: expected a checkpoint folder, got {str(path)!r} (a file)")
     if (path / "config.json").is_file():

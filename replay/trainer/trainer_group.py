@@ -257,11 +257,14 @@ def start_trainer(
     seed: int,
     reference_path: str | Path | None = None,
     native_router_agreement: bool = True,
+    policy_dtype: str = "auto",
+    deterministic: bool = False,
     placement: Placement | None = None,
 ) -> TrainerGroup:
     """Start the trainer's ``trainer.world_size`` ranks, each a ``TrainerWorker`` actor with
     ``trainer.num_gpus`` / ``trainer.num_cpus`` (in ``placement``'s bundles, else in a
-    placement of their own), and build their ``Learner``."""
+    placement of their own), and build their ``Learner`` (``policy_dtype`` and
+    ``deterministic``: the rollout's, for ``trainer.policy: engine``)."""
     return TrainerGroup(
         model_path,
         trainer=trainer,
@@ -271,4 +274,6 @@ def start_trainer(
         seed=seed,
         reference_path=None if reference_path is None else str(reference_path),
         native_router_agreement=native_router_agreement,
+        policy_dtype=policy_dtype,
+        deterministic=deterministic,
     )

@@ -82,7 +82,8 @@ class RoutedExpertsReader:
 
     Raises:
         FileNotFoundError: no segment of that name.
-        ValueError: the segment's size is not ``S * L * K * itemsize`` (a different store).
+        ValueError: the segment holds another shape or dtype (a different store), or is not
+            a routing store's segment at all.
     """
 
     def __init__(
@@ -100,17 +101,16 @@ class RoutedExpertsReader:
             top_k=top_k,
             dtype=dtype,
         )
-        self._shm = shm.attach(name)
-        if self._shm.size != self.spec.nbytes:
-            size = self._shm.size
-            self._shm.close()
+        self._segment = shm.attach(name)
+        if self._segment.shape != self.spec.shape or self._segment.dtype != self.spec.dtype:
+            got = (self._segment.shape, self._segment.dtype.name)
+            self._segment.close()
             raise ValueError(
-                f"name: expected segment {name!r} of {self.spec.nbytes} bytes "
-                f"(shape {self.spec.shape} {self.spec.dtype}), got {size} bytes"
+                f"name: expected segment {name!r} to hold a store of shape {self.spec.shape} "
+                f"(num_kv_slots, num_moe_layers, top_k) {self.spec.dtype}, got shape {got[0]} "
+                f"{got[1]}"
             )
-        self._rows_SLK: np.ndarray | None = np.ndarray(
-            self.spec.shape, dtype=self.spec.dtype, buffer=self._shm.buf
-        )
+        self._rows_SLK: np.ndarray | None = self._segment.array
 
     @classmethod
     def from_spec(cls, spec: ReaderSpec) -> RoutedExpertsReader:
@@ -135,7 +135,7 @@ class RoutedExpertsReader:
         if self._rows_SLK is None:
             return
         self._rows_SLK = None
-        self._shm.close()
+        self._segment.close()
 
     def __enter__(self) -> Self:
         return self

@@ -61,12 +61,18 @@ class RoutingStore:
         device: the capture buffer's device; CUDA uses pinned staging and a side stream.
         dtype: the capture buffer's id dtype (torch.uint8, int16 or int32; None means int16,
             as for ``RoutedExpertsCapturer``).
-        lock_path: the lock file of ``rollout.shm.create_or_attach``; None means
+        lock_path: the lock file of ``rollout.shm.create``; None means
             ``rollout.shm.default_lock_path()``.
 
-    The segment is created (or a leftover of the same name and size reused, contents as they
-    were: rows of slots this store never wrote are unspecified) and unlinked by ``close()``,
-    a ``with`` block, garbage collection or interpreter exit (``rollout.shm``).
+    The segment is created zero-filled (rows of slots this store never wrote are zeros), after
+    the segments of dead owners are reclaimed, and unlinked by ``close()``, a ``with`` block,
+    garbage collection or interpreter exit in this process (not in a forked child), or by the
+    SIGTERM clean-up (``rollout.shm``).
+
+    Raises:
+        FileExistsError: a live store (in this process or another) owns the segment ``name``.
+        OSError: ``/dev/shm`` cannot hold the segment (ENOSPC; nothing is left behind).
+        TimeoutError: the lock file stayed locked by another process.
     """
 
     def __init__(
@@ -105,15 +111,11 @@ class RoutingStore:
 
         self._pending: _Pending | None = None
         self._rows_SLK: np.ndarray | None = None
-        self._segment: shm.OwnedSharedMemory | None = shm.create_or_attach(
-            name,
-            self.spec.nbytes,
-            shm.default_lock_path() if lock_path is None else lock_path,
+        self._segment: shm.OwnedSegment | None = shm.create(
+            name, self.spec.shape, self.spec.dtype, lock_path=lock_path
         )
         try:
-            self._rows_SLK = np.ndarray(
-                self.spec.shape, dtype=self.spec.dtype, buffer=self._segment.buf
-            )
+            self._rows_SLK = self._segment.array
             # Pinned memory makes the device->host copy asynchronous to the host.
             self._staging_TLK = torch.empty(
                 (self.max_num_tokens, num_moe_layers, top_k),

@@ -188,6 +188,18 @@ class BlockManager:
         self._block_hash = [None] * self.num_blocks
         self._block_key = [None] * self.num_blocks
 
+    def reset(self) -> None:
+        """Free every block and forget every registration, keeping the hit counters: the pool
+        of an engine that dropped every sequence after a failed step (``Scheduler.abort_all``).
+        Rebuilt rather than released block by block, so that a transition the failure
+        interrupted half-way leaves nothing behind; a registered block's KV may be incomplete.
+        """
+        self._ref_counts = [0] * self.num_blocks
+        self._free = OrderedDict.fromkeys(range(self.num_blocks))
+        self._hash_to_block.clear()
+        self._block_hash = [None] * self.num_blocks
+        self._block_key = [None] * self.num_blocks
+
     # ------------------------------------------------------------------ internals
 
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:

@@ -14,13 +14,13 @@ of all ranks, route them, compute this rank's 1/N slice of the experts and reduc
 sum (``rollout.layers.moe.NaiveDispatch``); shared experts and everything outside the MoE blocks
 stay on the rank's own tokens. A rank holds the weights of its slice of the experts only
 (loaded, allocated and updated: ``rollout.models.decoder`` under ``MoEParallelConfig``), so the
-experts' memory is split across the ranks. Each rank's capture buffer takes its own tokens' rows of the
-routed batch (the capturer's DP rule), so a request's rows are again those a single-rank engine
-computes for it. Every forward is collective, so the ranks step in lockstep: before each step
-they all-reduce "has work", and while any rank has work every rank forwards (one without work a
-padding token, ``ModelRunner.run_idle``). It runs eager (no CUDA graphs: the collectives change
-shape every step). ``num_experts`` must be a multiple of ``data_parallel_size`` (checked before
-any rank starts).
+experts' memory is split across the ranks. Each rank's capture buffer takes its own tokens' rows
+of the routed batch (the capturer's DP rule), so a request's rows are again those a single-rank
+engine computes for it. Every forward is collective, so the ranks step in lockstep: before each
+step they all-reduce "has work" (with "stop" and "failed"), and while any rank has work every
+rank forwards (one without work a padding token, ``ModelRunner.run_idle``). It runs eager (no
+CUDA graphs: the collectives change shape every step). ``num_experts`` must be a multiple of
+``data_parallel_size`` (checked before any rank starts).
 
 The front end talks to each rank over a pipe, one command at a time per rank, all ranks in
 parallel::
@@ -36,18 +36,33 @@ parallel::
     sleep / wake_up: "sleep" / "wake_up" to every rank (each releases / rebuilds its own KV
               cache and CUDA graphs, ``LLMEngine.sleep``); ``generate`` refuses while asleep
 
-A rank replies ``("ok", value)`` or ``("error", exception, traceback text)``; the front end
-collects every rank's reply before raising the first error, so ranks stay in step. A rank that
-dies is reported by its exit code. With dp_attention a rank's error during "run" shuts every
-rank down at once (the others may wait in a collective of the failed step forever); the
-exception is raised. ``shutdown`` (also on a failed start, on an interrupted
-``generate``, on garbage collection and at exit) stops every rank: it shuts its engine down
-(unlinking its segment) and leaves the group; a rank that does not stop in time is terminated
-(its SIGTERM handler still runs that cleanup) and its segment name unlinked by the front end.
+A rank replies ``("ok", value)`` or ``("error", exception, traceback text)``
+(``rollout.engine.data_parallel_rank``); the front end collects every rank's reply before
+raising the first error (by rank), so ranks stay in step. Failures:
+
+- A rank's error in a step: the rank drops its requests (``LLMEngine.abort_all``) and replies
+  with it; the others finish theirs (replicas) or stop with it (dp_attention, at the next
+  lockstep round). ``generate`` raises it and the next call works. Non-finite logits raise
+  ``NonFiniteLogitsError`` naming the prompt. With dp_attention an error inside a forward that
+  not every rank hit leaves the others in a collective of it: when they have not replied
+  ``_PEER_TIMEOUT_S`` after the first error, every rank is shut down.
+- A ``KeyboardInterrupt`` in the front end: "stop" to the ranks, which stop their runs between
+  steps; the front end takes the replies it is owed, "abort_all" drops every request, and the
+  interrupt propagates, the engine usable. A rank that does not come back within
+  ``_STOP_TIMEOUT_S`` (or a second interrupt) shuts every rank down.
+- A rank that dies (a signal, ``os._exit``): RuntimeError naming the rank and its exit code or
+  signal, every rank shut down; later calls raise RuntimeError saying so.
+
+``shutdown`` (also on a failed start, a rank's death, on garbage collection and at exit) stops
+every rank: it shuts its engine down (unlinking its segment) and leaves the group; a rank that
+does not stop in time is terminated (its SIGTERM handler still runs that cleanup), then killed
+(blocked in a collective, it cannot run a handler), and its segment name unlinked by the front
+end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -55,51 +70,37 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
-import sys
 import tempfile
-import traceback
+import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NoReturn
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from rollout import shm
 from rollout.capture import ReaderSpec
 from rollout.config import EngineConfig
-from rollout.engine.llm_engine import LLMEngine
+from rollout.engine.data_parallel_rank import BadRequest, RankInfo, rank_main
+from rollout.engine.llm_engine import NonFiniteLogitsError, check_device
 from rollout.layers.moe import expert_slice
 from rollout.loader import load_hf_config, load_tokenizer
 from rollout.models.registry import model_class
-from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
+from rollout.outputs import EngineStats, RequestOutput
 from rollout.sampling_params import SamplingParams
 
 __all__ = ["DataParallelEngine"]
 
 logger = logging.getLogger(__name__)
 
-# Seconds a rank gets to shut its engine down before it is terminated.
+# Seconds a rank gets to shut its engine down (or to stop a run) before it is terminated.
 _STOP_TIMEOUT_S = 30.0
+# Seconds the other dp_attention ranks get to reply once one failed in a run; a rank still
+# stepping reaches the next lockstep round within a step.
+_PEER_TIMEOUT_S = 60.0
 
-
-@dataclasses.dataclass(kw_only=True, slots=True, frozen=True)
-class _RankInfo:
-    """What a rank reports once its engine is built."""
-
-    routing_spec: RoutingSpec
-    vocab_size: int
-    reader_spec: ReaderSpec | None
-    parameter_names: frozenset[str]
-
-
-@dataclasses.dataclass(kw_only=True, slots=True, frozen=True)
-class _BadRequest:
-    """A rank's reply to "add" when its ``position``-th request was refused (none was kept)."""
-
-    position: int
-    error: Exception
+Reply = tuple[Any, ...]
 
 
 class DataParallelEngine:
@@ -117,7 +118,8 @@ class DataParallelEngine:
             draws a fresh one.
 
     Raises:
-        ValueError: ``data_parallel_size`` < 2, ``device`` naming one CUDA device, or with
+        ValueError: ``data_parallel_size`` < 2 (or beyond the CUDA devices on CUDA),
+            ``device`` naming one CUDA device or CUDA where there is none, or with
             ``dp_attention`` a ``num_experts`` that is not a multiple of ``data_parallel_size``.
         RuntimeError / the rank's exception: a rank failed to start (every rank is stopped).
     """
@@ -135,6 +137,7 @@ class DataParallelEngine:
             )
         if config.dp_attention:
             _check_expert_split(config)
+        check_device(config.device, ranks=size)
         self.config = config
         self.instance_id = shm.new_instance_id() if instance_id is None else instance_id
         self.segment_names = tuple(shm.segment_name(self.instance_id, r) for r in range(size))
@@ -145,6 +148,9 @@ class DataParallelEngine:
         context = multiprocessing.get_context("spawn")
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[multiprocessing.connection.Connection] = []
+        # Replies each rank owes (commands sent, not yet answered); why the ranks were shut down.
+        self._owed: list[int] = []
+        self._shut_down_because: str | None = None
         # Registered before any rank starts: a failed start, gc or exit stop what did start.
         self._finalizer = weakref.finalize(
             self,
@@ -159,7 +165,7 @@ class DataParallelEngine:
             for rank in range(size):
                 parent, child = context.Pipe()
                 process = context.Process(
-                    target=_rank_main,
+                    target=rank_main,
                     args=(rank, config, self.instance_id, init_method, child),
                     name=f"rollout-dp{rank}",
                     daemon=True,
@@ -168,7 +174,8 @@ class DataParallelEngine:
                 child.close()
                 self._processes.append(process)
                 self._conns.append(parent)
-            infos: list[_RankInfo] = self._gather(range(size))
+                self._owed.append(1)  # its RankInfo
+            infos: list[RankInfo] = self._gather(range(size))
         except BaseException:
             self.shutdown()
             raise
@@ -238,10 +245,12 @@ class DataParallelEngine:
 
         Raises:
             ValueError: a request a rank refuses, as ``prompts[i]: ...`` (nothing is generated).
-            Any rank's exception during the run, after every rank finished (the failing rank
-            aborted its requests); with dp_attention at once, every rank being shut down. An
-            interruption of the front end (KeyboardInterrupt) stops every rank and leaves the
-            engine shut down.
+            NonFiniteLogitsError (a ValueError): ``prompts[i]: ...``: the final logits that
+                request ``i`` sampled from held a NaN or an inf.
+            Any rank's exception during the run, once every rank replied (the module
+            docstring); the ranks have dropped this call's requests and the next call works.
+            KeyboardInterrupt: the ranks stopped between steps and dropped the requests.
+            RuntimeError: a rank died (every rank is shut down), or the ranks were shut down.
         """
         assert len(prompt_token_ids) == len(params)
         if self._sleeping:
@@ -253,30 +262,20 @@ class DataParallelEngine:
             rank = min(range(size), key=load.__getitem__)
             assigned[rank].append(i)
             load[rank] += len(tokens) + p.max_tokens
-        busy = [r for r in range(size) if assigned[r]]
-        try:
-            for r in busy:
-                batch = [(list(prompt_token_ids[i]), params[i]) for i in assigned[r]]
-                self._conns[r].send(("add", batch))
-            added = dict(zip(busy, self._gather(busy), strict=True))
-            refused = {r: reply for r, reply in added.items() if isinstance(reply, _BadRequest)}
-            if refused:
-                kept = [r for r in busy if r not in refused]
-                for r in kept:
-                    self._conns[r].send(("abort", added[r]))
-                self._gather(kept)
-                rank, bad = min(refused.items(), key=lambda kv: assigned[kv[0]][kv[1].position])
-                index = assigned[rank][bad.position]
-                raise ValueError(f"prompts[{index}]: {bad.error}") from bad.error
+        with self._interruptible():
+            added = self._add(prompt_token_ids, params, assigned)
             # dp_attention: every rank steps, in lockstep, until none has work.
-            runners = list(range(size)) if self.config.dp_attention else busy
+            runners = list(range(size)) if self.config.dp_attention else list(added)
             for r in runners:
-                self._conns[r].send(("run",))
+                self._send(r, ("run",))
             with tqdm(total=len(params), desc="generate", unit="req", disable=not use_tqdm) as bar:
-                finished = self._gather_run(runners, lambda r: bar.update(len(assigned[r])))
-        except (KeyboardInterrupt, EOFError, OSError):
-            self.shutdown()
-            raise
+                try:
+                    finished = self._gather_run(runners, lambda r: bar.update(len(assigned[r])))
+                except NonFiniteLogitsError as exc:
+                    index = assigned[exc.dp_rank][added[exc.dp_rank].index(exc.request_id)]
+                    raise NonFiniteLogitsError(
+                        f"prompts[{index}]: {exc}", exc.request_id, exc.dp_rank
+                    ) from exc
         outputs: list[RequestOutput | None] = [None] * len(params)
         first_id = self._next_request_id
         self._next_request_id += len(params)
@@ -284,6 +283,30 @@ class DataParallelEngine:
             for i, out in zip(assigned[r], rank_outputs, strict=True):
                 outputs[i] = dataclasses.replace(out, request_id=first_id + i)
         return outputs  # type: ignore[return-value]
+
+    def _add(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams],
+        assigned: list[list[int]],
+    ) -> dict[int, list[int]]:
+        """Queue the requests ``assigned`` to each rank; their ids there, by rank (those with
+        requests). A request a rank refuses raises ValueError naming its prompt; the other
+        ranks' requests are dropped first."""
+        busy = [r for r in range(self.data_parallel_size) if assigned[r]]
+        for r in busy:
+            self._send(r, ("add", [(list(prompt_token_ids[i]), params[i]) for i in assigned[r]]))
+        added = dict(zip(busy, self._gather(busy), strict=True))
+        refused = {r: reply for r, reply in added.items() if isinstance(reply, BadRequest)}
+        if refused:
+            kept = [r for r in busy if r not in refused]
+            for r in kept:
+                self._send(r, ("abort", added[r]))
+            self._gather(kept)
+            rank, bad = min(refused.items(), key=lambda kv: assigned[kv[0]][kv[1].position])
+            index = assigned[rank][bad.position]
+            raise ValueError(f"prompts[{index}]: {bad.error}") from bad.error
+        return added
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into every rank's model (rank 0 broadcasts them through the
@@ -309,10 +332,11 @@ class DataParallelEngine:
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
             # Through the pipe as host memory: CUDA IPC handles would tie rank 0 to our device.
             items.append((name, tensor.detach().to("cpu").contiguous()))
-        self._conns[0].send(("update_weights", items))
-        for r in range(1, self.data_parallel_size):
-            self._conns[r].send(("update_weights", None))
-        written: list[set[str]] = self._gather(range(self.data_parallel_size))
+        with self._interruptible():
+            self._send(0, ("update_weights", items))
+            for r in range(1, self.data_parallel_size):
+                self._send(r, ("update_weights", None))
+            written: list[set[str]] = self._gather(range(self.data_parallel_size))
         return set.intersection(*written)
 
     @property
@@ -342,57 +366,160 @@ class DataParallelEngine:
 
     def shutdown(self) -> None:
         """Stop every rank: engines shut down, segments unlinked, group left (idempotent)."""
-        self._finalizer()
+        self._shut_down(None)
 
     # ------------------------------------------------------------------ the pipes
 
-    def _command(self, ranks: Iterable[int], message: tuple[Any, ...]) -> list[Any]:
+    def _command(self, ranks: Iterable[int], message: Reply) -> list[Any]:
         ranks = list(ranks)
-        for r in ranks:
-            self._conns[r].send(message)
-        return self._gather(ranks)
+        with self._interruptible():
+            for r in ranks:
+                self._send(r, message)
+            return self._gather(ranks)
 
-    def _gather_run(self, ranks: list[int], on_reply) -> list[Any]:
-        """The replies to "run". With dp_attention a rank's error stops every rank at once:
-        the others may wait in a collective of the failed step forever."""
-        if not self.config.dp_attention:
-            return self._gather(ranks, on_reply=on_reply)
+    @contextlib.contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """Leave the ranks ready for the next call when a KeyboardInterrupt ends this one."""
         try:
-            return self._gather(ranks, on_reply=on_reply, fail_fast=True)
-        except Exception:
-            logger.error("a rank failed in a dp_attention step: stopping every rank")
-            self.shutdown()
+            yield
+        except KeyboardInterrupt:
+            self._interrupt()
             raise
 
-    def _gather(self, ranks: Iterable[int], on_reply=None, fail_fast: bool = False) -> list[Any]:
-        """One reply from each of ``ranks`` (as they come); the first rank error is raised once
-        all replied, or as soon as it comes with ``fail_fast``."""
+    def _send(self, rank: int, message: Reply) -> None:
+        """Send a command that ``rank`` answers with one reply."""
+        if self._shut_down_because is not None:
+            raise RuntimeError(
+                f"data parallel engine: expected live ranks, got ranks shut down "
+                f"({self._shut_down_because}): build a new LLM"
+            )
+        try:
+            self._conns[rank].send(message)
+        except OSError:
+            self._rank_died(rank)
+        self._owed[rank] += 1
+
+    def _receive(self, rank: int) -> Reply:
+        """The next reply of ``rank``, whose pipe or process is ready."""
+        conn = self._conns[rank]
+        try:
+            if not conn.poll():
+                raise EOFError  # woken by the process's end, no reply on the way
+            reply = conn.recv()
+        except (EOFError, OSError):
+            self._rank_died(rank)
+        self._owed[rank] -= 1
+        return reply
+
+    def _gather_run(self, ranks: list[int], on_reply: Callable[[int], None]) -> list[Any]:
+        """The replies to "run". With dp_attention, once a rank failed the others get
+        ``_PEER_TIMEOUT_S`` to reply (they stop at the next lockstep round); a rank that does
+        not waits in a collective of the failed step: every rank is shut down."""
+        if not self.config.dp_attention:
+            return self._gather(ranks, on_reply=on_reply)
+        return self._gather(ranks, on_reply=on_reply, peer_timeout=_PEER_TIMEOUT_S)
+
+    def _gather(
+        self,
+        ranks: Iterable[int],
+        *,
+        on_reply: Callable[[int], None] | None = None,
+        peer_timeout: float | None = None,
+    ) -> list[Any]:
+        """One reply from each of ``ranks`` (as they come); the first rank error (by rank) is
+        raised once all replied. ``peer_timeout``: the seconds the others get once one replied
+        with an error; then every rank is shut down and that error raised."""
         ranks = list(ranks)
-        replies: dict[int, tuple[Any, ...]] = {}
-        waiting = {self._conns[r]: r for r in ranks}
-        waiting.update({self._processes[r].sentinel: r for r in ranks})
+        replies: dict[int, Reply] = {}
+        deadline: float | None = None
         while len(replies) < len(ranks):
-            for ready in multiprocessing.connection.wait(list(waiting)):
-                r = waiting[ready]
+            waiting = {}
+            for r in ranks:
+                if r not in replies:
+                    waiting[self._conns[r]] = waiting[self._processes[r].sentinel] = r
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = multiprocessing.connection.wait(list(waiting), timeout)
+            if not ready:
+                failed = min(r for r, reply in replies.items() if reply[0] == "error")
+                late = sorted(set(ranks) - set(replies))
+                self._shut_down(
+                    f"data parallel ranks {late} did not reply within {peer_timeout:.0f} s of "
+                    f"rank {failed}'s error (waiting in a collective of its failed step)"
+                )
+                _raise_if_error(failed, replies[failed])
+            for obj in ready:
+                r = waiting[obj]
                 if r in replies:
                     continue
-                conn = self._conns[r]
-                if not conn.poll():
-                    raise RuntimeError(
-                        f"data parallel rank {r}: expected a reply, the process exited with "
-                        f"code {self._processes[r].exitcode}"
-                    )
-                replies[r] = conn.recv()
-                if fail_fast:
-                    _raise_if_error(r, replies[r])
-                if on_reply is not None:
+                replies[r] = self._receive(r)
+                if replies[r][0] == "error":
+                    if peer_timeout is not None and deadline is None:
+                        deadline = time.monotonic() + peer_timeout
+                elif on_reply is not None:
                     on_reply(r)
         for r in ranks:
             _raise_if_error(r, replies[r])
         return [replies[r][1] for r in ranks]
 
+    def _interrupt(self) -> None:
+        """After a KeyboardInterrupt in the front end: stop the ranks' runs, take every reply
+        owed and drop every request ("abort_all"), so that the next call works. A rank that does
+        not reply within ``_STOP_TIMEOUT_S``, or another failure meanwhile, shuts every rank
+        down."""
+        if self._shut_down_because is not None:
+            return
+        try:
+            owing = [r for r in range(self.data_parallel_size) if self._owed[r]]
+            for r in owing:
+                self._conns[r].send(("stop",))  # answered by the reply to "run" it stops
+            deadline = time.monotonic() + _STOP_TIMEOUT_S
+            while owing:
+                waiting = {self._conns[r]: r for r in owing}
+                waiting.update({self._processes[r].sentinel: r for r in owing})
+                ready = multiprocessing.connection.wait(
+                    list(waiting), max(0.0, deadline - time.monotonic())
+                )
+                if not ready:
+                    raise TimeoutError(f"data parallel ranks {owing} did not stop in time")
+                for r in {waiting[obj] for obj in ready}:
+                    self._receive(r)  # a result or an error of the interrupted call: dropped
+                owing = [r for r in owing if self._owed[r]]
+            self._command(range(self.data_parallel_size), ("abort_all",))
+        except BaseException as exc:  # noqa: BLE001 - a second interrupt included: shut down
+            logger.error("stopping the data parallel ranks after an interrupt failed: %r", exc)
+            self._shut_down(f"stopping them after an interrupt failed: {exc!r}")
 
-def _raise_if_error(rank: int, reply: tuple[Any, ...]) -> None:
+    def _rank_died(self, rank: int) -> NoReturn:
+        """Shut every rank down and raise RuntimeError saying how ``rank`` ended."""
+        process = self._processes[rank]
+        process.join(_STOP_TIMEOUT_S)  # its exit code: the pipe can close a moment before
+        how = _exit_description(process.exitcode)
+        message = f"data parallel rank {rank} (pid {process.pid}) died: {how}"
+        logger.error("%s: stopping every rank", message)
+        self._shut_down(message)
+        raise RuntimeError(f"{message}; every rank was shut down")
+
+    def _shut_down(self, reason: str | None) -> None:
+        """``shutdown``, keeping the first reason for later calls' errors."""
+        if self._shut_down_because is None:
+            self._shut_down_because = reason or "shutdown() was called"
+        self._finalizer()
+
+
+def _exit_description(exitcode: int | None) -> str:
+    """How a process ended, from ``Process.exitcode``."""
+    if exitcode is None:
+        return "its pipe closed while the process still runs"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "an unknown signal"
+        return f"killed by signal {-exitcode} ({name}), exit code {exitcode}"
+    return f"exit code {exitcode}"
+
+
+def _raise_if_error(rank: int, reply: Reply) -> None:
     if reply[0] == "error":
         _, error, trace = reply
         raise error from RuntimeError(f"data parallel rank {rank}:\n{trace}")
@@ -416,6 +543,11 @@ def _stop_ranks(
             logger.warning("data parallel rank %d did not stop in time: terminating it", rank)
             process.terminate()
             process.join(_STOP_TIMEOUT_S)
+        if process.is_alive():
+            # Blocked in a collective a dead peer never joins: its handler cannot run.
+            logger.warning("data parallel rank %d ignored SIGTERM: killing it", rank)
+            process.kill()
+            process.join()
         if process.exitcode != 0:
             # A rank that died without its cleanup leaves its segment behind.
             shm.unlink_if_present(segment_names[rank])
@@ -424,189 +556,9 @@ def _stop_ranks(
     shutil.rmtree(rendezvous_dir, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------- the rank process
-
-
-def _rank_main(
-    rank: int,
-    config: EngineConfig,
-    instance_id: str,
-    init_method: str,
-    conn: multiprocessing.connection.Connection,
-) -> None:
-    """A rank's process: join the group, build the engine, serve commands until "shutdown"."""
-    # SIGTERM (terminate) unwinds through the finally blocks: the engine unlinks its segment.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    size = config.data_parallel_size
-    on_cuda = config.device == "cuda" or (config.device is None and torch.cuda.is_available())
-    engine: LLMEngine | None = None
-    try:
-        if on_cuda:
-            config = dataclasses.replace(config, device=f"cuda:{rank}")
-            torch.cuda.set_device(rank)
-        else:
-            # The ranks share the host's cores.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-        dist.init_process_group(
-            "nccl" if on_cuda else "gloo",
-            init_method=init_method,
-            rank=rank,
-            world_size=size,
-        )
-        engine = LLMEngine(config, instance_id=instance_id, dp_rank=rank)
-        conn.send(
-            (
-                "ok",
-                _RankInfo(
-                    routing_spec=engine.routing_spec,
-                    vocab_size=engine.vocab_size,
-                    reader_spec=engine.routing_reader_spec,
-                    parameter_names=engine.parameter_names,
-                ),
-            )
-        )
-        _serve(
-            engine,
-            conn,
-            torch.device(config.device) if on_cuda else torch.device("cpu"),
-        )
-    except BaseException as exc:
-        _reply_error(conn, exc)
-        if not isinstance(exc, Exception):
-            raise
-    finally:
-        if engine is not None:
-            engine.shutdown()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        conn.close()
-
-
-def _serve(
-    engine: LLMEngine, conn: multiprocessing.connection.Connection, device: torch.device
-) -> None:
-    handlers = {
-        "add": lambda batch: _add(engine, batch),
-        "abort": lambda ids: _abort(engine, ids),
-        "run": lambda: _run(engine, device),
-        "stats": lambda: engine.stats,
-        "parameter_shapes": lambda: {
-            name: tuple(p.shape) for name, p in engine.runner.model.named_parameters()
-        },
-        "update_weights": lambda items: _update_weights(engine, items, device),
-        "sleep": engine.sleep,
-        "wake_up": engine.wake_up,
-    }
-    while True:
-        command, *args = conn.recv()
-        if command == "shutdown":
-            return
-        try:
-            reply = ("ok", handlers[command](*args))
-        except Exception as exc:  # noqa: BLE001 - any failure goes back to the front end
-            _reply_error(conn, exc)
-            continue
-        conn.send(reply)
-
-
-def _add(
-    engine: LLMEngine, batch: list[tuple[list[int], SamplingParams]]
-) -> list[int] | _BadRequest:
-    ids: list[int] = []
-    for position, (tokens, params) in enumerate(batch):
-        try:
-            ids.append(engine.add_request(tokens, params))
-        except ValueError as exc:
-            _abort(engine, ids)
-            return _BadRequest(position=position, error=exc)
-    return ids
-
-
-def _abort(engine: LLMEngine, request_ids: list[int]) -> None:
-    for request_id in request_ids:
-        engine.abort_request(request_id)
-
-
-def _run(engine: LLMEngine, device: torch.device) -> list[RequestOutput]:
-    """Step until every queued request finished; outputs in the order they were added.
-
-    With dp_attention every rank steps until no rank has work: a rank whose own requests are
-    done (or that got none) runs idle steps, joining the MoE layers' collectives of the others.
-    """
-    outputs: dict[int, RequestOutput] = {}
-    try:
-        while _has_work(engine, device):
-            if not engine.has_unfinished():
-                engine.runner.run_idle()
-                continue
-            for out in engine.step():
-                outputs[out.request_id] = out
-    except BaseException:
-        for seq in [*engine.scheduler.waiting, *engine.scheduler.running]:
-            engine.abort_request(seq.seq_id)
-        raise
-    return [outputs[i] for i in sorted(outputs)]
-
-
-def _has_work(engine: LLMEngine, device: torch.device) -> bool:
-    """Whether to step again: this rank has unfinished requests; with dp_attention whether any
-    rank has (an all-reduce that every rank makes before each step)."""
-    busy = engine.has_unfinished()
-    if not engine.config.dp_attention:
-        return busy
-    flag = torch.tensor([int(busy)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def _check_expert_split(config: EngineConfig) -> None:
     """Raise before any rank starts what every rank would: with dp_attention each rank computes
     ``num_experts / data_parallel_size`` experts (``rollout.layers.moe.expert_slice``)."""
     hf_config = load_hf_config(config.model)
     routing = model_class(hf_config.architectures).args_from_config(hf_config).routing
     expert_slice(routing.num_experts, 0, config.data_parallel_size)
-
-
-def _update_weights(
-    engine: LLMEngine,
-    items: list[tuple[str, torch.Tensor]] | None,
-    device: torch.device,
-) -> set[str]:
-    """``engine.update_weights`` with rank 0's ``items`` (None on the other ranks), received
-    one tensor at a time. A rank whose update stops early (an error) still joins every
-    remaining broadcast, so the ranks never wait on each other forever."""
-    tensors = _broadcast(items, device)
-    try:
-        return engine.update_weights(tensors)
-    finally:
-        for _ in tensors:
-            pass
-
-
-def _broadcast(
-    items: list[tuple[str, torch.Tensor]] | None, device: torch.device
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rank 0's ``items`` on every rank: names, shapes and dtypes as one object, then each
-    tensor as it is consumed (on ``device``: NCCL needs device tensors), so that one tensor at
-    a time is on the device, never the whole state dict."""
-    meta = [None if items is None else [(n, t.shape, t.dtype) for n, t in items]]
-    dist.broadcast_object_list(meta, src=0)
-    for i, (name, shape, dtype) in enumerate(meta[0]):
-        tensor = (
-            items[i][1].to(device)
-            if items is not None
-            else torch.empty(shape, dtype=dtype, device=device)
-        )
-        dist.broadcast(tensor, src=0)
-        yield name, tensor
-
-
-def _reply_error(conn: multiprocessing.connection.Connection, exc: BaseException) -> None:
-    trace = traceback.format_exc()
-    try:
-        conn.send(("error", exc, trace))
-    except Exception:  # noqa: BLE001 - an unpicklable exception, or the front end is gone
-        try:
-            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), trace))
-        except OSError:
-            pass

@@ -25,6 +25,19 @@ batch, and unseeded samples (keyed by batch row) may differ.
 One batch is in flight between two steps (``has_unfinished`` counts it); ``update_weights``,
 ``sleep`` and ``shutdown`` wait for it.
 
+A step that raises (a model layer's error, non-finite logits, a ``KeyboardInterrupt``) first
+drops every unfinished request (``abort_all``): the batch scheduled and the one in flight are
+discarded (the device finishes them; later batches run after them on the same stream), every KV
+block is freed and the prefix cache forgotten (the failed step may have left registered blocks
+half-written), the routing store files its pending rows. Then the exception propagates, and the
+next request is served as by a fresh engine with the same weights (tokens, logprobs and rows of
+greedy and seeded requests; unseeded ones draw on from the engine's generator).
+
+Non-finite logits. The sampler marks a row whose final logits hold a NaN or an inf with a NaN
+logprob (``rollout.sampler``), decided on the device; it reaches the host with the tokens the
+step waits for anyway, and a marked row of an unfinished request raises
+``NonFiniteLogitsError`` naming the request: never silent garbage tokens.
+
 Routed-expert capture (``capture_routing=True``, ``rollout.engine.routing``) rides along
 inside it without a stage of its own: its device buffer is a static input of the runner
 (``ModelRunner(routing_capture=...)``), the runner's ``after_forward`` hook enqueues the
@@ -47,6 +60,7 @@ forward, and each lockstep round waits for the device anyway.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -65,13 +79,54 @@ from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
 from rollout.sampler import SampledTokens
 from rollout.sampling_params import SamplingParams
 
-__all__ = ["LLMEngine"]
+__all__ = ["LLMEngine", "NonFiniteLogitsError", "check_device"]
 
 logger = logging.getLogger(__name__)
 
 
 # Spaces the ranks' sampling seeds apart (a prime, so nearby engine seeds do not collide).
 _RANK_SEED_STRIDE = 1_000_003
+
+
+def check_device(device: str | None, *, ranks: int = 1) -> None:
+    """Raise ValueError when ``device`` (an ``EngineConfig.device``) asks for CUDA that this
+    process cannot use: no CUDA at all, ``cuda:N`` past the devices, or fewer devices than
+    ``ranks`` (data-parallel ranks on CUDA take one each; ``None`` means CUDA where it is
+    available)."""
+    if device == "cpu" or (device is None and not torch.cuda.is_available()):
+        return
+    if not torch.cuda.is_available():
+        reason = "no CUDA device found" if torch.backends.cuda.is_built() else "built without CUDA"
+        raise ValueError(
+            f"device: expected 'cpu' or None on this machine (torch {torch.__version__}: "
+            f"{reason}), got {device!r}"
+        )
+    count = torch.cuda.device_count()
+    index = int(device.partition(":")[2]) if device is not None and ":" in device else 0
+    if index >= count:
+        raise ValueError(f"device: expected 'cuda' or 'cuda:N' with N < {count}, got {device!r}")
+    if ranks > count:
+        raise ValueError(
+            f"data_parallel_size: expected at most {count} ranks on CUDA (one device each; "
+            f"device='cpu' runs them on the CPU), got {ranks}"
+        )
+
+
+class NonFiniteLogitsError(ValueError):
+    """The final logits of a request's sampled row held a NaN or an inf.
+
+    Attributes:
+        request_id: the request (``add_request``'s id on the engine that raised).
+        dp_rank: the data-parallel rank of that engine.
+    """
+
+    def __init__(self, message: str, request_id: int, dp_rank: int) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.dp_rank = dp_rank
+
+    def __reduce__(self):  # through a data-parallel rank's pipe
+        return type(self), (str(self), self.request_id, self.dp_rank)
 
 
 class _InFlight(NamedTuple):
@@ -111,6 +166,7 @@ class LLMEngine:
         dp_rank: int = 0,
         pipelined: bool | None = None,
     ) -> None:
+        check_device(config.device)
         self.instance_id = shm.new_instance_id() if instance_id is None else instance_id
         self.dp_rank = check_int("dp_rank", dp_rank, minimum=0)
         if pipelined is None:
@@ -137,6 +193,7 @@ class LLMEngine:
                 if config.dp_attention
                 else None
             ),
+            deterministic=config.deterministic,
         )
         model = checkpoint.model
         max_model_len = config.resolve_max_model_len(checkpoint.hf_config.max_position_embeddings)
@@ -246,15 +303,35 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Launch the next batch, then apply the previous one's tokens; return the outputs of
-        the requests that finished (RuntimeError while asleep)."""
+        the requests that finished.
+
+        Raises:
+            RuntimeError: the engine is asleep.
+            NonFiniteLogitsError: the logits a request sampled from were not finite.
+            Whatever else a step raises. Every unfinished request is then dropped first
+            (``abort_all``): the engine is ready for new requests.
+        """
         self._check_awake("step")
-        batch = self.scheduler.schedule()  # N+1, built while batch N runs on the device
-        launched = None if batch is None else self._launch(batch)
-        previous, self._in_flight = self._in_flight, launched
-        finished = self._complete(previous)  # waits for batch N's tokens
-        if not self.pipelined:
-            finished += self._drain()
-        return [self._output(seq) for seq in finished]
+        try:
+            batch = self.scheduler.schedule()  # N+1, built while batch N runs on the device
+            launched = None if batch is None else self._launch(batch)
+            previous, self._in_flight = self._in_flight, launched
+            finished = self._complete(previous)  # waits for batch N's tokens
+            if not self.pipelined:
+                finished += self._drain()
+            return [self._output(seq) for seq in finished]
+        except BaseException:
+            self.abort_all()
+            raise
+
+    def abort_all(self) -> None:
+        """Drop every unfinished request (reason "abort", no output) and the batch in flight,
+        free every KV block and forget the prefix cache (``Scheduler.abort_all``); the routing
+        store files its pending rows. What a failed step does before it raises."""
+        self._in_flight = None
+        self.scheduler.abort_all()
+        if self.routing is not None:
+            self.routing.commit()
 
     def _launch(self, batch: ScheduledBatch) -> _InFlight:
         """Enqueue ``batch`` on the device without waiting for it: its inputs (placeholders
@@ -270,7 +347,29 @@ class LLMEngine:
         """Wait for a launched batch's tokens and apply them; the sequences that finished."""
         if step is None:
             return []
-        return self.scheduler.postprocess(step.batch, *step.sampled.tolist())
+        token_ids, logprobs = step.sampled.tolist()
+        if any(map(math.isnan, logprobs)):
+            self._raise_non_finite(step.batch, logprobs)
+        return self.scheduler.postprocess(step.batch, token_ids, logprobs)
+
+    def _raise_non_finite(self, batch: ScheduledBatch, logprobs: list[float]) -> None:
+        """Raise for the first row the sampler marked (a NaN logprob) whose request is still
+        unfinished (a finished one's row is dropped anyway)."""
+        for row, logprob in enumerate(logprobs):
+            seq = batch.entries[batch.sample_indices[row]].seq
+            if math.isnan(logprob) and not seq.is_finished:
+                rank = (
+                    f" of data parallel rank {self.dp_rank}"
+                    if self.config.data_parallel_size > 1
+                    else ""
+                )
+                raise NonFiniteLogitsError(
+                    f"logits: expected finite final logits for request {seq.seq_id}{rank} (its "
+                    f"generated token {seq.num_resolved_tokens - seq.num_prompt_tokens}), got "
+                    "NaN or inf in the row it samples from: a non-finite weight or activation",
+                    request_id=seq.seq_id,
+                    dp_rank=self.dp_rank,
+                )
 
     def _drain(self) -> list[EngineSequence]:
         """Complete the batch in flight, if any (the device is then done with it)."""

@@ -74,6 +74,7 @@ from rollout.layers.attention import (
     kv_cache_bytes_per_block,
     make_attention_backend,
 )
+from rollout.layers.invariant_attention import InvariantAttentionBackend
 from rollout.layers.moe import NaiveDispatch, SparseMoeBlock
 from rollout.loader import LoadedCheckpoint
 from rollout.sampler import SampledTokens, Sampler, SamplingInputs
@@ -245,10 +246,9 @@ class ModelRunner:
             cuda_graph_max_batch_size=max_graph if use_graphs else 0,
             max_blocks_per_seq=self.max_blocks_per_seq,
         )
-        self.backend: AttentionBackend | None = make_attention_backend(
-            self.spec, **self._backend_kwargs
-        )
-        if use_graphs and not isinstance(self.backend, FlashInferAttentionBackend):
+        self.backend: AttentionBackend | None = self._make_backend()
+        graph_backends = (FlashInferAttentionBackend, InvariantAttentionBackend)
+        if use_graphs and not isinstance(self.backend, graph_backends):
             logger.info(
                 "no CUDA graphs: the attention backend is %s",
                 type(self.backend).__name__,
@@ -258,6 +258,7 @@ class ModelRunner:
             vocab_size=self.vocab_size,
             device=self.device,
             seed=config.seed if sampler_seed is None else sampler_seed,
+            deterministic=config.deterministic,
         )
         tokens, seqs = config.max_num_batched_tokens, config.max_num_seqs
         self.buffers = StepBuffers(
@@ -437,7 +438,7 @@ class ModelRunner:
             return
         start = time.perf_counter()
         try:
-            self.backend = make_attention_backend(self.spec, **self._backend_kwargs)
+            self.backend = self._make_backend()
             self._allocate_kv_cache()
             if self._slept_graph_sizes:
                 self._capture_cuda_graphs(self._slept_graph_sizes)
@@ -452,6 +453,12 @@ class ModelRunner:
         )
 
     # ------------------------------------------------------------------ internals
+
+    def _make_backend(self) -> AttentionBackend:
+        """The batch-invariant backend in deterministic mode, else the fastest available."""
+        if self.config.deterministic:
+            return InvariantAttentionBackend(self.spec, block_size=self.config.block_size)
+        return make_attention_backend(self.spec, **self._backend_kwargs)
 
     def _fill_placeholders(
         self,

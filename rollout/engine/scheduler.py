@@ -53,6 +53,11 @@ sequence preempted while in flight finishes from the waiting queue, holding no b
 stop or length finish, positions ``[0, len(seq) - 1)`` (all but the newest token) have their
 KV, and so their routing rows, at ``seq.slots(0, len(seq) - 1)``, and ``num_computed_tokens
 <= len(seq) - 1``; capture reads them there before the blocks return to the pool.
+
+After a failed step (an exception anywhere between ``schedule`` and ``postprocess``, a
+``KeyboardInterrupt`` included) the engine calls ``abort_all``: every sequence is dropped, no
+batch is in flight, and the KV pool is rebuilt empty, its prefix cache forgotten (the failed
+step may have registered blocks whose KV it never finished writing).
 """
 
 from __future__ import annotations
@@ -271,6 +276,24 @@ class Scheduler:
             return None
         self._finish(seq, "abort")
         return seq
+
+    def abort_all(self) -> None:
+        """Drop every unfinished sequence (finish reason "abort") and the batches scheduled or
+        in flight, and empty the KV pool and the prefix cache (``BlockManager.reset``): the
+        state after a failed step, whatever transition it interrupted. ``on_finish`` is not
+        called (an aborted sequence has nothing to save).
+        """
+        for seq in self._unfinished.values():
+            seq.drop_placeholders()
+            seq.block_table = []
+            seq.finish_reason = "abort"
+            seq.status = SequenceStatus.FINISHED
+        self._unfinished.clear()
+        self.waiting.clear()
+        self.running.clear()
+        self._scheduled = None
+        self._in_flight.clear()
+        self.block_manager.reset()
 
     def has_unfinished(self) -> bool:
         """Whether any sequence is waiting or running."""

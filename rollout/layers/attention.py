@@ -132,6 +132,9 @@ class AttentionBackend(abc.ABC):
     """Plans a step once (``plan``) and runs every layer's paged attention (``forward``)."""
 
     spec: AttentionSpec
+    # Whether forward reads and writes the layer's paged KV cache (a backend that attends within
+    # the step's own tokens, such as a training forward's, needs none).
+    needs_kv_cache = True
 
     @abc.abstractmethod
     def plan(self, batch: ForwardBatch, *, cuda_graph: bool = False) -> Any:
@@ -473,10 +476,10 @@ class Attention(nn.Module):
         v_TGD: torch.Tensor,
         batch: ForwardBatch,
     ) -> torch.Tensor:
-        if self.kv_cache is None:
+        if batch.attn_backend is None:
+            raise ValueError("attn_backend: expected the backend that planned the batch, got None")
+        if self.kv_cache is None and batch.attn_backend.needs_kv_cache:
             raise ValueError(
                 f"kv_cache: layer {self.layer_index} has none; call model.bind_kv_cache first"
             )
-        if batch.attn_backend is None:
-            raise ValueError("attn_backend: expected the backend that planned the batch, got None")
         return batch.attn_backend.forward(q_TND, k_TGD, v_TGD, self.kv_cache, batch)

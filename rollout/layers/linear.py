@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from routing_kernels import batch_invariant
+
 __all__ = ["Linear"]
 
 
@@ -25,7 +27,12 @@ class Linear(nn.Module):
         out_features: O per shard, in order; the weight stacks the shards' rows.
         shard_names: a name per shard (e.g. ``("q", "k", "v")``); one unnamed shard by default.
         bias: whether the layer has a bias [O].
+
+    ``deterministic`` (set by ``MoECausalLM``): ``routing_kernels.batch_invariant.linear``, whose
+    result for a row does not depend on the other rows.
     """
+
+    deterministic = False
 
     def __init__(
         self,
@@ -53,4 +60,6 @@ class Linear(nn.Module):
         )
 
     def forward(self, x_TI: torch.Tensor) -> torch.Tensor:
+        if self.deterministic:
+            return batch_invariant.linear(x_TI, self.weight, self.bias)
         return F.linear(x_TI, self.weight, self.bias)

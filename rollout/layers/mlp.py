@@ -14,6 +14,7 @@ from torch import nn
 
 from rollout.layers.compiled import cuda_compiled
 from rollout.layers.linear import Linear
+from routing_kernels import batch_invariant
 
 __all__ = ["GatedMLP", "silu_and_mul"]
 
@@ -26,7 +27,12 @@ def silu_and_mul(gate_up_TF: torch.Tensor) -> torch.Tensor:
 
 
 class GatedMLP(nn.Module):
-    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` with gate and up fused."""
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` with gate and up fused.
+
+    ``deterministic`` (set by ``MoECausalLM``): the portable ``batch_invariant.silu``, eager.
+    """
+
+    deterministic = False
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -37,4 +43,8 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x_TH)))
+        gate_up_TF = self.gate_up_proj(x_TH)
+        if self.deterministic:
+            gate_TI, up_TI = gate_up_TF.chunk(2, dim=-1)
+            return self.down_proj(batch_invariant.silu(gate_TI) * up_TI)
+        return self.down_proj(silu_and_mul(gate_up_TF))

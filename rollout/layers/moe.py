@@ -49,7 +49,9 @@ from torch import nn
 from rollout.capture.capturer import DPMetadata
 from rollout.layers.linear import Linear
 from rollout.layers.mlp import GatedMLP
-from routing_kernels.fused_moe import MASKED_ID, fused_experts
+from routing_kernels import batch_invariant
+from routing_kernels.fused_moe import MASKED_ID, fused_experts, fused_experts_reference
+from routing_kernels.replay_weights import replay_topk
 from routing_kernels.route import route
 from routing_kernels.routing_method import RoutingMethod
 
@@ -320,31 +322,74 @@ class NaiveDispatch:
 
 
 class Router(nn.Module):
-    """Router logits ``x @ weight.T`` [T, E], optionally in float32 (GLM4-MoE's router is);
-    holds DEEPSEEK_V3's ``e_score_correction_bias`` [E] (float32) when the family has one."""
+    """The router of an MoE layer: ``forward(x) -> (logits [T, E], weights [T, K], ids [T, K])``,
+    HF transformers' router interface (the seam ``replay.patch`` hooks).
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_experts: int,
-        *,
-        float32: bool,
-        correction_bias: bool,
-    ) -> None:
+    Logits are ``x @ weight.T``, optionally in float32 (GLM4-MoE's router is); ids and weights
+    come from ``routing_kernels.route`` (ids also written to ``capture_TK`` when given). Holds
+    DEEPSEEK_V3's ``e_score_correction_bias`` [E] (float32).
+
+    ``deterministic`` (set by ``MoECausalLM``): batch-invariant logits, and the gate weights
+    recomputed at the routed ids by ``routing_kernels.replay_topk``, the very function replay
+    computes a trainer's gate weights with, so a deterministic engine and a replaying trainer
+    agree bit for bit. Logits that need a gradient (a policy being trained) get their weights
+    from that differentiable function too (``route``'s are not differentiable; equal math).
+    """
+
+    deterministic = False
+
+    def __init__(self, hidden_size: int, routing: RoutingParams, *, float32: bool) -> None:
         super().__init__()
+        self.routing = routing
         self.float32 = float32
         dtype = torch.float32 if float32 else None
         self.weight = nn.Parameter(
-            torch.empty(num_experts, hidden_size, dtype=dtype), requires_grad=False
+            torch.empty(routing.num_experts, hidden_size, dtype=dtype), requires_grad=False
         )
         self.e_score_correction_bias = (
-            nn.Parameter(torch.empty(num_experts, dtype=torch.float32), requires_grad=False)
-            if correction_bias
+            nn.Parameter(torch.empty(routing.num_experts, dtype=torch.float32), requires_grad=False)
+            if routing.method is RoutingMethod.DEEPSEEK_V3
             else None
         )
 
-    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        return F.linear(x_TH.float() if self.float32 else x_TH, self.weight)
+    @property
+    def top_k(self) -> int:
+        """K, the experts each token is routed to."""
+        return self.routing.top_k
+
+    def logits(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] (float32 for a float32 router)."""
+        x_TH = x_TH.float() if self.float32 else x_TH
+        if self.deterministic:
+            return batch_invariant.linear(x_TH, self.weight)
+        return F.linear(x_TH, self.weight.to(x_TH.dtype))
+
+    def forward(
+        self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        routing = self.routing
+        logits_TE = self.logits(x_TH)
+        weights_TK, ids_TK = route(
+            logits_TE.detach(),
+            routing.top_k,
+            routing.method,
+            correction_bias=self.e_score_correction_bias,
+            n_group=routing.n_group,
+            topk_group=routing.topk_group,
+            routed_scaling_factor=routing.routed_scaling_factor,
+            capture_out=capture_TK,
+        )
+        if self.deterministic or (logits_TE.requires_grad and torch.is_grad_enabled()):
+            weights_TK, ids_TK = replay_topk(
+                logits_TE,
+                weights_TK,
+                ids_TK,
+                ids_TK,
+                torch.ones_like(ids_TK[:, 0], dtype=torch.bool),
+                routing.method,
+                routed_scaling_factor=routing.routed_scaling_factor,
+            )
+        return logits_TE, weights_TK, ids_TK
 
 
 class Experts(nn.Module):
@@ -365,6 +410,8 @@ class Experts(nn.Module):
     Raises:
         ValueError: ``local`` empty, not of step 1 or not within ``[0, E)``.
     """
+
+    deterministic = False
 
     def __init__(
         self,
@@ -402,6 +449,29 @@ class Experts(nn.Module):
         """Whether every one of the E experts is held (no expert parallelism)."""
         return len(self.local) == self.num_experts
 
+    def forward(
+        self,
+        x_TH: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        *,
+        masked: bool = False,
+    ) -> torch.Tensor:
+        """The weighted sum over each token's experts [T, H] (HF's ``experts(hidden,
+        top_k_index, top_k_weights)``); ``ids_TK`` index the held experts (``MASKED_ID``:
+        held elsewhere, with ``masked``). ``deterministic``: ``batch_invariant.experts``;
+        otherwise ``fused_experts``, or its plain-torch reference when a gradient is needed
+        (the Triton kernels have no backward)."""
+        weights = (x_TH, self.gate_up_proj, self.down_proj, weights_TK, ids_TK)
+        if self.deterministic:
+            return batch_invariant.experts(*weights, masked=masked)
+        tracked = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x_TH, self.gate_up_proj, self.down_proj, weights_TK)
+        )
+        if tracked:
+            return fused_experts_reference(*weights, masked=masked)
+        return fused_experts(*weights, masked=masked)
+
 
 class SparseMoeBlock(nn.Module):
     """Router, routed experts and optional shared experts of one MoE decoder layer.
@@ -427,7 +497,11 @@ class SparseMoeBlock(nn.Module):
             all ranks, this rank's expert slice only, and the shared experts over its own.
             Setting it raises ValueError unless its expert slice is ``experts.local`` (all
             experts for None).
+        deterministic: batch-invariant numerics (set by ``MoECausalLM`` on every layer): the
+            router, experts and shared-expert gate then use ``routing_kernels.batch_invariant``.
     """
+
+    deterministic = False
 
     def __init__(
         self,
@@ -446,12 +520,7 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.routing = routing
         self.moe_index = moe_index
-        self.gate = Router(
-            hidden_size,
-            routing.num_experts,
-            float32=router_float32,
-            correction_bias=routing.method is RoutingMethod.DEEPSEEK_V3,
-        )
+        self.gate = Router(hidden_size, routing, float32=router_float32)
         self.experts = Experts(
             routing.num_experts, hidden_size, intermediate_size, local=local_experts
         )
@@ -493,23 +562,9 @@ class SparseMoeBlock(nn.Module):
     def _shared(self, x_TH: torch.Tensor) -> torch.Tensor:
         out_TH = getattr(self, self._shared_name)(x_TH)
         if self.shared_expert_gate is not None:
-            out_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * out_TH
+            sigmoid = batch_invariant.sigmoid if self.deterministic else torch.sigmoid
+            out_TH = sigmoid(self.shared_expert_gate(x_TH)) * out_TH
         return out_TH
-
-    def _route(
-        self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        routing = self.routing
-        return route(
-            self.gate(x_TH),
-            routing.top_k,
-            routing.method,
-            correction_bias=self.gate.e_score_correction_bias,
-            n_group=routing.n_group,
-            topk_group=routing.topk_group,
-            routed_scaling_factor=routing.routed_scaling_factor,
-            capture_out=capture_TK,
-        )
 
     def _routed(self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None) -> torch.Tensor:
         dispatch = self._dispatch
@@ -520,29 +575,16 @@ class SparseMoeBlock(nn.Module):
                     f"dispatch: expected a NaiveDispatch for a block holding experts "
                     f"[{local.start}, {local.stop}) of {self.routing.num_experts}, got None"
                 )
-            weights_TK, ids_TK = self._route(x_TH, capture_TK)
-            return fused_experts(
-                x_TH,
-                self.experts.gate_up_proj,
-                self.experts.down_proj,
-                weights_TK,
-                ids_TK,
-            )
+            _, weights_TK, ids_TK = self.gate(x_TH, capture_TK)
+            return self.experts(x_TH, ids_TK, weights_TK)
         x_XH = dispatch.gather(x_TH)
-        weights_XK, ids_XK = self._route(x_XH, None)
+        _, weights_XK, ids_XK = self.gate(x_XH)
         if capture_TK is not None:
             assert dispatch.capture_rows is not None, "capture on, but the dispatch has no capturer"
             start, stop = dispatch.capture_rows
             capture_TK.copy_(ids_XK[start:stop])
         # The block holds exactly the dispatch's experts (the setter checks): local ids index them.
-        partial_XH = fused_experts(
-            x_XH,
-            self.experts.gate_up_proj,
-            self.experts.down_proj,
-            weights_XK,
-            dispatch.local_ids(ids_XK),
-            masked=True,
-        )
+        partial_XH = self.experts(x_XH, dispatch.local_ids(ids_XK), weights_XK, masked=True)
         return dispatch.combine(partial_XH)
 
     def forward(self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rollout.layers.compiled import cuda_compiled
+from routing_kernels import batch_invariant
 
 __all__ = ["RMSNorm", "add_rms_norm", "rms_norm"]
 
@@ -44,7 +45,11 @@ class RMSNorm(nn.Module):
     """RMSNorm over the last dim; ``forward(x, residual)`` also adds the residual first.
 
     The weight is left uninitialised (``torch.empty``): it is always loaded or dummy-initialised.
+    ``deterministic`` (set by ``MoECausalLM``): ``routing_kernels.batch_invariant.rms_norm``
+    (the same formula, reduced in a fixed order), the add an eager one.
     """
+
+    deterministic = False
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -55,6 +60,11 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``norm(x)``, or ``(norm(x + residual), x + residual)`` when a residual is given."""
+        if self.deterministic:
+            if residual is None:
+                return batch_invariant.rms_norm(x, self.weight, self.eps)
+            sum_TH = residual + x
+            return batch_invariant.rms_norm(sum_TH, self.weight, self.eps), sum_TH
         if residual is None:
             return _rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from rollout.layers.compiled import cuda_compiled
+from routing_kernels import batch_invariant
 
-__all__ = ["RotaryEmbedding", "apply_rotary", "rope_theta_from_parameters"]
+__all__ = ["RotaryEmbedding", "apply_rotary", "rope_theta_from_parameters", "rotate"]
 
 
 def rope_theta_from_parameters(rope_parameters: Mapping[str, Any] | None) -> float:
@@ -49,7 +50,12 @@ class RotaryEmbedding(nn.Module):
         head_dim: D.
         rotary_dim: R, even and <= D (``int(D * partial_rotary_factor)`` for partial rotary).
         base: ``rope_theta``.
+
+    ``deterministic`` (set by ``MoECausalLM``): cos and sin by ``batch_invariant``'s portable
+    functions, whose value for an angle does not depend on the tensor it sits in.
     """
+
+    deterministic = False
 
     def __init__(self, *, head_dim: int, rotary_dim: int, base: float) -> None:
         super().__init__()
@@ -70,12 +76,14 @@ class RotaryEmbedding(nn.Module):
         """cos, sin [T, R] in ``dtype`` for the int64 ``positions_T``."""
         freqs_TR2 = positions_T.float()[:, None] * self.inv_freq[None, :]
         emb_TR = torch.cat((freqs_TR2, freqs_TR2), dim=-1)
+        if self.deterministic:
+            return batch_invariant.cos(emb_TR).to(dtype), batch_invariant.sin(emb_TR).to(dtype)
         return emb_TR.cos().to(dtype), emb_TR.sin().to(dtype)
 
 
-@cuda_compiled
-def apply_rotary(x_TND: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
-    """``x_TND`` with the first R channels of every head rotated (R = ``cos_TR.shape[-1]``)."""
+def rotate(x_TND: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    """``x_TND`` with the first R channels of every head rotated (R = ``cos_TR.shape[-1]``),
+    eager: each op rounds exactly, so an element's result depends on its inputs only."""
     rotary_dim = cos_TR.shape[-1]
     cos_T1R, sin_T1R = cos_TR[:, None, :], sin_TR[:, None, :]
     rot_TNR = x_TND[..., :rotary_dim]
@@ -85,3 +93,7 @@ def apply_rotary(x_TND: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor
     if rotary_dim == x_TND.shape[-1]:
         return out_TNR
     return torch.cat((out_TNR, x_TND[..., rotary_dim:]), dim=-1)
+
+
+# One compiled kernel on CUDA (the engine's fast path); eager on CPU.
+apply_rotary = cuda_compiled(rotate)

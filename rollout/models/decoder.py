@@ -42,13 +42,19 @@ from rollout.layers.mlp import GatedMLP
 from rollout.layers.moe import (
     Experts,
     MoEParallelConfig,
+    Router,
     RoutingParams,
     SparseMoeBlock,
     expert_slice,
     shared_experts_overlap,
 )
 from rollout.layers.norm import RMSNorm
-from rollout.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_from_parameters
+from rollout.layers.rotary import (
+    RotaryEmbedding,
+    apply_rotary,
+    rope_theta_from_parameters,
+    rotate,
+)
 
 __all__ = [
     "DecoderArgs",
@@ -181,18 +187,29 @@ def head_dim_of(config: Any) -> int:
 
 
 class Embedding(nn.Module):
-    """Token embedding [V, H], created uninitialised like every other weight here."""
+    """Token embedding [V, H], created uninitialised like every other weight here.
+
+    ``compute_dtype``: the activations' dtype when it is not the weight's (a policy keeping
+    float32 master weights for a bfloat16 forward, ``rollout.load_policy``); None: the
+    weight's. The rows are rounded to it, as an engine holding the weight in it has them.
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.compute_dtype: torch.dtype | None = None
 
     def forward(self, ids_T: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids_T, self.weight)
+        rows_TH = F.embedding(ids_T, self.weight)
+        return rows_TH if self.compute_dtype is None else rows_TH.to(self.compute_dtype)
 
 
 class SelfAttention(nn.Module):
-    """q/k/v projection, optional q/k norm and clipping, RoPE, paged attention, out projection."""
+    """q/k/v projection, optional q/k norm and clipping, RoPE, paged attention, out projection.
+
+    ``deterministic``: the rotation runs eager (exactly rounded ops) instead of compiled."""
+
+    deterministic = False
 
     def __init__(self, args: DecoderArgs, layer_index: int) -> None:
         super().__init__()
@@ -238,8 +255,9 @@ class SelfAttention(nn.Module):
         )
         if self.qk_norm == "head":
             q_TND, k_TGD = self.q_norm(q_TND), self.k_norm(k_TGD)
-        q_TND = apply_rotary(q_TND, cos_TR, sin_TR)
-        k_TGD = apply_rotary(k_TGD, cos_TR, sin_TR)
+        rotary = rotate if self.deterministic else apply_rotary
+        q_TND = rotary(q_TND, cos_TR, sin_TR)
+        k_TGD = rotary(k_TGD, cos_TR, sin_TR)
         o_TND = self.attn(q_TND, k_TGD, v_TGD, batch)
         return self.o_proj(o_TND.reshape(t, n * d))
 
@@ -322,6 +340,18 @@ class DecoderModel(nn.Module):
         )
 
 
+# The layers whose ops ``deterministic`` switches to ``routing_kernels.batch_invariant``.
+_NUMERICS_LAYERS = (
+    Linear,
+    RMSNorm,
+    GatedMLP,
+    Router,
+    Experts,
+    SparseMoeBlock,
+    SelfAttention,
+    RotaryEmbedding,
+)
+
 _EXPERT_NAME = re.compile(
     r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$"
 )
@@ -347,9 +377,15 @@ class MoECausalLM(nn.Module):
         parallel: the expert-parallel configuration (default: single device, every expert, no
             EPLB); with ``ep_size`` > 1 the MoE layers hold the experts
             ``expert_slice(E, ep_rank, ep_size)`` only (ValueError when E does not split).
+        deterministic: batch-invariant numerics (``routing_kernels.batch_invariant``) in every
+            layer: matmuls, norms, activations, RoPE, routing weights and experts compute each
+            token's result independently of the other tokens of the step (with an
+            ``InvariantAttentionBackend`` for attention). Shared experts then run on the main
+            stream.
 
     Attributes:
-        config, args, local_experts (the experts each MoE layer holds), model, lm_head.
+        config, args, local_experts (the experts each MoE layer holds), model, lm_head,
+        deterministic.
 
     Subclasses set ``architecture`` (the HF ``architectures`` entry) and implement
     ``args_from_config``; they override ``canonical_name`` when their checkpoints use other
@@ -364,6 +400,7 @@ class MoECausalLM(nn.Module):
         *,
         device: torch.device | str,
         parallel: MoEParallelConfig | None = None,
+        deterministic: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -372,8 +409,10 @@ class MoECausalLM(nn.Module):
         self.local_experts = expert_slice(
             self.args.routing.num_experts, parallel.ep_rank, parallel.ep_size
         )
-        overlap = self.args.shared_intermediate_size > 0 and shared_experts_overlap(
-            device=device, parallel=parallel
+        overlap = (
+            self.args.shared_intermediate_size > 0
+            and not deterministic
+            and shared_experts_overlap(device=device, parallel=parallel)
         )
         self.model = DecoderModel(self.args, overlap, self.local_experts)
         self.lm_head = Linear(self.args.hidden_size, self.args.vocab_size)
@@ -383,6 +422,10 @@ class MoECausalLM(nn.Module):
             aux_stream = torch.cuda.Stream(torch.device(device))
             for block in self._moe_blocks():
                 block.aux_stream = aux_stream
+        self.deterministic = deterministic
+        for module in self.modules():
+            if isinstance(module, _NUMERICS_LAYERS):
+                module.deterministic = deterministic
 
     @classmethod
     def args_from_config(cls, config: Any) -> DecoderArgs:

@@ -183,6 +183,7 @@ def test_ray_job_submit_runs_the_example(tmp_path: Path) -> None:
             json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"out_dir"')
         ]
         assert summaries and summaries[-1]["steps_run"] == 2 and summaries[-1]["step"] == 2
+        assert summaries[-1]["kl_k3_max"] >= summaries[-1]["kl_k3"] >= 0.0
         assert [r["step"] for r in read_metrics(out_dir)] == [1, 2]
     finally:
         head.send_signal(signal.SIGTERM)

@@ -101,6 +101,40 @@ def test_experiment_runs_every_mode_and_plots(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_experiment_deterministic_modes_reproduce_the_rollout(tmp_path: Path) -> None:
+    """The true on-policy mode through the Ray training loop: ``r3-deterministic`` (a
+    deterministic engine, the engine's policy) has KL and F(2) exactly 0 at every step."""
+    out = tmp_path / "experiment"
+    stdout = run(
+        [
+            str(ROOT / "examples" / "r3_experiment.py"),
+            "--config",
+            str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
+            "--out",
+            str(out),
+            "--modes",
+            "r3-deterministic",
+            "none-deterministic",
+            "--set",
+            f"model={tmp_path / 'model'}",
+            "--set",
+            "log.progress=false",
+            "--set",
+            "log.checkpoint_every=0",
+            "--set",
+            "log.tensorboard=false",
+        ],
+        tmp_path,
+        timeout=300,
+    )
+    modes = json.loads(stdout.strip().splitlines()[-1])["modes"]
+    for mode in ("r3-deterministic", "none-deterministic"):
+        assert modes[mode]["kl_k3_mean"] == 0.0, (mode, modes[mode])
+        assert modes[mode]["extreme_token_fraction_mean"] == 0.0, mode
+        assert modes[mode]["router_agreement_mean"] == 1.0, mode
+
+
+@pytest.mark.slow
 def test_custom_loop(tmp_path: Path) -> None:
     stdout = run([str(ROOT / "examples" / "custom_loop.py")], tmp_path)
     lines = [line for line in stdout.splitlines() if line.startswith("step ")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     )
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(path, as_version=4)
+    probe = PROBES.get(path.name)
+    if probe is not None:
+        notebook.cells.append(nbformat.v4.new_code_cell(probe))
     client = nbclient.NotebookClient(
         notebook,
         timeout=240,
@@ -50,3 +54,20 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         if "image/png" in output.get("data", {})
     ]
     assert images, "expected the notebook to draw at least one figure"
+    # tqdm's bars (transformers' weight loading) are widgets: the notebooks extra has ipywidgets.
+    streams = [o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", [])]
+    assert not [text for text in streams if "IProgress not found" in text]
+    if probe is not None:
+        (stream,) = notebook.cells[-1].outputs
+        edges = json.loads(stream["text"])
+        assert len(edges) == 2 and len(edges[0]) == 60 and edges[0] == edges[1], edges
+
+
+# Code run after a notebook, printing one JSON line the test checks. replay_step: the two
+# histograms (native routing, replayed) are drawn on the same bins, so bars compare one to one.
+PROBES = {
+    "replay_step.ipynb": (
+        "import json\n"
+        "print(json.dumps([[bar.get_x() for bar in ax.patches] for ax in axes]))"
+    ),
+}

@@ -1,4 +1,5 @@
-"""replay.trainer run outputs: the metrics log (JSONL, TensorBoard) and checkpoint folders."""
+"""replay.trainer run outputs: the metrics log (JSONL, TensorBoard, Weights & Biases offline),
+the run folder's absolute path, and checkpoint folders."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from replay.trainer.checkpoint import (
     save_driver_state,
     staging_dir,
 )
+from replay.trainer.config import LogConfig, WandbConfig, load_config
 from replay.trainer.metrics_log import MetricsLog, read_metrics
 
 
@@ -41,6 +43,76 @@ def test_tensorboard_asked_for_without_the_package_raises(
     log = MetricsLog(tmp_path, tensorboard=False)  # JSONL only, as asked
     log.write({"step": 1, "reward_mean": 0.25})
     assert read_metrics(tmp_path) == [{"step": 1, "reward_mean": 0.25}]
+
+
+def test_wandb_offline_run_gets_the_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wandb = pytest.importorskip("wandb")
+    # Offline twice over (the config's mode and W&B's own switch), every W&B folder in tmp_path.
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out_dir = tmp_path / "run"
+    config = WandbConfig(project="routing-replay-test", name="tiny-r3", mode="offline")
+    log = MetricsLog(out_dir, tensorboard=False, wandb=config, run_config={"routing": "r3"})
+    run = log._wandb_run
+    assert (run.project, run.name, run.offline) == ("routing-replay-test", "tiny-r3", True)
+    assert run.config["routing"] == "r3"
+    log.write({"step": 1, "reward_mean": 0.5, "kl_k3": 1.25e-3, "per_layer": [1.0, 0.5]})
+    log.write({"step": 2, "reward_mean": 0.75, "kl_k3": float("nan"), "finished": True})
+    assert (run.summary["reward_mean"], run.summary["_step"]) == (0.75, 2)
+    assert run.summary["kl_k3"] == 1.25e-3  # the NaN of step 2 was not logged
+    log.close()
+    log.close()  # idempotent
+    wandb.teardown()  # the W&B service writes the run file in the background: wait for it
+    assert [r["step"] for r in read_metrics(out_dir)] == [1, 2]
+    (run_file,) = (out_dir / "wandb").glob("offline-run-*/run-*.wandb")  # `wandb sync` uploads it
+    data = run_file.read_bytes()
+    assert b"reward_mean" in data and b"0.75" in data and b"tiny-r3" in data
+    assert b"per_layer" not in data and b"finished" not in data  # scalars only
+
+
+def test_wandb_asked_for_without_the_package_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
+    config = WandbConfig(project="p", mode="offline")
+    with pytest.raises(ImportError, match=r"log\.wandb: expected the wandb package .*\[wandb\]"):
+        MetricsLog(tmp_path, tensorboard=False, wandb=config)
+
+
+def test_wandb_section_from_yaml_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nlog:\n  wandb: {project: rr, mode: offline}\n")
+    config = load_config(path, check_model=False)  # the values alone: there is no model "m"
+    assert config.log.wandb == WandbConfig(project="rr", mode="offline")
+    config = load_config(
+        path, ["log.wandb.name=tiny", "log.wandb.mode=disabled"], check_model=False
+    )
+    assert config.log.wandb == WandbConfig(project="rr", name="tiny", mode="disabled")
+    assert load_config(path, ["log.wandb=null"], check_model=False).log.wandb is None
+    assert load_config(None, ["model=m"], check_model=False).log.wandb is None  # off by default
+    for override, message in [
+        ("log.wandb.mode=cloud", r"log\.wandb\.mode: expected one of \['online', 'offline', "),
+        ("log.wandb.project=''", r"log\.wandb\.project: expected a non-empty str, got ''"),
+        ("log.wandb.entity=me", r"log\.wandb\.entity: unknown field"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config(path, [override], check_model=False)
+    with pytest.raises(TypeError, match=r"log\.wandb: expected WandbConfig, got int"):
+        load_config(path, ["log.wandb=3"], check_model=False)
+
+
+def test_out_dir_is_made_absolute_against_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert LogConfig(out_dir="runs/a").out_path() == tmp_path / "runs" / "a"
+    assert LogConfig(out_dir=str(tmp_path / "elsewhere")).out_path() == tmp_path / "elsewhere"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert LogConfig(out_dir="~/runs/b").out_path() == tmp_path / "home" / "runs" / "b"
 
 
 def test_resume_keeps_records_up_to_the_checkpoint(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from rollout.shm import segment_name
 from rollout.testing import make_tiny_moe
 
 ENGINE = {
+    "device": "cpu",  # gloo ranks, also on a machine with one GPU
     "block_size": 4,
     "max_num_batched_tokens": 32,
     "max_num_seqs": 8,
@@ -156,7 +157,7 @@ def test_bad_arguments_raise_before_any_rank_starts(glm4):
     ):
         LLM(glm4, **ENGINE, data_parallel_size=3, data_parallel_mode="dp_attention")
     with pytest.raises(ValueError, match="device: expected None, 'cpu' or 'cuda'"):
-        LLM(glm4, **ENGINE, data_parallel_size=2, device="cuda:1")
+        LLM(glm4, **{**ENGINE, "device": "cuda:1"}, data_parallel_size=2)
 
 
 def test_single_rank_runs_in_process(glm4):
@@ -170,7 +171,7 @@ def test_ranks_draw_independent_unseeded_samples(glm4, rng):
     has its own stream; the weights' seed is shared)."""
     prompt = _prompts(rng, [9])[0]
     sampling = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
-    with LLM(glm4, device="cpu", data_parallel_size=2, **ENGINE) as llm:
+    with LLM(glm4, data_parallel_size=2, **ENGINE) as llm:
         first, second = llm.generate([prompt, prompt], sampling, use_tqdm=False)
         assert llm.stats.prefix_cache_queries > 0
     assert first.token_ids != second.token_ids

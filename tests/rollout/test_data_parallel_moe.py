@@ -303,7 +303,7 @@ def test_two_ranks_equal_the_unsharded_block(name, rank_results, one_thread):
         with torch.no_grad():
             want_XH = block(x_XH)
         _, ids_XK = route(
-            block.gate(x_XH),
+            block.gate.logits(x_XH),
             routing.top_k,
             routing.method,
             correction_bias=block.gate.e_score_correction_bias,

@@ -256,7 +256,7 @@ def test_dummy_load_from_config_alone(checkpoints, tmp_path, rng):
 
     logits = {}
     hooks = [
-        m.register_forward_hook(lambda m, i, o, n=n: logits.__setitem__(n, o))
+        m.register_forward_hook(lambda m, i, o, n=n: logits.__setitem__(n, o[0]))
         for n, m in model.named_modules()
         if isinstance(m, Router)
     ]

@@ -1,4 +1,6 @@
-"""rollout.shm: locked create-or-attach, 0600, resize, and who unlinks a segment (and who never).
+"""rollout.shm: create, attach, the header, 0600, the lock, and who unlinks a segment (and who
+never). The fault cases (fork, orphans, SIGTERM, lock-file attacks, ENOSPC, a reader's death)
+are in tests/reliability/test_shm_*.py.
 
 Processes that must exit on their own terms (normal exit, uncaught exception, ``os._exit``)
 are real subprocesses running ``python -c``; every segment a test makes is checked gone after it.
@@ -14,10 +16,9 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rollout import shm
@@ -62,17 +63,8 @@ def _run(code: str, *, expect_rc: int = 0) -> subprocess.CompletedProcess:
     return proc
 
 
-def _wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 # --------------------------------------------------------------------------------------------
-# Names
+# Names and arguments
 # --------------------------------------------------------------------------------------------
 
 
@@ -91,82 +83,83 @@ def test_segment_names_are_unique_per_instance_and_rank():
 
 
 def test_bad_arguments(name, lock_path):
-    with pytest.raises(ValueError, match="size: expected >= 1 byte, got 0"):
-        shm.create_or_attach(name, 0, lock_path)
-    with pytest.raises(TypeError, match="size"):
-        shm.create_or_attach(name, 8.0, lock_path)
+    cases = [
+        (ValueError, r"shape: expected 1 to 8 ints >= 1, got \(0,\)", ((0,), "uint8"), {}),
+        (ValueError, "shape: expected", ((2.0,), "uint8"), {}),
+        (ValueError, "shape: expected", ((1,) * 9, "uint8"), {}),
+        (ValueError, "shape: expected", (8, "uint8"), {}),
+        (ValueError, "dtype: expected a numeric numpy dtype", ((8,), object), {}),
+        (ValueError, "dtype: expected a numpy dtype", ((8,), "nonsense"), {}),
+        (TypeError, "lock_path: expected a str", ((8,), "uint8"), {"lock_path": 3}),
+        (
+            ValueError,
+            "lock_timeout_s: expected a number >= 0",
+            ((8,), "u1"),
+            {"lock_timeout_s": -1},
+        ),
+        (ValueError, "lock_timeout_s", ((8,), "u1"), {"lock_timeout_s": float("nan")}),
+    ]
+    for error, pattern, args, kwargs in cases:
+        with pytest.raises(error, match=pattern):
+            shm.create(name, *args, **{"lock_path": lock_path, **kwargs})
     with pytest.raises(ValueError, match="name: expected 1-200 characters"):
-        shm.create_or_attach("/" + name, 8, lock_path)
+        shm.create("/" + name, (8,), "uint8", lock_path=lock_path)
     with pytest.raises(FileNotFoundError):
         shm.attach(name)
     assert not _exists(name)
 
 
 # --------------------------------------------------------------------------------------------
-# create / attach / resize / permissions / lock
+# create / attach / header / permissions / lock
 # --------------------------------------------------------------------------------------------
 
 
-def test_create_then_attach_keeps_contents(name, lock_path):
-    with shm.create_or_attach(name, 1000, lock_path) as owner:
-        assert owner.size == 1000 and owner.name == name
-        assert os.stat(f"/dev/shm/{name}").st_mode & 0o777 == 0o600
-        assert bytes(owner.buf[:4]) == b"\0\0\0\0"
-        owner.buf[:4] = b"abcd"
-        again = shm.create_or_attach(name, 1000, lock_path)
-        assert bytes(again.buf[:4]) == b"abcd"
-        again.buf[4] = 9
-        assert owner.buf[4] == 9  # the same memory
-        reader = shm.attach(name)
-        assert bytes(reader.buf[:5]) == b"abcd\x09"
-        reader.close()
-        # The second handle was an owner too: closing it unlinks the name (one owner per name).
-        again.close()
-        assert not _exists(name)
+def test_create_then_attach_shares_the_array(name, lock_path):
+    with shm.create(name, (10, 3), np.int16, lock_path=lock_path) as owner:
+        assert owner.shape == (10, 3) and owner.dtype == np.int16 and owner.name == name
+        assert owner.owner_pid == os.getpid() and owner.nbytes == 60
+        info = os.stat(f"/dev/shm/{name}")
+        assert info.st_mode & 0o777 == 0o600 and info.st_size == 4096 + 60
+        assert not owner.array.any()  # zero-filled
+        owner.array[2] = [1, -2, 3]
+        with shm.attach(name) as reader:
+            assert isinstance(reader, shm.Segment) and not isinstance(reader, shm.OwnedSegment)
+            assert reader.shape == (10, 3) and reader.dtype == np.int16
+            assert reader.owner_pid == os.getpid()
+            np.testing.assert_array_equal(reader.array[2], [1, -2, 3])
+            reader.array[3, 0] = 9
+            assert owner.array[3, 0] == 9  # the same memory
+        assert _exists(name)  # a reader's close never unlinks
     assert not _exists(name)
 
 
-def test_size_mismatch_recreates(name, lock_path):
-    first = shm.create_or_attach(name, 100, lock_path)
-    first.buf[:3] = b"old"
-    second = shm.create_or_attach(name, 300, lock_path)
-    assert second.size == 300 and os.stat(f"/dev/shm/{name}").st_size == 300
-    assert bytes(second.buf[:3]) == b"\0\0\0"  # a new segment, not the old one grown
-    assert bytes(first.buf[:3]) == b"old"  # the old mapping stays valid for its holder
-    second.close()
-    first.close()  # its name is already gone: no error
-    assert not _exists(name)
-
-
-def test_leftover_with_wider_permissions_is_narrowed(name, lock_path):
-    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR, 0o644)
-    os.fchmod(fd, 0o644)  # whatever the umask
-    os.ftruncate(fd, 64)
-    os.close(fd)
-    assert os.stat(f"/dev/shm/{name}").st_mode & 0o777 == 0o644
-    with shm.create_or_attach(name, 64, lock_path):
-        assert os.stat(f"/dev/shm/{name}").st_mode & 0o777 == 0o600
+def test_mode_is_0600_whatever_the_umask(name, lock_path):
     old_umask = os.umask(0)
     try:
-        with shm.create_or_attach(name, 64, lock_path):
+        with shm.create(name, (64,), np.uint8, lock_path=lock_path):
             assert os.stat(f"/dev/shm/{name}").st_mode & 0o777 == 0o600
     finally:
         os.umask(old_umask)
 
 
-def test_empty_leftover_is_recreated(name, lock_path):
-    # An owner that died between creating and sizing its segment leaves 0 bytes (unmappable).
-    os.close(os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR, 0o600))
-    with shm.create_or_attach(name, 64, lock_path) as owner:
-        assert owner.size == 64 and os.stat(f"/dev/shm/{name}").st_size == 64
+def test_attach_refuses_a_file_without_our_header(name):
+    # A segment of an earlier release (no header), or anything else of that name.
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR, 0o600)
+    os.ftruncate(fd, 8192)
+    os.close(fd)
+    try:
+        with pytest.raises(ValueError, match="expected a segment made by rollout.shm.create"):
+            shm.attach(name)
+    finally:
+        os.unlink(f"/dev/shm/{name}")
 
 
-def test_create_or_attach_waits_for_the_lock(name, lock_path):
+def test_create_waits_for_the_lock(name, lock_path):
     done = threading.Event()
     result = []
 
     def create():
-        result.append(shm.create_or_attach(name, 64, lock_path))
+        result.append(shm.create(name, (64,), np.uint8, lock_path=lock_path))
         done.set()
 
     fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
@@ -174,14 +167,21 @@ def test_create_or_attach_waits_for_the_lock(name, lock_path):
     thread = threading.Thread(target=create)
     thread.start()
     try:
-        assert not done.wait(0.3), "create_or_attach ran while another process held the lock"
+        assert not done.wait(0.3), "create ran while another holder had the lock"
         assert not _exists(name)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
     thread.join(10)
-    assert done.is_set() and result[0].size == 64
+    assert done.is_set() and result[0].shape == (64,)
     result[0].close()
+
+
+def test_default_lock_path_is_in_a_private_directory():
+    path = Path(shm.default_lock_path())
+    info = path.parent.lstat()
+    assert info.st_uid == os.getuid() and info.st_mode & 0o077 == 0
+    assert not path.parent.is_symlink()
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,37 +190,52 @@ def test_create_or_attach_waits_for_the_lock(name, lock_path):
 
 
 def test_owner_unlinks_on_close_with_block_exception_and_gc(name, lock_path):
-    owner = shm.create_or_attach(name, 64, lock_path)
+    owner = shm.create(name, (64,), np.uint8, lock_path=lock_path)
     owner.close()
     assert not _exists(name)
     owner.close()  # idempotent
 
-    with pytest.raises(RuntimeError, match="boom"), shm.create_or_attach(name, 64, lock_path):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        shm.create(name, (64,), np.uint8, lock_path=lock_path),
+    ):
         assert _exists(name)
         raise RuntimeError("boom")
     assert not _exists(name)
 
-    owner = shm.create_or_attach(name, 64, lock_path)
+    owner = shm.create(name, (64,), np.uint8, lock_path=lock_path)
     del owner
     gc.collect()
     assert not _exists(name)
 
 
-def test_owner_handle_is_not_picklable(name, lock_path):
-    with (
-        shm.create_or_attach(name, 64, lock_path) as owner,
-        pytest.raises(TypeError, match="attach to"),
-    ):
-        pickle.dumps(owner)
+def test_close_with_a_live_view_unlinks_then_refuses_to_unmap(name, lock_path):
+    owner = shm.create(name, (64,), np.uint8, lock_path=lock_path)
+    view = owner.array[:8]
+    with pytest.raises(BufferError):
+        owner.close()
+    assert not _exists(name)  # the name went first; the mapping stays for the view
+    view[0] = 1
+    del view
+    owner.close()
+
+
+def test_segments_are_not_picklable(name, lock_path):
+    with shm.create(name, (64,), np.uint8, lock_path=lock_path) as owner:
+        with pytest.raises(TypeError, match="attach to"):
+            pickle.dumps(owner)
+        with shm.attach(name) as reader, pytest.raises(TypeError, match="attach to"):
+            pickle.dumps(reader)
 
 
 @pytest.mark.parametrize("ending", ["return", "raise"])
 def test_owner_unlinks_at_interpreter_exit(ending, name, lock_path):
     _run(
         f"""
+        import numpy as np
         from rollout import shm
-        owner = shm.create_or_attach({name!r}, 4096, {lock_path!r})
-        owner.buf[0] = 1
+        owner = shm.create({name!r}, (4096,), np.uint8, lock_path={lock_path!r})
+        owner.array[0] = 1
         if {ending == "raise"}:
             raise RuntimeError("the owner fails")
         """,
@@ -230,60 +245,36 @@ def test_owner_unlinks_at_interpreter_exit(ending, name, lock_path):
 
 
 def test_attach_only_process_exit_does_not_unlink(name, lock_path):
-    with shm.create_or_attach(name, 4096, lock_path) as owner:
-        # A reader that exits with and without closing its mapping.
-        for close in ("reader.close()", "pass"):
+    with shm.create(name, (4096,), np.uint8, lock_path=lock_path) as owner:
+        # A reader that exits with and without closing its mapping, and one that dies.
+        for ending in ("reader.close()", "pass", "import os; os._exit(3)"):
             _run(
                 f"""
                 from rollout import shm
                 reader = shm.attach({name!r})
-                reader.buf[0] += 1
-                {close}
-                """
+                reader.array[0] += 1
+                {ending}
+                """,
+                expect_rc=3 if "_exit" in ending else 0,
             )
-            time.sleep(0.2)  # the resource tracker (if it were involved) unlinks after the exit
             assert _exists(name)
-        assert owner.buf[0] == 2
-        # Control: a plain SharedMemory attach is tracked and its process's exit unlinks the
-        # owner's segment on every CPython this project supports; this is what shm.attach avoids.
-        _run(
-            f"""
-            from multiprocessing.shared_memory import SharedMemory
-            SharedMemory({name!r}).close()
-            """
-        )
-        assert _wait_until(lambda: not _exists(name))
-    assert not _exists(name)
+        assert owner.array[0] == 3
 
 
-def test_crashed_owner_leftover_is_reused_or_recreated(name, lock_path):
-    crash = f"""
+def test_dead_owner_leftover_is_replaced(name, lock_path):
+    _run(
+        f"""
         import os
+        import numpy as np
         from rollout import shm
-        owner = shm.create_or_attach({name!r}, 4096, {lock_path!r})
-        owner.buf[:5] = b"crash"
+        owner = shm.create({name!r}, (4096,), np.uint8, lock_path={lock_path!r})
+        owner.array[:5] = list(b"crash")
         os._exit(1)
-        """
-    _run(crash, expect_rc=1)
-    time.sleep(0.2)
-    assert _exists(name)  # no cleanup ran, and nothing unlinked it afterwards
-    with shm.create_or_attach(name, 4096, lock_path) as owner:
-        assert bytes(owner.buf[:5]) == b"crash"  # reused as it was
-    assert not _exists(name)
-
-    _run(crash, expect_rc=1)
-    with shm.create_or_attach(name, 8192, lock_path) as owner:
-        assert owner.size == 8192 and bytes(owner.buf[:5]) == b"\0" * 5  # recreated
-    assert not _exists(name)
-
-
-def test_reader_sees_owner_writes_and_never_unlinks(name, lock_path):
-    owner = shm.create_or_attach(name, 64, lock_path)
-    reader = shm.attach(name)
-    assert isinstance(reader, SharedMemory) and not isinstance(reader, shm.OwnedSharedMemory)
-    owner.buf[7] = 42
-    assert reader.buf[7] == 42
-    reader.close()
-    assert _exists(name)  # a reader's close never unlinks
-    owner.close()
+        """,
+        expect_rc=1,
+    )
+    assert _exists(name)  # no clean-up ran
+    with shm.create(name, (4096,), np.uint8, lock_path=lock_path) as owner:
+        assert owner.owner_pid == os.getpid()
+        assert not owner.array.any()  # a fresh segment, not the leftover
     assert not _exists(name)

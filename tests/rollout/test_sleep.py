@@ -30,7 +30,10 @@ from rollout.capture import RoutedExpertsReader
 from rollout.engine import model_runner
 from rollout.testing import flashinfer_overrides, make_tiny_moe
 
-ENGINE = dict(block_size=4, max_num_batched_tokens=32, max_num_seqs=8, capture_routing=True)
+# On the CPU (gloo ranks for the data-parallel test), also on a machine with a GPU.
+ENGINE = dict(
+    device="cpu", block_size=4, max_num_batched_tokens=32, max_num_seqs=8, capture_routing=True
+)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, return_routed_experts=True)
 
 
