@@ -26,11 +26,9 @@ import torch
 from routing_kernels.batch_invariant import elementwise
 from routing_kernels.batch_invariant.autograd import with_reference_backward
 from routing_kernels.batch_invariant.matmul import linear
-from routing_kernels.fused_moe import fused_experts_reference, fused_experts_triton
+from routing_kernels.fused_moe import MASKED_ID, fused_experts_reference, fused_experts_triton
 
 __all__ = ["MASKED_ID", "experts", "experts_reference"]
-
-MASKED_ID = -1
 
 
 def experts(
