@@ -328,6 +328,19 @@ class Placement:
         logger.info("placement %s: placed in %.1f s", plan.mode, time.monotonic() - start)
         return cls(plan, group)
 
+    @classmethod
+    def for_group(
+        cls, group: ActorGroup, placement: Placement | None, *, timeout_s: float
+    ) -> Placement:
+        """``placement`` when its plan holds ``group`` exactly as configured (ValueError naming
+        ``placement`` otherwise); without one, a placement of ``group``'s own (``reserve``)."""
+        if placement is None:
+            return cls.reserve(plan_placement([group]), timeout_s=timeout_s)
+        planned = placement.plan.group(group.role)
+        if planned != group:
+            raise ValueError(f"placement: expected a plan for {group}, got {planned}")
+        return placement
+
     def actor_options(self, role: Role, rank: int) -> dict[str, Any]:
         """``ray.remote(...).options(**these)`` for actor ``rank`` of ``role``."""
         group = self.plan.group(role)

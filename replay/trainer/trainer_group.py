@@ -27,7 +27,7 @@ from replay.trainer.actors import WorkerInfo, actor_name, gather
 from replay.trainer.batch import Batch
 from replay.trainer.config import GRPOConfig, RoutingMode, TrainerConfig
 from replay.trainer.learner import Learner
-from replay.trainer.placement import Placement, plan_placement, trainer_actor_group
+from replay.trainer.placement import Placement, trainer_actor_group
 from replay.trainer.routing_transfer import attach_routing
 from replay.trainer.weight_sync import SharedCudaTensors, share_cuda_tensors
 
@@ -160,19 +160,13 @@ class TrainerGroup:
         self.config = trainer
         self._own_placement = placement is None
         group = trainer_actor_group(trainer)
-        if placement is None:
-            placement = Placement.reserve(plan_placement([group]), timeout_s=placement_timeout_s)
-        elif placement.plan.group("trainer") != group:
-            raise ValueError(
-                f"placement: expected a plan for {group}, got {placement.plan.group('trainer')}"
-            )
-        self._placement = placement
+        self._placement = Placement.for_group(group, placement, timeout_s=placement_timeout_s)
         self._actors: list[Any] = []
         self.infos: list[WorkerInfo] = []
         try:
             for rank in range(trainer.world_size):
                 actor = ray.remote(TrainerWorker).options(
-                    **placement.actor_options("trainer", rank)
+                    **self._placement.actor_options("trainer", rank)
                 )
                 self._actors.append(
                     actor.remote(str(model_path), rank=rank, trainer=trainer, **learner_kwargs)

@@ -59,7 +59,7 @@ import rollout
 from replay.trainer.actors import WorkerDiedError, WorkerInfo, actor_name, gather
 from replay.trainer.batch import Batch
 from replay.trainer.config import RolloutConfig
-from replay.trainer.placement import ActorGroup, Placement, plan_placement
+from replay.trainer.placement import ActorGroup, Placement
 from replay.trainer.routing_transfer import (
     NodeReaderSpecs,
     WorkerRouting,
@@ -256,13 +256,7 @@ class RolloutWorkers:
             node_resource=node_resource,
         )
         self._own_placement = placement is None
-        if placement is None:
-            placement = Placement.reserve(plan_placement([group]), timeout_s=placement_timeout_s)
-        elif placement.plan.group("rollout") != group:
-            raise ValueError(
-                f"placement: expected a plan for {group}, got {placement.plan.group('rollout')}"
-            )
-        self._placement = placement
+        self._placement = Placement.for_group(group, placement, timeout_s=placement_timeout_s)
         self._actors: list[Any] = []
         self._failure: str | None = None
         self.infos: list[WorkerInfo] = []
@@ -270,7 +264,7 @@ class RolloutWorkers:
         try:
             for rank in range(num_workers):
                 actor = ray.remote(RolloutWorker).options(
-                    **placement.actor_options("rollout", rank)
+                    **self._placement.actor_options("rollout", rank)
                 )
                 self._actors.append(
                     actor.remote(str(model_path), rank=rank, seed=seed, llm_kwargs=llm_kwargs)
