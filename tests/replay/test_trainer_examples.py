@@ -65,28 +65,31 @@ def test_sft_writes_a_checkpoint(tmp_path: Path) -> None:
     assert model.config.num_experts == 8 and (out / "tokenizer.json").exists()
 
 
-@pytest.mark.slow
-def test_experiment_runs_every_mode_and_plots(tmp_path: Path) -> None:
-    out = tmp_path / "experiment"
-    stdout = run(
+def run_experiment(out: Path, tmp_path: Path, *args: str) -> str:
+    """``r3_experiment.py`` on the tiny CPU config into ``out`` (model under ``tmp_path``), quiet
+    and without checkpoints; its stdout."""
+    sets = ["log.progress=false", "log.checkpoint_every=0", "log.tensorboard=false"]
+    return run(
         [
             str(ROOT / "examples" / "r3_experiment.py"),
             "--config",
             str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
             "--out",
             str(out),
+            *args,
             "--set",
             f"model={tmp_path / 'model'}",
-            "--set",
-            "log.progress=false",
-            "--set",
-            "log.checkpoint_every=0",
-            "--set",
-            "log.tensorboard=false",
+            *(arg for value in sets for arg in ("--set", value)),
         ],
         tmp_path,
         timeout=300,
     )
+
+
+@pytest.mark.slow
+def test_experiment_runs_every_mode_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "experiment"
+    stdout = run_experiment(out, tmp_path)
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary == json.loads((out / "summary.json").read_text())
     assert set(summary["modes"]) == {"none", "r3", "r2"}
@@ -107,28 +110,7 @@ def test_experiment_deterministic_modes_reproduce_the_rollout(tmp_path: Path) ->
     ``none`` the second minibatch's forward, after an optimizer step, may route otherwise:
     ``router_agreement`` counts it, the pre-update ``router_agreement_native`` is 1)."""
     out = tmp_path / "experiment"
-    stdout = run(
-        [
-            str(ROOT / "examples" / "r3_experiment.py"),
-            "--config",
-            str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
-            "--out",
-            str(out),
-            "--modes",
-            "r3-deterministic",
-            "none-deterministic",
-            "--set",
-            f"model={tmp_path / 'model'}",
-            "--set",
-            "log.progress=false",
-            "--set",
-            "log.checkpoint_every=0",
-            "--set",
-            "log.tensorboard=false",
-        ],
-        tmp_path,
-        timeout=300,
-    )
+    stdout = run_experiment(out, tmp_path, "--modes", "r3-deterministic", "none-deterministic")
     modes = json.loads(stdout.strip().splitlines()[-1])["modes"]
     for mode in ("r3-deterministic", "none-deterministic"):
         assert modes[mode]["kl_k3_mean"] == 0.0, (mode, modes[mode])
