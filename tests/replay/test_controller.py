@@ -24,7 +24,7 @@ from tiny_moe import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import replay.controller
+import replay.contexts
 from replay.controller import Mode
 from replay.patch import patch
 from replay.routed_experts import RoutedExperts
@@ -214,7 +214,7 @@ def test_replay_through_the_triton_kernel(
         launches.append(1)
         return replay_topk_triton(*args, **kwargs)
 
-    monkeypatch.setattr(replay.controller, "replay_topk", triton_topk)
+    monkeypatch.setattr(replay.contexts, "replay_topk", triton_topk)
     check_gradients_against_reference(family, str(triton_device), rng)
     assert len(launches) == len(EXPECTED[family][0])
 
@@ -251,7 +251,7 @@ def test_traces_without_valid_rows_leave_the_router_output_alone(
     model = tiny_moe("qwen3_moe")
     ctl = patch(model)
     calls = []
-    monkeypatch.setattr(replay.controller, "replay_topk", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(replay.contexts, "replay_topk", lambda *a, **k: calls.append(a))
     x = tokens(rng, 2, 5)
     traces = random_traces(rng, [5, 5], EXPECTED["qwen3_moe"][0])
     invalid = [
