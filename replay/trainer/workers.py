@@ -32,16 +32,13 @@ previous version (the others drop what they received); a failure while applying 
 dying mid-copy, or tensors that do not cover the engine) leaves engines that may differ, so
 the group refuses any further call: restart from the last checkpoint.
 
-One GPU shared by the trainer and a rollout worker: give each a fraction of it
-(``num_gpus_per_worker: 0.5``, ``trainer.num_gpus: 0.5``). With
-``rollout.release_kv_while_training`` the loop puts the workers to sleep after each rollout
-(``RolloutWorkers.sleep`` -> ``rollout.LLM.sleep``: KV cache, CUDA graphs and attention
-workspaces go back to the device), pushes the new weights into the sleeping engines and wakes
-them (same KV cache size, graphs captured again) before the next rollout. The engine's weights
-stay resident, and its KV cache is sized once, when the engine starts: fix it with
-``kv_cache_blocks`` (or a lower ``gpu_memory_utilization``) so that it fits beside the
-trainer's memory at rest (weights, optimizer state); the trainer's activations then use the
-memory the cache gives back during the update.
+One GPU shared by the trainer and a rollout worker: give each a fraction of it (``0.5``
+each). With ``rollout.release_kv_while_training`` the loop puts the workers to sleep after each
+rollout (``rollout.LLM.sleep``: KV cache, CUDA graphs and attention workspaces go back to the
+device), pushes the new weights into the sleeping engines and wakes them before the next
+rollout. The weights stay resident and the KV cache is sized once, at start: fix it with
+``kv_cache_blocks`` (or a lower ``gpu_memory_utilization``) to fit beside the trainer's memory
+at rest (weights, optimizer state); the trainer's activations use what the cache gives back.
 """
 
 from __future__ import annotations
