@@ -1,5 +1,7 @@
-"""The model runner: the model, its paged KV cache, the attention backend, the step inputs,
-CUDA graphs for decode, and the sampler.
+"""The model runner: runs the model over scheduled batches, prepare -> run -> sample. Its
+pieces have modules of their own: the step's static inputs (``rollout.engine.step_inputs``),
+the paged KV cache, sized from a memory profile on CUDA (``rollout.engine.kv_cache``), and the
+decode CUDA graphs (``rollout.engine.cuda_graphs``).
 
 Legend: T tokens fed in a step, B sequences in it, S sampling rows, M KV blocks per sequence
 (the block-table width), H hidden size, V vocabulary.
@@ -23,13 +25,9 @@ so the engine launches a step while the previous one still runs (``rollout.engin
 - ``sample_async(logits, inputs)`` draws the tokens on the device and starts their copy to the
   host: ``SampledTokens.tolist()`` waits for it. ``sample`` does both (tests and tools).
 
-Static inputs live in one place, ``StepBuffers``: the device tensors every step (eager or
-graph) reads, so a CUDA graph captured over views of them replays whatever ``prepare`` last
-wrote. The routing capture buffer ([max_num_batched_tokens, L, K], or None) is one of them.
-
-The runner's other pieces have modules of their own: the KV cache, its size (a memory profile
-on CUDA) and its release for sleep in ``rollout.engine.kv_cache``; the decode CUDA graphs in
-``rollout.engine.cuda_graphs``.
+Static inputs live in one place, ``StepBuffers``, the routing capture buffer
+([max_num_batched_tokens, L, K], or None) among them: a CUDA graph replays whatever ``prepare``
+last wrote there.
 
 ``data_parallel_mode="dp_attention"`` (``dispatch``, a ``rollout.layers.moe.NaiveDispatch`` the
 runner sets on the model's MoE blocks): every forward is collective across the ranks.
@@ -38,26 +36,24 @@ work calls ``run_idle`` (a forward of one padding token, outputs discarded) when
 rank steps, and everything runs eager (no CUDA graphs).
 
 Sleep (a trainer colocated on the GPU): ``sleep()`` frees the KV cache, the CUDA graphs and the
-attention backend's workspaces and empties the CUDA caching allocator; ``wake_up()`` allocates
-a zeroed cache of the same number of blocks, a fresh backend and captures the graphs again.
+attention backend's workspaces and empties the CUDA caching allocator; ``wake_up()`` rebuilds
+them, the cache with the same number of blocks.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from rollout.config import EngineConfig
 from rollout.engine.cuda_graphs import MAX_CUDA_GRAPH_SIZE, DecodeGraphs, cuda_graph_sizes
 from rollout.engine.kv_cache import PROFILE_SAMPLING, KVCache, reserved_bytes, return_memory
 from rollout.engine.scheduler import ScheduledBatch
+from rollout.engine.step_inputs import StepBuffers, StepInputs
 from rollout.forward_batch import ForwardBatch
 from rollout.layers.attention import (
     AttentionBackend,
@@ -67,101 +63,13 @@ from rollout.layers.attention import (
 from rollout.layers.invariant_attention import InvariantAttentionBackend
 from rollout.layers.moe import NaiveDispatch, SparseMoeBlock
 from rollout.loader import LoadedCheckpoint
-from rollout.sampler import SampledTokens, Sampler, SamplingInputs
+from rollout.sampler import SampledTokens, Sampler
 
-__all__ = ["ModelRunner", "StepBuffers", "StepInputs"]
+__all__ = ["ModelRunner"]
 
 logger = logging.getLogger(__name__)
 
 _CAPTURE_DTYPES = (torch.uint8, torch.int16, torch.int32)
-
-
-class StepBuffers:
-    """Every per-step input tensor in one place: device tensors (the static inputs of the CUDA
-    graphs) and, on CUDA, the pinned host buffers they are copied from.
-
-    On a CPU device the host buffers are the device tensors (no copy).
-
-    Args:
-        sizes: name -> (number of elements, dtype) of each flat buffer.
-        device: where the model runs.
-        routing_capture: the routed-expert capture buffer (written by the model, never staged),
-            or None.
-    """
-
-    def __init__(
-        self,
-        sizes: dict[str, tuple[int, torch.dtype]],
-        device: torch.device,
-        *,
-        routing_capture: torch.Tensor | None = None,
-    ) -> None:
-        self.routing_capture = routing_capture
-        pinned = device.type == "cuda"
-        self.host = {
-            name: torch.zeros(n, dtype=dtype, pin_memory=pinned)
-            for name, (n, dtype) in sizes.items()
-        }
-        self.device = (
-            {name: torch.zeros(n, dtype=dtype, device=device) for name, (n, dtype) in sizes.items()}
-            if pinned
-            else self.host
-        )
-        self._arrays = {name: tensor.numpy() for name, tensor in self.host.items()}
-
-    def stage(
-        self, name: str, values: Sequence[int] | np.ndarray, size: int, pad: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``values`` then ``pad`` up to ``size`` elements of buffer ``name``; start the
-        copy to the device; return the (host, device) views of those elements."""
-        array = self._arrays[name]
-        count = len(values)
-        array[:count] = values
-        array[count:size] = pad
-        return self._copy(name, size)
-
-    def stage_table(
-        self, name: str, rows: Sequence[Sequence[int]], num_rows: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``rows`` as a ``[num_rows, width]`` table padded with -1 (width: the longest
-        row, at least 1) into buffer ``name``; return its (host, device) views."""
-        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        width = max(1, int(lengths.max(initial=0)))
-        table = self._arrays[name][: num_rows * width].reshape(num_rows, width)
-        table.fill(-1)
-        total = int(lengths.sum())
-        if total:
-            flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=table.dtype, count=total)
-            row_ids = np.repeat(np.arange(len(rows)), lengths)
-            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-            table[row_ids, np.arange(total) - starts] = flat
-        host, device = self._copy(name, num_rows * width)
-        return host.view(num_rows, width), device.view(num_rows, width)
-
-    def _copy(self, name: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        host, device = self.host[name][:size], self.device[name][:size]
-        if device is not host:
-            device.copy_(host, non_blocking=True)
-        return host, device
-
-
-@dataclass(frozen=True, slots=True)
-class StepInputs:
-    """What ``prepare`` built for one step.
-
-    Attributes:
-        batch: the scheduled batch.
-        forward: the planned ``ForwardBatch`` (padded to ``graph_size`` rows for a replay).
-        logits_indices: [S] int64 device rows of the forward's output that sample.
-        sampling: the sampler's inputs for those rows.
-        graph_size: the CUDA-graph bucket this step replays, or None for an eager step.
-    """
-
-    batch: ScheduledBatch
-    forward: ForwardBatch
-    logits_indices: torch.Tensor
-    sampling: SamplingInputs
-    graph_size: int | None
 
 
 class ModelRunner:
@@ -251,9 +159,6 @@ class ModelRunner:
             routing_capture=self._check_capture(routing_capture),
         )
         # Step state, set before the memory profile (on CUDA it runs a step).
-        # Recorded after a step's input copies were enqueued: the pinned host buffers they
-        # read (ours and FlashInfer's plan workspace) are rewritten only once it completed.
-        self._staged: torch.cuda.Event | None = None
         self.graphs = DecodeGraphs(self.device)
         self.is_sleeping = False
         # The buckets sleep released, recaptured by wake_up.
@@ -289,7 +194,7 @@ class ModelRunner:
         stand for (required when it has any).
         """
         assert not self.is_sleeping, "prepare: the runner is asleep (wake_up first)"
-        self._wait_staging_reusable()
+        self.buffers.wait_reusable()
         if self.dispatch is not None:
             self.dispatch.begin_step(len(batch.input_ids))
         graph_size = self.graphs.bucket(len(batch.entries)) if batch.is_decode else None
@@ -307,7 +212,7 @@ class ModelRunner:
             is_decode=batch.is_decode,
             graph_size=graph_size,
         )
-        self._fill_placeholders(batch, forward.input_ids, previous)
+        self.buffers.fill_placeholders(batch, forward.input_ids, previous)
         inputs = StepInputs(
             batch=batch,
             forward=forward,
@@ -320,7 +225,7 @@ class ModelRunner:
             ),
             graph_size=graph_size,
         )
-        self._staging_enqueued()
+        self.buffers.mark_staged()
         return inputs
 
     @torch.no_grad()
@@ -350,7 +255,7 @@ class ModelRunner:
         sampled and no hook runs."""
         assert self.dispatch is not None, "run_idle: only a dp_attention rank steps without work"
         assert not self.is_sleeping, "run_idle: the runner is asleep (wake_up first)"
-        self._wait_staging_reusable()
+        self.buffers.wait_reusable()
         self.dispatch.begin_step(1)
         forward = self._forward_batch(
             input_ids=[0],
@@ -362,7 +267,7 @@ class ModelRunner:
             is_decode=True,
             graph_size=None,
         )
-        self._staging_enqueued()
+        self.buffers.mark_staged()
         self.model(forward)
 
     # ------------------------------------------------------------------ weights
@@ -440,43 +345,6 @@ class ModelRunner:
         if self.config.deterministic:
             return InvariantAttentionBackend(self.spec, block_size=self.config.block_size)
         return make_attention_backend(self.spec, **self._backend_kwargs)
-
-    def _fill_placeholders(
-        self,
-        batch: ScheduledBatch,
-        input_ids: torch.Tensor,
-        previous: SampledTokens | None,
-    ) -> None:
-        """Copy the previous step's sampled ids into the placeholder positions of the staged
-        ``input_ids`` (the static buffer a graph replays), on the device, before the forward."""
-        count = len(batch.placeholder_indices)
-        if count == 0:
-            return
-        assert previous is not None and max(batch.placeholder_rows) < previous.num_rows, (
-            f"prepare: {count} placeholders without their source rows "
-            f"(previous step: {None if previous is None else previous.num_rows} rows)"
-        )
-        _, index = self.buffers.stage(
-            "placeholders",
-            batch.placeholder_indices + batch.placeholder_rows,
-            2 * count,
-            0,
-        )
-        positions, rows = index.view(2, count)
-        input_ids.index_copy_(0, positions, previous.ids_S.index_select(0, rows))
-
-    def _wait_staging_reusable(self) -> None:
-        """Wait until the copies of the previous step's staged inputs have run (on CUDA the
-        device is then past them, on that step's forward: the wait is short)."""
-        if self._staged is not None:
-            self._staged.synchronize()
-
-    def _staging_enqueued(self) -> None:
-        """Mark the end of this step's input copies on the stream (``_wait_staging_reusable``)."""
-        if self.device.type == "cuda":
-            if self._staged is None:
-                self._staged = torch.cuda.Event()
-            self._staged.record(torch.cuda.current_stream(self.device))
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [T, H] of the step: the bucket's graph replay, or an eager forward."""
