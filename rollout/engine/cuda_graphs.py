@@ -6,7 +6,7 @@ Legend: T tokens fed in a step, H hidden size.
 A decode batch runs in the smallest bucket that holds it (``cuda_graph_sizes``), padded to that
 size by the runner (padding rows: token 0, position 0, slot -1, length 0, no blocks). A graph
 records the addresses of the tensors its forward read: the runner's static inputs
-(``rollout.engine.model_runner.StepBuffers``, the routing capture buffer among them), the KV
+(``rollout.engine.step_inputs.StepBuffers``, the routing capture buffer among them), the KV
 cache and the attention backend's workspaces. So a replay reads whatever the runner last staged
 and planned there, and a graph is captured again whenever one of them is allocated anew
 (``ModelRunner.wake_up``). The buckets share one memory pool: captured largest first, the
