@@ -18,19 +18,18 @@ object of its own, which the driver passes on to the trainer unread
 (``replay.trainer.routing_transfer``). A worker that dies fails the call with
 ``WorkerDiedError`` naming it, and the group refuses further work.
 
-Weight sync goes through Ray's object store: the trainer's (or the user's) named tensors are
-put there once, as CPU tensors, and every rollout worker reads them from it and copies them
-into its engine with ``LLM.update_weights`` (HF parameter names). A worker checks that the
-tensors wrote every parameter of its engine, so a partial sync never goes unnoticed. With
-``trainer.weight_sync: cuda_ipc`` (workers on the trainer's GPU) the trainer sends CUDA IPC
-handles of its GPU tensors instead (``replay.trainer.weight_sync``). A sync is two-phase, so
-that a worker lost on the way leaves nothing half-applied: every worker first receives the
-weights (``stage_weights``: the transfer, where a lost worker or object shows); only once
-every worker has acknowledged do they copy them into their engines (``commit_weights``) and
-the group's ``weights_version`` advances. A failure while receiving leaves every engine on the
-previous version (the others drop what they received); a failure while applying (a worker
-dying mid-copy, or tensors that do not cover the engine) leaves engines that may differ, so
-the group refuses any further call: restart from the last checkpoint.
+Weight sync goes through Ray's object store: the trainer's (or the user's) named tensors are put
+there once, as CPU tensors, and every rollout worker copies them into its engine with
+``LLM.update_weights`` (HF parameter names), checking that they wrote every parameter of its
+engine. With ``trainer.weight_sync: cuda_ipc`` (workers on the trainer's GPU) the trainer sends
+CUDA IPC handles of its GPU tensors instead (``replay.trainer.weight_sync``). A sync is
+two-phase, so that a worker lost on the way leaves nothing half-applied: every worker first
+receives the weights (``stage_weights``: the transfer, where a lost worker or object shows);
+only once every worker has acknowledged do they copy them into their engines
+(``commit_weights``) and the group's ``weights_version`` advances. A failure while receiving
+leaves every engine on the previous version (the others drop what they received); a failure
+while applying (a worker dying mid-copy, or tensors that do not cover the engine) leaves engines
+that may differ, so the group refuses any further call: restart from the last checkpoint.
 
 One GPU shared by the trainer and a rollout worker: give each a fraction of it (``0.5``
 each). With ``rollout.release_kv_while_training`` the loop puts the workers to sleep after each
