@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from replay.trainer.grpo import token_logprobs
-from replay.trainer.loop import TINY_ADDITION_SPEC
 from replay.trainer.tasks import (
+    TINY_ADDITION_SPEC,
     AdditionModelSpec,
     AdditionTask,
     Problem,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from replay.controller import _SEAM_ATTR, ReplayController
+from replay.controller import ReplayController
 from replay.discovery import RoutingSpec, discover
+from replay.router_seam import SEAM_ATTR
 from routing_kernels import RoutingMethod
 
 __all__ = ["patch"]
@@ -70,7 +71,7 @@ def patch(
         return existing
     structure = discover(model, routing=routing, verify=verify)
     for layer in structure.layers:
-        if _SEAM_ATTR in layer.router.__dict__:
+        if SEAM_ATTR in layer.router.__dict__:
             raise ValueError(
                 f"{layer.router_name}: expected an unpatched router, got one already patched "
                 f"by replay.patch on another module holding it"

@@ -1,24 +1,23 @@
-"""Tiny random MoE checkpoints for tests, examples and the main job; nothing is downloaded.
+"""Tiny random MoE models for tests, examples and the main job; nothing is downloaded.
 
 ``make_tiny_moe(family, path, seed=0, **overrides)`` builds a small model with transformers'
-own config and model classes, makes its routing decisive, saves it with ``save_pretrained``
-(float32 safetensors, config.json, generation_config.json) and adds a byte-level BPE tokenizer
-trained locally on a built-in text (``tokenizer.json``) whose vocabulary is the model's.
-The same ``seed`` gives the same files.
+own config and model classes (``build_tiny_moe``: the model in memory), makes its routing
+decisive, saves it with ``save_pretrained`` (float32 safetensors, config.json,
+generation_config.json) and adds a byte-level BPE tokenizer trained locally on a built-in text
+(``tokenizer.json``) whose vocabulary is the model's. The same ``seed`` gives the same files.
+``FAMILIES`` are the families the engine runs; ``HF_ONLY_FAMILIES`` those only HF transformers
+(and so replay) runs.
 
 Routing is made decisive so that engines agreeing to float rounding also agree on the routers'
 choices: router weights are redrawn with std ``ROUTER_STD / sqrt(hidden_size)`` (logits spread
 over a few units instead of ~0.1), and the LM head likewise, so greedy choices rarely hinge on
-near-ties. GLM4-MoE's ``e_score_correction_bias`` is drawn too, so the bias path is exercised.
-
-``PagedBatchBuilder`` stands in for the block manager and input preparation in tests: it hands
-out KV blocks and turns a step's chunks of tokens into a planned ``ForwardBatch``.
+near-ties. The ``e_score_correction_bias`` of GLM4-MoE and DeepSeek-V3 is drawn too, so the
+bias path is exercised.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,11 @@ import torch
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from rollout.forward_batch import ForwardBatch
-from rollout.layers.attention import AttentionBackend
-
 __all__ = [
     "FAMILIES",
+    "HF_ONLY_FAMILIES",
     "TOKENIZER_TEXT",
-    "PagedBatchBuilder",
+    "build_tiny_moe",
     "flashinfer_overrides",
     "make_tiny_moe",
     "train_tiny_tokenizer",
@@ -58,11 +55,10 @@ _COMMON: dict[str, Any] = dict(
     pad_token_id=None,
 )
 
-# family -> (HF config class, HF model class, family-specific config).
-FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+# family -> (HF config class, family-specific config): the families the engine runs.
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": (
         "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
         dict(
             head_dim=16,
             num_experts=8,
@@ -75,7 +71,6 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     "qwen2_moe": (
         "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
         dict(
             num_experts=8,
             num_experts_per_tok=4,
@@ -88,17 +83,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     "mixtral": (
         "MixtralConfig",
-        "MixtralForCausalLM",
         dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
     ),
     "olmoe": (
         "OlmoeConfig",
-        "OlmoeForCausalLM",
         dict(num_experts=16, num_experts_per_tok=4, intermediate_size=32, norm_topk_prob=False),
     ),
     "glm4_moe": (
         "Glm4MoeConfig",
-        "Glm4MoeForCausalLM",
         dict(
             head_dim=16,
             n_routed_experts=16,
@@ -114,6 +106,30 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             attention_bias=True,
             use_qk_norm=True,
             partial_rotary_factor=0.5,
+        ),
+    ),
+}
+
+# Families HF transformers runs (replay patches them) and the engine does not.
+HF_ONLY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            num_key_value_heads=4,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
         ),
     ),
 }
@@ -156,7 +172,7 @@ def train_tiny_tokenizer(vocab_size: int = TARGET_VOCAB) -> tokenizers.Tokenizer
 
 
 def _decisive_routing_(
-    model: torch.nn.Module, hidden_size: int, generator: torch.Generator
+    model: torch.nn.Module, hidden_size: int, generator: torch.Generator, *, lm_head: bool
 ) -> None:
     router_std = ROUTER_STD / math.sqrt(hidden_size)
     with torch.no_grad():
@@ -165,15 +181,63 @@ def _decisive_routing_(
                 tensor.normal_(0.0, router_std, generator=generator)
             elif name.endswith("e_score_correction_bias"):
                 tensor.normal_(0.0, 0.1, generator=generator)
-            elif name == "lm_head.weight":
+            elif name == "lm_head.weight" and lm_head:
                 tensor.normal_(0.0, LM_HEAD_STD / math.sqrt(hidden_size), generator=generator)
+
+
+def build_tiny_moe(
+    family: str,
+    *,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+    experts_implementation: str | None = None,
+    decisive_lm_head: bool = True,
+    **overrides: Any,
+) -> transformers.PreTrainedModel:
+    """A tiny random ``family`` model in memory (float32, CPU, train mode) with decisive routing.
+
+    Args:
+        family: one of ``FAMILIES`` (qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe) or
+            ``HF_ONLY_FAMILIES`` (deepseek_v3).
+        seed: seeds the weights (the same seed, the same weights; the global RNG is left
+            untouched).
+        attn_implementation, experts_implementation: HF's choices of kernels (None: its
+            default).
+        decisive_lm_head: redraw the LM head large too (greedy tokens rarely hinge on
+            near-ties); False keeps HF's initialisation (smaller logits and gradients).
+        overrides: HF config fields replacing the defaults (e.g. ``num_hidden_layers=4``);
+            without ``vocab_size``, the vocabulary is ``TARGET_VOCAB`` ids.
+
+    Raises:
+        ValueError: an unknown family.
+    """
+    tables = {**FAMILIES, **HF_ONLY_FAMILIES}
+    if family not in tables:
+        raise ValueError(f"family: expected one of {sorted(tables)}, got {family!r}")
+    config_name, family_kwargs = tables[family]
+    kwargs = {**_COMMON, "vocab_size": TARGET_VOCAB, **family_kwargs, **overrides}
+    config = getattr(transformers, config_name)(**kwargs)
+    implementations = {
+        name: value
+        for name, value in (
+            ("attn_implementation", attn_implementation),
+            ("experts_implementation", experts_implementation),
+        )
+        if value is not None
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, **implementations)
+        generator = torch.Generator().manual_seed(seed + 1)
+        _decisive_routing_(model, config.hidden_size, generator, lm_head=decisive_lm_head)
+    return model
 
 
 def make_tiny_moe(family: str, path: str | Path, seed: int = 0, **overrides: Any) -> Path:
     """Write a tiny random ``family`` checkpoint with a tokenizer to ``path``; return the path.
 
     Args:
-        family: one of ``FAMILIES`` (qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe).
+        family: one of ``FAMILIES`` or ``HF_ONLY_FAMILIES`` (``build_tiny_moe``).
         path: folder to create (or overwrite files in).
         seed: seeds the weights (the global RNG is left untouched).
         overrides: HF config fields replacing the defaults (e.g. ``num_hidden_layers=4``).
@@ -182,30 +246,16 @@ def make_tiny_moe(family: str, path: str | Path, seed: int = 0, **overrides: Any
         ValueError: an unknown family, or a ``vocab_size`` override smaller than the
             tokenizer's vocabulary.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
-    config_name, model_name, family_kwargs = FAMILIES[family]
     tokenizer = train_tiny_tokenizer()
     vocab = tokenizer.get_vocab_size()
-    kwargs = {
-        **_COMMON,
-        **family_kwargs,
-        "vocab_size": vocab,
-        "eos_token_id": tokenizer.token_to_id(EOS_TOKEN),
-    }
-    kwargs.update(overrides)
+    kwargs = {"vocab_size": vocab, "eos_token_id": tokenizer.token_to_id(EOS_TOKEN), **overrides}
     if kwargs["vocab_size"] < vocab:
         raise ValueError(
             f"vocab_size: expected >= the tokenizer's {vocab}, got {kwargs['vocab_size']}"
         )
-    config = getattr(transformers, config_name)(**kwargs)
+    model = build_tiny_moe(family, seed=seed, **kwargs)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = getattr(transformers, model_name)(config)
-        generator = torch.Generator().manual_seed(seed + 1)
-        _decisive_routing_(model, config.hidden_size, generator)
     model.save_pretrained(folder)
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder
@@ -217,118 +267,4 @@ def flashinfer_overrides(family: str) -> dict[str, Any]:
     or ``head_dim=64`` where the family sets its head size explicitly."""
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
-    return {"head_dim": 64} if "head_dim" in FAMILIES[family][2] else {"hidden_size": 256}
-
-
-class PagedBatchBuilder:
-    """A minimal stand-in for the block manager and input preparation, for tests.
-
-    Hands out KV blocks from a shuffled free list (so block tables are not contiguous) and
-    turns one step's chunks ``[(seq_id, new_token_ids), ...]`` into a planned ``ForwardBatch``:
-    each chunk continues its sequence (a prompt, a prefill chunk or one decode token).
-
-    Args:
-        backend: the attention backend that plans each batch.
-        num_blocks: KV blocks available; ``block_size``: tokens per block.
-        device: where the batch's device tensors go (host mirrors stay on the CPU).
-        capture: ``(num_moe_layers, top_k, dtype)`` to attach a fresh capture buffer to each
-            batch, filled with the dtype's largest value (an id no model has), or None.
-        seed: shuffles the free list.
-    """
-
-    def __init__(
-        self,
-        backend: AttentionBackend,
-        *,
-        num_blocks: int,
-        block_size: int,
-        device: torch.device | str = "cpu",
-        capture: tuple[int, int, torch.dtype] | None = None,
-        seed: int = 0,
-    ) -> None:
-        self.backend = backend
-        self.block_size = block_size
-        self.device = torch.device(device)
-        self.capture = capture
-        order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
-        self.free_blocks: list[int] = order.tolist()
-        self.blocks: dict[Hashable, list[int]] = {}
-        self.lengths: dict[Hashable, int] = {}
-
-    def step(
-        self,
-        chunks: Sequence[tuple[Hashable, Sequence[int]]],
-        *,
-        pad_to: int | None = None,
-        cuda_graph: bool = False,
-    ) -> ForwardBatch:
-        """The planned batch for this step's chunks (every chunk non-empty).
-
-        ``pad_to`` pads a decode step to that many sequences the way a CUDA-graph bucket is
-        padded: each padding row has token 0, position 0, slot -1, length 0 and no blocks.
-        ``cuda_graph`` is passed to the backend's ``plan``.
-        """
-        ids, positions, slots, starts, seq_lens = [], [], [], [0], []
-        tables_rows: list[list[int]] = []
-        for seq_id, tokens in chunks:
-            if not tokens:
-                raise ValueError(f"chunks: expected non-empty token lists, got none for {seq_id!r}")
-            start = self.lengths.get(seq_id, 0)
-            end = start + len(tokens)
-            blocks = self.blocks.setdefault(seq_id, [])
-            while len(blocks) * self.block_size < end:
-                if not self.free_blocks:
-                    raise ValueError("num_blocks: expected enough KV blocks for the test, ran out")
-                blocks.append(self.free_blocks.pop())
-            self.lengths[seq_id] = end
-            ids.extend(tokens)
-            for pos in range(start, end):
-                positions.append(pos)
-                slots.append(
-                    blocks[pos // self.block_size] * self.block_size + pos % self.block_size
-                )
-            starts.append(starts[-1] + len(tokens))
-            seq_lens.append(end)
-            tables_rows.append(list(blocks))
-        is_decode = all(len(tokens) == 1 for _, tokens in chunks)
-        if pad_to is not None:
-            if not is_decode or pad_to < len(chunks):
-                raise ValueError(
-                    f"pad_to: expected a decode step of at most {pad_to} sequences, "
-                    f"got {len(chunks)} chunks (decode: {is_decode})"
-                )
-            for _ in range(pad_to - len(chunks)):
-                ids.append(0)
-                positions.append(0)
-                slots.append(-1)
-                starts.append(starts[-1] + 1)
-                seq_lens.append(0)
-                tables_rows.append([])
-        width = max(1, max((len(row) for row in tables_rows), default=0))
-        tables = torch.full((len(tables_rows), width), -1, dtype=torch.int32)
-        for i, row in enumerate(tables_rows):
-            tables[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        query_start_loc = torch.tensor(starts, dtype=torch.int32)
-        lens = torch.tensor(seq_lens, dtype=torch.int32)
-        dev = self.device
-        capture_buffer = None
-        if self.capture is not None:
-            layers, top_k, dtype = self.capture
-            fill = torch.iinfo(dtype).max
-            capture_buffer = torch.full((len(ids), layers, top_k), fill, dtype=dtype, device=dev)
-        batch = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=query_start_loc.to(dev),
-            seq_lens=lens.to(dev),
-            block_tables=tables.to(dev),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=lens,
-            block_tables_cpu=tables,
-            is_decode=is_decode,
-            attn_backend=self.backend,
-            routing_capture=capture_buffer,
-        )
-        batch.attn_state = self.backend.plan(batch, cuda_graph=cuda_graph)
-        return batch
+    return {"head_dim": 64} if "head_dim" in FAMILIES[family][1] else {"hidden_size": 256}

@@ -1,5 +1,6 @@
 """Test-suite wiring: the ``gpu`` and ``triton`` markers, the device a Triton test runs on, a
-replayable random seed, and one intra-op thread for engine tests.
+replayable random seed, one intra-op thread for engine tests, and the test-only helpers of
+``tests/helpers`` (tiny in-memory models, the paged batch builder) importable by module name.
 
 ``gpu`` tests need CUDA and are skipped without it. ``triton`` tests run the Triton kernels:
 on CUDA when there is a device, else on CPU when the interpreter is on
@@ -13,11 +14,15 @@ fixtures). ``python -m pytest --seed N`` replays a run's inputs exactly.
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -497,7 +497,7 @@ class Variants:
 
             def with_torch_ops() -> torch.Tensor:
                 # Only the forward calls it; its autograd graph then holds torch ops.
-                with mock.patch.object(replay.controller, "replay_topk", replay_topk_reference):
+                with mock.patch.object(replay.contexts, "replay_topk", replay_topk_reference):
                     return replayed()
 
             return with_torch_ops

@@ -32,6 +32,7 @@ from replay.trainer.learner import Learner
 from replay.trainer.loop import GRPOTrainer, train
 from replay.trainer.metrics_log import MetricsLog, read_metrics
 from replay.trainer.placement import Placement, PlacementError
+from replay.trainer.task_registry import TASKS, Task, make_task
 from replay.trainer.tasks import (
     AdditionModelSpec,
     AdditionTask,
@@ -42,6 +43,7 @@ from replay.trainer.trainer_group import TrainerGroup, TrainerWorker, start_trai
 from replay.trainer.workers import Rollout, RolloutWorker, RolloutWorkers, WorkerDiedError
 
 __all__ = [
+    "TASKS",
     "AdditionModelSpec",
     "AdditionTask",
     "Batch",
@@ -58,6 +60,7 @@ __all__ = [
     "RolloutConfig",
     "RolloutWorker",
     "RolloutWorkers",
+    "Task",
     "TaskConfig",
     "TrainBatch",
     "TrainConfig",
@@ -69,6 +72,7 @@ __all__ = [
     "group_advantages",
     "load_config",
     "make_addition_model",
+    "make_task",
     "policy_loss",
     "read_metrics",
     "start_trainer",

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import yaml
 
 from replay.trainer.preflight import check_against_model
+from replay.trainer.task_registry import TASKS
 
 __all__ = [
     "GRPOConfig",
@@ -445,16 +446,18 @@ class GRPOConfig:
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class TaskConfig:
-    """The toy task (``replay.trainer.tasks``): addition of ``min_digits``..``max_digits``-digit
-    numbers; ``partial_credit`` in [0, 1) rewards near misses (0: exact answers only)."""
+    """The task: ``name`` is an entry of ``replay.trainer.task_registry.TASKS`` (default the toy
+    task ``addition``, ``replay.trainer.tasks``: addition of ``min_digits``..``max_digits``-digit
+    numbers; ``partial_credit`` in [0, 1) rewards near misses, 0: exact answers only)."""
 
-    name: Literal["addition"] = "addition"
+    name: str = "addition"
     min_digits: int = 1
     max_digits: int = 3
     partial_credit: float = 0.0
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        _require(self.name in TASKS, "name", f"one of {sorted(TASKS)}", self.name)
         _require(self.min_digits >= 1, "min_digits", "an int >= 1", self.min_digits)
         _require(
             self.max_digits >= self.min_digits,

@@ -1,13 +1,6 @@
 """``Learner``: the HF policy, its optimizer and one GRPO update per rollout batch, with the
-routing of the training forward chosen by the routing mode.
-
-Routing modes (``TrainConfig.routing``):
-
-- ``none``: the policy routes natively.
-- ``r3``: every training forward replays the rollout's traces (``ctl.replay``); a batch
-  without traces raises.
-- ``r2``: a no-grad forward of the policy as it is before the update records its own routing
-  (``ctl.record``); the update's forwards replay that recording.
+routing of the training forward chosen by the routing mode (``none``, ``r3``, ``r2``: one
+strategy each, ``replay.trainer.routing_modes``).
 
 One ``step(batch, advantages)``, in passes over micro-batches of ``micro_batch_size`` answers:
 
@@ -42,7 +35,7 @@ Legend: B answers, S token positions.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import logging
 import shutil
 import time
@@ -58,12 +51,13 @@ import replay
 import rollout
 from replay.expert_tap import ExpertsTap
 from replay.layout import BatchLayout
-from replay.metrics import extreme_token_fraction, kl_k3, router_agreement
 from replay.routed_experts import RoutedExperts
 from replay.trainer import distributed
 from replay.trainer.batch import Batch, TrainBatch
 from replay.trainer.config import GRPOConfig, RoutingMode, TrainerConfig
 from replay.trainer.grpo import LossTerms, policy_loss, token_logprobs
+from replay.trainer.routing_modes import routing_mode
+from replay.trainer.step_stats import Chunk, Minibatch, StepStats, Totals
 
 __all__ = ["Learner"]
 
@@ -108,11 +102,9 @@ class Learner:
         policy_dtype: str = "auto",
         deterministic: bool = False,
     ) -> None:
-        if routing not in ("none", "r3", "r2"):
-            raise ValueError(f"routing: expected one of ['none', 'r3', 'r2'], got {routing!r}")
+        self.routing = routing_mode(routing)
         self.config = trainer
         self.grpo = grpo
-        self.routing = routing
         self.native_router_agreement = native_router_agreement
         self.policy_dtype = policy_dtype
         self.deterministic = deterministic and trainer.policy == "engine"
@@ -189,9 +181,9 @@ class Learner:
         rollout_traces = self._rollout_traces(batch)
         start = time.perf_counter()
         minibatches = [
-            _Minibatch(
+            Minibatch(
                 parts=[
-                    _Chunk(
+                    Chunk(
                         indices=idx,
                         tensors=batch.select(idx).to_tensors(
                             self.device, pad_token_id=self.pad_token_id
@@ -213,10 +205,11 @@ class Learner:
                 part.rollout_traces = [rollout_traces[i] for i in part.indices]
 
         with torch.no_grad():
-            if self.config.num_minibatches > 1 or self.routing == "r2":
+            if self.config.num_minibatches > 1 or self.routing.needs_old_pass:
                 for part in parts:
-                    self._old_pass(part)
-            if self.routing == "r3" and self.native_router_agreement and rollout_traces:
+                    forward = functools.partial(self._forward, self.model, part.tensors)
+                    self.routing.old_pass(self.ctl, part, forward)
+            if self.routing.native_pass and self.native_router_agreement and rollout_traces:
                 for part in parts:
                     with self.ctl.record(attention_mask=part.tensors.attention_mask_BS) as rec:
                         self._forward(self.model, part.tensors)
@@ -225,23 +218,20 @@ class Learner:
                 for part in parts:
                     part.logp_ref = self._forward(self.reference, part.tensors)
 
-        totals = _Totals()
+        totals = Totals()
         for minibatch in minibatches:
             self._update(minibatch, totals)
         self.step_count += 1
-        stats = _StepStats.collect(parts, totals)
+        stats = StepStats.collect(parts, totals)
         if self.world_size > 1:
-            stats = _StepStats.merge(distributed.all_gather_objects(stats.to_cpu()))
+            stats = StepStats.merge(distributed.all_gather_objects(stats.to_cpu()))
         metrics = stats.metrics()
         metrics["time_train_s"] = time.perf_counter() - start
         metrics["train_tokens"] = stats.train_tokens
         return metrics
 
     def _rollout_traces(self, batch: Batch) -> tuple[RoutedExperts, ...] | None:
-        if self.routing == "r3":
-            traces = batch.require_traces("routing r3")
-        else:
-            traces = batch.traces
+        traces = self.routing.rollout_traces(batch)
         if traces is not None and traces and traces[0].moe_layers != self.ctl.moe_layers:
             raise ValueError(
                 f"traces[0].moe_layers: expected the policy's MoE layers {self.ctl.moe_layers}, "
@@ -260,35 +250,15 @@ class Learner:
             out.append((mb, [mine[i : i + micro] for i in range(0, len(mine), micro)]))
         return out
 
-    def _old_pass(self, part: _Chunk) -> None:
-        mask = part.tensors.attention_mask_BS
-        if self.routing == "r3":
-            with self.ctl.replay(part.rollout_traces, attention_mask=mask):
-                part.logp_old = self._forward(self.model, part.tensors)
-            return
-        with self.ctl.record(attention_mask=mask) as rec:
-            part.logp_old = self._forward(self.model, part.tensors)
-        part.native_traces = rec.traces
-        if self.routing == "r2":
-            part.replay_traces = rec.traces
-
-    def _routing_context(self, part: _Chunk) -> contextlib.AbstractContextManager[Any]:
-        mask = part.tensors.attention_mask_BS
-        if self.routing == "r3":
-            return self.ctl.replay(part.rollout_traces, attention_mask=mask)
-        if self.routing == "r2":
-            return self.ctl.replay(part.replay_traces, attention_mask=mask)
-        return contextlib.nullcontext()
-
-    def _update(self, minibatch: _Minibatch, totals: _Totals) -> None:
+    def _update(self, minibatch: Minibatch, totals: Totals) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         for part in minibatch.parts:
             tap = ExpertsTap(self.ctl) if part.rollout_traces is not None else None
-            with self._routing_context(part), tap or contextlib.nullcontext():
+            with self.routing.update_routing(self.ctl, part), tap or contextlib.nullcontext():
                 logp_BS = self._forward(self.model, part.tensors)
             if part.logp_old is None:
                 part.logp_old = logp_BS.detach()
-                if self.routing == "none" and tap is not None:
+                if self.routing.update_is_native and tap is not None:
                     part.native_traces = tap.traces(part.layout)
             if tap is not None:
                 part.used_traces = tap.traces(part.layout)
@@ -311,7 +281,7 @@ class Learner:
 
     def _loss(
         self,
-        part: _Chunk,
+        part: Chunk,
         logp_BS: torch.Tensor,
         num_tokens: float,
         num_sequences: float,
@@ -416,179 +386,6 @@ class Learner:
     def policy_dir(folder: str | Path) -> Path:
         """Where ``save`` puts the policy checkpoint inside ``folder``."""
         return Path(folder) / _POLICY_DIR
-
-
-class _Chunk:
-    """One micro-batch of a step and what the passes computed for it."""
-
-    def __init__(
-        self, *, indices: np.ndarray, tensors: TrainBatch, advantages: torch.Tensor
-    ) -> None:
-        self.indices = indices
-        self.tensors = tensors
-        self.advantages = advantages
-        self.layout: BatchLayout | None = None
-        self.rollout_traces: list[RoutedExperts] | None = None
-        self.replay_traces: list[RoutedExperts] | None = None
-        self.native_traces: list[RoutedExperts] | None = None
-        self.used_traces: list[RoutedExperts] | None = None
-        self.logp_old: torch.Tensor | None = None
-        self.logp_ref: torch.Tensor | None = None
-
-
-@dataclasses.dataclass(slots=True)
-class _Minibatch:
-    """One optimizer step's share of this rank: its micro-batches and the normalisers of the
-    loss, counted over the whole minibatch (every rank's share)."""
-
-    parts: list[_Chunk]
-    num_tokens: float
-    num_sequences: float
-
-
-@dataclasses.dataclass(slots=True)
-class _StepStats:
-    """What a step's metrics are computed from: one rank's answers, or all ranks' merged."""
-
-    logp_rollout: torch.Tensor
-    logp_train: torch.Tensor
-    rollout_traces: list[RoutedExperts] | None
-    used_traces: list[RoutedExperts] | None
-    native_traces: list[RoutedExperts] | None
-    totals: _Totals
-    train_tokens: int
-
-    @classmethod
-    def collect(cls, parts: list[_Chunk], totals: _Totals) -> _StepStats:
-        rollout_values, train_values = [], []
-        for part in parts:
-            mask = part.tensors.answer_mask_BS
-            assert part.logp_old is not None
-            rollout_values.append(part.tensors.rollout_logp_BS[mask])
-            train_values.append(part.logp_old[mask])
-
-        def traces(name: str) -> list[RoutedExperts] | None:
-            if getattr(parts[0], name) is None:
-                return None
-            return [t for p in parts for t in getattr(p, name)]
-
-        return cls(
-            logp_rollout=torch.cat(rollout_values),
-            logp_train=torch.cat(train_values),
-            rollout_traces=traces("rollout_traces"),
-            used_traces=traces("used_traces"),
-            native_traces=traces("native_traces"),
-            totals=totals,
-            train_tokens=sum(part.tensors.num_tokens for part in parts),
-        )
-
-    def to_cpu(self) -> _StepStats:
-        return dataclasses.replace(
-            self, logp_rollout=self.logp_rollout.cpu(), logp_train=self.logp_train.cpu()
-        )
-
-    @classmethod
-    def merge(cls, ranks: list[_StepStats]) -> _StepStats:
-        """All ranks' stats, in rank order."""
-
-        def traces(name: str) -> list[RoutedExperts] | None:
-            if getattr(ranks[0], name) is None:
-                return None
-            return [t for r in ranks for t in getattr(r, name)]
-
-        return cls(
-            logp_rollout=torch.cat([r.logp_rollout for r in ranks]),
-            logp_train=torch.cat([r.logp_train for r in ranks]),
-            rollout_traces=traces("rollout_traces"),
-            used_traces=traces("used_traces"),
-            native_traces=traces("native_traces"),
-            totals=_Totals.merge([r.totals for r in ranks]),
-            train_tokens=sum(r.train_tokens for r in ranks),
-        )
-
-    def metrics(self) -> dict[str, Any]:
-        metrics: dict[str, Any] = {
-            "kl_k3": kl_k3(self.logp_rollout, self.logp_train),
-            "extreme_token_fraction": extreme_token_fraction(
-                self.logp_rollout, self.logp_train, tau=2.0
-            ),
-            **self.totals.summary(),
-        }
-        if self.rollout_traces is not None:
-            assert self.used_traces is not None
-            used = router_agreement(self.rollout_traces, self.used_traces)
-            metrics["router_agreement"] = used.overall
-            metrics["router_agreement_per_layer"] = list(used.per_layer)
-            if self.native_traces is not None:
-                native = router_agreement(self.rollout_traces, self.native_traces)
-                metrics["router_agreement_native"] = native.overall
-                metrics["router_agreement_native_per_layer"] = list(native.per_layer)
-        return metrics
-
-
-class _Totals:
-    """Loss statistics of a step.
-
-    Each micro-batch's loss is already normalized by its minibatch's totals, so losses are
-    summed within a minibatch and averaged over minibatches; the ratio statistics are means
-    over units (tokens, or sequences for GSPO), weighted by each micro-batch's units.
-    """
-
-    _LOSSES = ("loss", "policy_loss", "kl_ref")
-
-    def __init__(self) -> None:
-        self.units = 0.0
-        self.weighted: dict[str, float] = {}
-        self.minibatch: dict[str, float] = {}
-        self.losses: dict[str, list[float]] = {}
-        self.grad_norms: list[float] = []
-
-    def add(self, terms: LossTerms, *, units: float) -> None:
-        losses = {
-            "loss": float(terms.loss.detach()),
-            "policy_loss": terms.policy_loss,
-            "kl_ref": terms.kl_ref,
-        }
-        for name, value in losses.items():
-            if value is not None:
-                self.minibatch[name] = self.minibatch.get(name, 0.0) + value
-        self.units += units
-        ratios = {
-            "clip_fraction": terms.clip_fraction,
-            "ratio_mean": terms.ratio_mean,
-            "tis_weight_mean": terms.tis_weight_mean,
-            "tis_truncated_fraction": terms.tis_truncated_fraction,
-        }
-        for name, value in ratios.items():
-            if value is not None:
-                self.weighted[name] = self.weighted.get(name, 0.0) + units * value
-
-    def end_minibatch(self, grad_norm: float) -> None:
-        for name, value in self.minibatch.items():
-            self.losses.setdefault(name, []).append(value)
-        self.minibatch = {}
-        self.grad_norms.append(grad_norm)
-
-    @classmethod
-    def merge(cls, ranks: list[_Totals]) -> _Totals:
-        """All ranks' statistics: each rank's losses are parts of its minibatches' losses
-        (normalised by the whole minibatch), so they add up; the gradient norm is global."""
-        merged = cls()
-        for totals in ranks:
-            merged.units += totals.units
-            for name, value in totals.weighted.items():
-                merged.weighted[name] = merged.weighted.get(name, 0.0) + value
-            for name, values in totals.losses.items():
-                have = merged.losses.setdefault(name, [0.0] * len(values))
-                merged.losses[name] = [a + b for a, b in zip(have, values, strict=True)]
-        merged.grad_norms = list(ranks[0].grad_norms)
-        return merged
-
-    def summary(self) -> dict[str, float]:
-        out = {name: float(np.mean(values)) for name, values in self.losses.items()}
-        out.update({name: total / self.units for name, total in self.weighted.items()})
-        out["grad_norm"] = float(np.mean(self.grad_norms))
-        return out
 
 
 def _pad_token_id(config: Any) -> int:

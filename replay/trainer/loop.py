@@ -2,11 +2,13 @@
 
 A step::
 
-    prompts (prompts_per_step problems x group_size) -> rollout workers generate (with routing)
-    -> [workers sleep] -> rewards (the task) -> group-relative advantages -> trainer worker:
-    update under the routing mode (none | r3 | r2) -> weight sync trainer -> rollout workers
-    (object store or CUDA IPC) -> [workers wake up] -> one metrics record (JSONL, TensorBoard,
-    progress bar) -> checkpoint every N steps
+    prompts (prompts_per_step problems of the task x group_size) -> rollout workers generate
+    (with routing) -> [workers sleep] -> rewards (the task) -> group-relative advantages ->
+    trainer worker: update under the routing mode (none | r3 | r2) -> weight sync trainer ->
+    rollout workers (object store or CUDA IPC) -> [workers wake up] -> one metrics record
+    (JSONL, TensorBoard, progress bar) -> checkpoint every N steps
+
+The task is the one ``task.name`` names (``replay.trainer.task_registry``; default: addition).
 
 The bracketed stages run with ``rollout.release_kv_while_training`` (a trainer sharing the
 rollout GPU): the engines release their KV cache and CUDA graphs while the trainer updates,
@@ -47,30 +49,19 @@ from replay.trainer.checkpoint import (
     save_driver_state,
     staging_dir,
 )
-from replay.trainer.config import TrainConfig, config_to_dict
+from replay.trainer.config import GRPOConfig, RolloutConfig, TrainConfig, config_to_dict
 from replay.trainer.grpo import group_advantages
 from replay.trainer.learner import Learner
 from replay.trainer.metrics_log import MetricsLog
 from replay.trainer.placement import Placement, plan_from_config
-from replay.trainer.tasks import AdditionModelSpec, AdditionTask, make_addition_model
+from replay.trainer.task_registry import Task, TaskProblem, make_task
+from replay.trainer.tasks import TINY_ADDITION_SPEC, make_addition_model
 from replay.trainer.trainer_group import TrainerGroup, start_trainer
 from replay.trainer.workers import RolloutWorkers
 
-__all__ = ["TINY_ADDITION_SPEC", "GRPOTrainer", "prepare_model", "train"]
+__all__ = ["GRPOTrainer", "prepare_model", "step_requests", "step_rewards", "train"]
 
 logger = logging.getLogger(__name__)
-
-# The model ``model_init: random_addition`` writes: small enough for CPU smoke runs.
-TINY_ADDITION_SPEC = AdditionModelSpec(
-    num_layers=2,
-    num_experts=8,
-    top_k=2,
-    hidden_size=64,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    moe_intermediate_size=32,
-)
 
 
 def prepare_model(config: TrainConfig) -> Path:
@@ -107,6 +98,66 @@ def train(config: TrainConfig) -> list[dict[str, Any]]:
         trainer.shutdown()
 
 
+def step_requests(
+    task: Task,
+    grpo: GRPOConfig,
+    rollout_config: RolloutConfig,
+    *,
+    seed: int,
+    step: int,
+    rng: np.random.Generator,
+) -> tuple[list[TaskProblem], list[rollout.SamplingParams]]:
+    """The requests of one step: ``grpo.prompts_per_step`` problems drawn from ``task`` with
+    ``rng``, each ``grpo.group_size`` times in a row, and their sampling (one seed per request
+    derived from ``(seed, step, index)``).
+
+    Raises:
+        ValueError: the task drew another number of problems than asked.
+    """
+    problems = list(task.sample(grpo.prompts_per_step, rng))
+    if len(problems) != grpo.prompts_per_step:
+        raise ValueError(
+            f"task.sample: expected {grpo.prompts_per_step} problems (grpo.prompts_per_step), "
+            f"got {len(problems)}"
+        )
+    per_answer = [p for p in problems for _ in range(grpo.group_size)]
+    seeds = np.random.SeedSequence([seed, step]).generate_state(len(per_answer))
+    sampling = [
+        rollout.SamplingParams(
+            max_tokens=rollout_config.max_tokens,
+            temperature=1.0,
+            seed=int(s),
+            return_routed_experts=rollout_config.capture_routing,
+        )
+        for s in seeds
+    ]
+    return per_answer, sampling
+
+
+def step_rewards(
+    task: Task,
+    grpo: GRPOConfig,
+    problems: list[TaskProblem],
+    texts: list[str],
+    finished: list[bool],
+) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rewards of one step's answers (``texts[i]`` answers ``problems[i]``, as
+    ``step_requests`` laid them out) by ``task``, and their group-relative advantages.
+
+    Raises:
+        ValueError: the task gave another number of rewards than answers.
+    """
+    rewards = np.asarray(task.rewards(problems, texts, finished), dtype=np.float32)
+    if rewards.shape != (len(texts),):
+        raise ValueError(
+            f"task.rewards: expected shape ({len(texts)},) (one per answer), got {rewards.shape}"
+        )
+    advantages = group_advantages(
+        torch.from_numpy(rewards), grpo.group_size, normalize_std=grpo.normalize_std
+    )
+    return rewards, advantages.numpy()
+
+
 class GRPOTrainer:
     """Owns the actors and the run folder of one GRPO run (see the module docstring).
 
@@ -125,11 +176,7 @@ class GRPOTrainer:
         base = prepare_model(config)
         resume_from = latest_checkpoint(self.out_dir) if config.log.resume else None
         start_model = base if resume_from is None else Learner.policy_dir(resume_from)
-        self.task = AdditionTask(
-            min_digits=config.task.min_digits,
-            max_digits=config.task.max_digits,
-            partial_credit=config.task.partial_credit,
-        )
+        self.task = make_task(config.task)
         self.rng = np.random.default_rng(config.seed)
         self.step = 0
         self.placement = Placement.reserve(
@@ -224,18 +271,9 @@ class GRPOTrainer:
         """Rollout, update and weight sync of one step; returns its record."""
         config, grpo = self.config, self.config.grpo
         start = time.perf_counter()
-        problems = self.task.sample(grpo.prompts_per_step, self.rng)
-        per_answer = [p for p in problems for _ in range(grpo.group_size)]
-        seeds = np.random.SeedSequence([config.seed, self.step]).generate_state(len(per_answer))
-        sampling = [
-            rollout.SamplingParams(
-                max_tokens=config.rollout.max_tokens,
-                temperature=1.0,
-                seed=int(seed),
-                return_routed_experts=config.rollout.capture_routing,
-            )
-            for seed in seeds
-        ]
+        per_answer, sampling = step_requests(
+            self.task, grpo, config.rollout, seed=config.seed, step=self.step, rng=self.rng
+        )
         # The routing stays in the object store until the trainer reads it on its node.
         result = self.workers.rollout([p.prompt for p in per_answer], sampling)
         batch = result.batch
@@ -248,11 +286,8 @@ class GRPOTrainer:
         # The checkpoint has a tokenizer (checked at start), so the engine decoded every answer.
         texts = [text for text in batch.texts if text is not None]
         assert len(texts) == len(batch), "an answer came back without text"
-        rewards = self.task.rewards(per_answer, texts, batch.finished)
-        advantages = group_advantages(
-            torch.from_numpy(rewards), grpo.group_size, normalize_std=grpo.normalize_std
-        )
-        metrics = self.trainer.step(batch, advantages.numpy(), result.routing)
+        rewards, advantages = step_rewards(self.task, grpo, per_answer, texts, batch.finished)
+        metrics = self.trainer.step(batch, advantages, result.routing)
         train_done = time.perf_counter()
 
         self.trainer.push_weights(self.workers)

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import tokenizers
 
-from replay.trainer.tasks import Problem, char_tokenizer
+from replay.trainer.task_registry import make_task
+from replay.trainer.tasks import TINY_ADDITION_SPEC, char_tokenizer
 from rollout.hub import is_hub_id, resolve_model
 from rollout.loader import load_hf_config, load_tokenizer
 
@@ -60,9 +61,6 @@ def check_against_model(config: TrainConfig) -> None:
                 f"text), got none"
             )
     elif config.model_init == "random_addition":
-        # Imported here: the loop imports this module's importer (config).
-        from replay.trainer.loop import TINY_ADDITION_SPEC
-
         max_positions = TINY_ADDITION_SPEC.max_position_embeddings
         limit_source = f"max_position_embeddings {max_positions} of the random addition model"
         tokenizer = char_tokenizer()
@@ -89,15 +87,13 @@ def _check_lengths(
         if rollout.max_model_len is None
         else (rollout.max_model_len, "rollout.max_model_len")
     )
-    largest = 10**config.task.max_digits - 1
-    prompt = Problem(a=largest, b=largest).prompt
+    prompt, bound = make_task(config.task).longest_prompt()
     prompt_tokens = len(tokenizer.encode(prompt).ids)
     if prompt_tokens + rollout.max_tokens > context:
         raise ValueError(
             f"rollout.max_tokens: expected <= {context - prompt_tokens} (context length "
             f"{context} ({context_source}) - the task's longest prompt {prompt!r} of "
-            f"{prompt_tokens} tokens with task.max_digits {config.task.max_digits}), got "
-            f"{rollout.max_tokens}"
+            f"{prompt_tokens} tokens with task.{bound}), got {rollout.max_tokens}"
         )
     if rollout.kv_cache_blocks is not None:
         needed = -(-(prompt_tokens + rollout.max_tokens - 1) // rollout.block_size)

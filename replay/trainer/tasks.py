@@ -9,7 +9,8 @@ The tokenizer (``char_tokenizer``) has one token per character: ``<eos>`` (id 0)
 the ten digits, ``+`` and ``=``; saved as ``tokenizer.json`` next to the model so the rollout
 engine decodes with it. ``build_addition_model`` makes a random Qwen3-MoE of this vocabulary
 (the starting point of ``examples/sft_addition.py``) and ``make_addition_model`` saves one
-(smoke tests).
+(smoke tests; ``TINY_ADDITION_SPEC`` is the model ``model_init: random_addition`` writes).
+The task is the entry ``addition`` of ``replay.trainer.task_registry.TASKS``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 
 __all__ = [
     "EOS_TOKEN",
+    "TINY_ADDITION_SPEC",
     "AdditionModelSpec",
     "AdditionTask",
     "Problem",
@@ -111,6 +113,11 @@ class AdditionTask:
             return 0.0
         matches = sum(a == b for a, b in zip(completion, answer, strict=False))
         return self.partial_credit * matches / max(len(answer), len(completion))
+
+    def longest_prompt(self) -> tuple[str, str]:
+        """The longest prompt (both operands of ``max_digits`` nines) and its bound."""
+        largest = 10**self.max_digits - 1
+        return Problem(a=largest, b=largest).prompt, f"max_digits {self.max_digits}"
 
     def rewards(
         self, problems: Sequence[Problem], completions: Sequence[str], finished: Sequence[bool]
@@ -205,6 +212,19 @@ class AdditionModelSpec:
             pad_token_id=None,
             eos_token_id=char_tokenizer().token_to_id(EOS_TOKEN),
         )
+
+
+# The model ``model_init: random_addition`` writes: small enough for CPU smoke runs.
+TINY_ADDITION_SPEC = AdditionModelSpec(
+    num_layers=2,
+    num_experts=8,
+    top_k=2,
+    hidden_size=64,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    moe_intermediate_size=32,
+)
 
 
 def build_addition_model(

@@ -18,30 +18,26 @@ object of its own, which the driver passes on to the trainer unread
 (``replay.trainer.routing_transfer``). A worker that dies fails the call with
 ``WorkerDiedError`` naming it, and the group refuses further work.
 
-Weight sync goes through Ray's object store: the trainer's (or the user's) named tensors are
-put there once, as CPU tensors, and every rollout worker reads them from it and copies them
-into its engine with ``LLM.update_weights`` (HF parameter names). A worker checks that the
-tensors wrote every parameter of its engine, so a partial sync never goes unnoticed. With
-``trainer.weight_sync: cuda_ipc`` (workers on the trainer's GPU) the trainer sends CUDA IPC
-handles of its GPU tensors instead (``replay.trainer.weight_sync``). A sync is two-phase, so
-that a worker lost on the way leaves nothing half-applied: every worker first receives the
-weights (``stage_weights``: the transfer, where a lost worker or object shows); only once
-every worker has acknowledged do they copy them into their engines (``commit_weights``) and
-the group's ``weights_version`` advances. A failure while receiving leaves every engine on the
-previous version (the others drop what they received); a failure while applying (a worker
-dying mid-copy, or tensors that do not cover the engine) leaves engines that may differ, so
-the group refuses any further call: restart from the last checkpoint.
+Weight sync goes through Ray's object store: the trainer's (or the user's) named tensors are put
+there once, as CPU tensors, and every rollout worker copies them into its engine with
+``LLM.update_weights`` (HF parameter names), checking that they wrote every parameter of its
+engine. With ``trainer.weight_sync: cuda_ipc`` (workers on the trainer's GPU) the trainer sends
+CUDA IPC handles of its GPU tensors instead (``replay.trainer.weight_sync``). A sync is
+two-phase, so that a worker lost on the way leaves nothing half-applied: every worker first
+receives the weights (``stage_weights``: the transfer, where a lost worker or object shows);
+only once every worker has acknowledged do they copy them into their engines
+(``commit_weights``) and the group's ``weights_version`` advances. A failure while receiving
+leaves every engine on the previous version (the others drop what they received); a failure
+while applying (a worker dying mid-copy, or tensors that do not cover the engine) leaves engines
+that may differ, so the group refuses any further call: restart from the last checkpoint.
 
-One GPU shared by the trainer and a rollout worker: give each a fraction of it
-(``num_gpus_per_worker: 0.5``, ``trainer.num_gpus: 0.5``). With
-``rollout.release_kv_while_training`` the loop puts the workers to sleep after each rollout
-(``RolloutWorkers.sleep`` -> ``rollout.LLM.sleep``: KV cache, CUDA graphs and attention
-workspaces go back to the device), pushes the new weights into the sleeping engines and wakes
-them (same KV cache size, graphs captured again) before the next rollout. The engine's weights
-stay resident, and its KV cache is sized once, when the engine starts: fix it with
-``kv_cache_blocks`` (or a lower ``gpu_memory_utilization``) so that it fits beside the
-trainer's memory at rest (weights, optimizer state); the trainer's activations then use the
-memory the cache gives back during the update.
+One GPU shared by the trainer and a rollout worker: give each a fraction of it (``0.5``
+each). With ``rollout.release_kv_while_training`` the loop puts the workers to sleep after each
+rollout (``rollout.LLM.sleep``: KV cache, CUDA graphs and attention workspaces go back to the
+device), pushes the new weights into the sleeping engines and wakes them before the next
+rollout. The weights stay resident and the KV cache is sized once, at start: fix it with
+``kv_cache_blocks`` (or a lower ``gpu_memory_utilization``) to fit beside the trainer's memory
+at rest (weights, optimizer state); the trainer's activations use what the cache gives back.
 """
 
 from __future__ import annotations

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from replay.trainer.config import RolloutConfig, load_config
-from replay.trainer.loop import TINY_ADDITION_SPEC
-from replay.trainer.tasks import AdditionModelSpec, char_tokenizer
+from replay.trainer.tasks import TINY_ADDITION_SPEC, AdditionModelSpec, char_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
 CPU = [

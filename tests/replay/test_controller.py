@@ -24,7 +24,7 @@ from tiny_moe import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import replay.controller
+import replay.contexts
 from replay.controller import Mode
 from replay.patch import patch
 from replay.routed_experts import RoutedExperts
@@ -214,7 +214,7 @@ def test_replay_through_the_triton_kernel(
         launches.append(1)
         return replay_topk_triton(*args, **kwargs)
 
-    monkeypatch.setattr(replay.controller, "replay_topk", triton_topk)
+    monkeypatch.setattr(replay.contexts, "replay_topk", triton_topk)
     check_gradients_against_reference(family, str(triton_device), rng)
     assert len(launches) == len(EXPECTED[family][0])
 
@@ -251,7 +251,7 @@ def test_traces_without_valid_rows_leave_the_router_output_alone(
     model = tiny_moe("qwen3_moe")
     ctl = patch(model)
     calls = []
-    monkeypatch.setattr(replay.controller, "replay_topk", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(replay.contexts, "replay_topk", lambda *a, **k: calls.append(a))
     x = tokens(rng, 2, 5)
     traces = random_traces(rng, [5, 5], EXPECTED["qwen3_moe"][0])
     invalid = [
@@ -480,7 +480,7 @@ def test_traces_of_different_lengths_need_a_layout(rng: torch.Generator) -> None
             "layer_count",
             r"traces\[1\]\.moe_layers: expected the model's 2 MoE layers .*got 3",
         ),
-        ("moe_layers", r"traces\[1\]\.moe_layers: .*got 2 layers \[0, 2\]"),
+        ("moe_layers", r"traces\[1\]\.moe_layers: .*got 2 layers \[1, 2\]"),
         ("top_k", r"traces\[1\]\.top_k: expected 2 \(the model's\), got 3"),
         ("num_experts", r"traces\[1\]\.num_experts: expected 8 \(the model's\), got 9"),
         (
@@ -497,10 +497,10 @@ def test_traces_of_different_lengths_need_a_layout(rng: torch.Generator) -> None
 def test_bad_traces_raise(change: str, match: str, rng: torch.Generator) -> None:
     model = tiny_moe("qwen3_moe")
     ctl = patch(model)
-    good = random_traces(rng, [6], (1, 2))[0]
-    rows, layers, top_k, experts = 5, (1, 2), TOP_K, NUM_EXPERTS
+    good = random_traces(rng, [6], EXPECTED["qwen3_moe"][0])[0]
+    rows, layers, top_k, experts = 5, EXPECTED["qwen3_moe"][0], TOP_K, NUM_EXPERTS
     rows = {"too_few_rows": 4, "too_many_rows": 6}.get(change, rows)
-    layers = {"layer_count": (0, 1, 2), "moe_layers": (0, 2)}.get(change, layers)
+    layers = {"layer_count": (0, 1, 2), "moe_layers": (1, 2)}.get(change, layers)
     top_k = 3 if change == "top_k" else top_k
     experts = 9 if change == "num_experts" else experts
     ids = torch.rand(rows, len(layers), experts, generator=rng).argsort(-1)[..., :top_k]
@@ -515,7 +515,7 @@ def test_bad_traces_raise(change: str, match: str, rng: torch.Generator) -> None
 def test_a_layer_that_did_not_consume_its_trace_raises(rng: torch.Generator) -> None:
     model = tiny_moe("qwen3_moe")
     ctl = patch(model)
-    traces = random_traces(rng, [5], (1, 2))
+    traces = random_traces(rng, [5], EXPECTED["qwen3_moe"][0])
     model.config.num_hidden_layers = 2  # the forward now skips decoder layer 2
     not_consumed = r"layer 2 \(model\.layers\.2\.mlp\) 0 times in forward 0"
     with pytest.raises(RuntimeError, match=not_consumed), ctl.replay(traces):
@@ -532,7 +532,7 @@ def test_a_layer_that_did_not_consume_its_trace_raises(rng: torch.Generator) -> 
 def test_consumption_check_counts_every_forward(rng: torch.Generator) -> None:
     model = tiny_moe("qwen3_moe")
     ctl = patch(model)
-    traces = random_traces(rng, [5], (1, 2))
+    traces = random_traces(rng, [5], EXPECTED["qwen3_moe"][0])
     x = tokens(rng, 1, 5)
     with ctl.replay(traces):
         first = model(x).logits

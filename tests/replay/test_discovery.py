@@ -42,7 +42,7 @@ def test_unnormalized_sigmoid_routing_is_rejected() -> None:
 
 def test_a_wrong_explicit_method_fails_the_probe() -> None:
     model = tiny_moe("qwen3_moe")  # RENORMALIZE_NAIVE
-    wrong = r"model\.layers\.1\.mlp\.gate .*DEFAULT .*does not reproduce"
+    wrong = r"model\.layers\.0\.mlp\.gate .*DEFAULT .*does not reproduce"  # its first MoE layer
     with pytest.raises(ValueError, match=wrong):
         discover(model, routing=RoutingSpec(method="default"))
     assert discover(model, routing=RoutingSpec(method="renormalize")).routing.method is (

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tiny_moe import FAMILIES, NUM_EXPERTS, TOP_K, VOCAB, experts_modules, tiny_moe
+from tiny_moe import EXPECTED, FAMILIES, NUM_EXPERTS, TOP_K, VOCAB, experts_modules, tiny_moe
 
 from replay.grouped_experts import (
     _use_grouped_mm,
@@ -96,13 +96,13 @@ def test_use_grouped_experts_keeps_model_outputs_and_replay(
     model = tiny_moe(family)
     grouped = copy.deepcopy(model)
     names = use_grouped_experts(grouped, backend="loop")
-    assert names == [f"model.layers.{i}.mlp.experts" for i in (1, 2)]
+    assert names == [f"model.layers.{i}.mlp.experts" for i in EXPECTED[family][0]]
     assert "forward" not in experts_modules(model)[0].__dict__  # per instance only
     x = torch.randint(0, VOCAB, (2, 6), generator=rng)
     torch.testing.assert_close(grouped(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
 
     ids = torch.rand(2, 5, 2, NUM_EXPERTS, generator=rng).argsort(-1)[..., :TOP_K]
-    traces = [RoutedExperts(ids[b].numpy(), (1, 2), NUM_EXPERTS) for b in range(2)]
+    traces = [RoutedExperts(ids[b].numpy(), EXPECTED[family][0], NUM_EXPERTS) for b in range(2)]
     logits = []
     for m in (model, grouped):
         with patch(m).replay(traces):

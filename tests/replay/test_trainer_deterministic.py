@@ -23,8 +23,7 @@ from replay.trainer.batch import Batch
 from replay.trainer.config import GRPOConfig, RolloutConfig, TrainConfig, TrainerConfig
 from replay.trainer.grpo import group_advantages
 from replay.trainer.learner import Learner
-from replay.trainer.loop import TINY_ADDITION_SPEC
-from replay.trainer.tasks import AdditionTask, make_addition_model
+from replay.trainer.tasks import TINY_ADDITION_SPEC, AdditionTask, make_addition_model
 from replay.trainer.workers import RolloutWorker
 
 GRPO = GRPOConfig(prompts_per_step=4, group_size=4)

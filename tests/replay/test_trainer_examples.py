@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -120,8 +121,62 @@ def test_experiment_deterministic_modes_reproduce_the_rollout(tmp_path: Path) ->
     assert modes["r3-deterministic"]["router_agreement_mean"] == 1.0
 
 
+# Runs examples/custom_loop.py (argv[1]) up to its shutdown, then checks what its loop is for on
+# one more rollout: the experts received the rollout's ids under replay, the weights changed,
+# and the engine generates with the trained ones (its logprobs, read back with every token's
+# experts replayed, are the trained model's, not the initial one's). Prints them as JSON.
+CUSTOM_LOOP_CHECK = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+
+    source = Path(sys.argv[1]).read_text()
+    loop, tail = source.rsplit("workers.shutdown()\\n", 1)
+    assert tail == "ray.shutdown()\\n", tail
+    exec(compile(loop, sys.argv[1], "exec"))
+
+    from replay.expert_tap import ExpertsTap
+    from replay.layout import BatchLayout
+
+    def logprobs(policy, controller, t):
+        with torch.no_grad(), controller.replay(batch.traces, attention_mask=t.attention_mask_BS):
+            logits = policy(t.input_ids_BS, attention_mask=t.attention_mask_BS).logits
+        return token_logprobs(logits, t.input_ids_BS)
+
+    def engine_gap(logp_BS, t):
+        return float((t.rollout_logp_BS - logp_BS)[t.answer_mask_BS].abs().max())
+
+    initial = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    start = dict(initial.named_parameters())
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, start[n])]
+    batch = workers.generate(["The answer is"] * 8, sampling)
+    t = batch.to_tensors()
+    with ExpertsTap(ctl) as tap:
+        trained = logprobs(model, ctl, t)
+    used = tap.traces(BatchLayout.from_attention_mask(t.attention_mask_BS))
+    print(json.dumps({
+        "router_agreement": replay.router_agreement(batch.traces, used).overall,
+        "changed": changed,
+        "parameters": list(start),
+        "engine_vs_trained": engine_gap(trained, t),
+        "engine_vs_initial": engine_gap(logprobs(initial, replay.patch(initial), t), t),
+        "weights_versions": workers.weights_versions(),
+    }))
+    workers.shutdown()
+    ray.shutdown()
+    """
+)
+
+
 @pytest.mark.slow
-def test_custom_loop(tmp_path: Path) -> None:
-    stdout = run([str(ROOT / "examples" / "custom_loop.py")], tmp_path)
+def test_custom_loop_replays_trains_and_syncs_the_engine(tmp_path: Path) -> None:
+    stdout = run(["-c", CUSTOM_LOOP_CHECK, str(ROOT / "examples" / "custom_loop.py")], tmp_path)
     lines = [line for line in stdout.splitlines() if line.startswith("step ")]
     assert [line.split(":")[0] for line in lines] == ["step 0", "step 1", "step 2"]
+    check = json.loads(stdout.strip().splitlines()[-1])
+    assert check["router_agreement"] == 1.0
+    routers = [n for n in check["parameters"] if n.endswith(".mlp.gate.weight")]
+    assert routers and set(routers) <= set(check["changed"])  # the routers learn under replay
+    assert "lm_head.weight" in check["changed"]
+    assert check["weights_versions"] == [3]
+    assert check["engine_vs_trained"] < 1e-4 < check["engine_vs_initial"]

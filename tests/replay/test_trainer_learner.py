@@ -264,6 +264,13 @@ def test_modes_with_minibatches_update_the_policy(
         assert metrics["router_agreement"] == 1.0
 
 
+def test_unknown_routing_mode_raises_naming_the_modes(checkpoint: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"routing: expected one of \['none', 'r3', 'r2'\], got 'r4'"
+    ):
+        learner(checkpoint, "r4")
+
+
 def test_uneven_minibatches_cover_every_answer_once(checkpoint: Path, rng: torch.Generator) -> None:
     prompts, answers = random_sequences(rng, 7)
     batch = make_batch(load(checkpoint), prompts, answers, None)

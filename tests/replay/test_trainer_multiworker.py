@@ -29,14 +29,13 @@ import torch
 
 import rollout
 from replay.trainer.batch import Batch
-from replay.trainer.loop import TINY_ADDITION_SPEC
 from replay.trainer.routing_transfer import (
     NodeReaderSpecs,
     attach_routing,
     open_routing_readers,
     split_routing,
 )
-from replay.trainer.tasks import make_addition_model
+from replay.trainer.tasks import TINY_ADDITION_SPEC, make_addition_model
 from replay.trainer.workers import RolloutWorkers, WorkerDiedError
 from rollout.capture import RoutingStore
 from rollout.shm import new_instance_id, segment_name

@@ -17,6 +17,7 @@ import shutil
 
 import pytest
 import torch
+from paged_batch import PagedBatchBuilder
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -25,7 +26,7 @@ from rollout.layers.attention import TorchAttentionBackend, allocate_kv_cache
 from rollout.layers.moe import MoEParallelConfig, Router
 from rollout.loader import eos_token_ids, load_checkpoint, load_hf_config, resolve_dtype
 from rollout.models.registry import MODEL_CLASSES
-from rollout.testing import FAMILIES, PagedBatchBuilder, make_tiny_moe
+from rollout.testing import FAMILIES, make_tiny_moe
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from paged_batch import PagedBatchBuilder
 from transformers import AutoModelForCausalLM
 
 from rollout.layers.attention import (
@@ -37,7 +38,7 @@ from rollout.layers.moe import (
 )
 from rollout.loader import load_checkpoint, load_hf_config
 from rollout.models.registry import MODEL_CLASSES, model_class
-from rollout.testing import FAMILIES, PagedBatchBuilder, make_tiny_moe
+from rollout.testing import FAMILIES, make_tiny_moe
 from routing_kernels.routing_method import RoutingMethod
 
 BLOCK_SIZE = 4

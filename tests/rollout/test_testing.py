@@ -1,15 +1,16 @@
-"""The tiny-model factory and the paged batch builder of ``rollout.testing``."""
+"""The tiny-model factory of ``rollout.testing`` and the tests' paged batch builder."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from paged_batch import PagedBatchBuilder
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rollout.layers.attention import AttentionSpec, TorchAttentionBackend
 from rollout.loader import load_tokenizer
-from rollout.testing import EOS_TOKEN, FAMILIES, PagedBatchBuilder, make_tiny_moe
+from rollout.testing import EOS_TOKEN, FAMILIES, make_tiny_moe
 
 # Families whose HF model supports dense layers, and where the tiny model has them.
 DENSE_LAYERS = {"qwen3_moe": [1], "qwen2_moe": [0], "glm4_moe": [0], "mixtral": [], "olmoe": []}
