@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from rollout import shm
+from rollout.capture import shm
 
 __all__ = ["ReaderSpec", "RoutedExpertsReader", "gather_rows", "id_dtype_name"]
 

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from rollout import shm
+from rollout.capture import shm
 from rollout.capture.capturer import RoutedExpertsCapturer
 from rollout.capture.reader import ReaderSpec, gather_rows, id_dtype_name
 
@@ -54,20 +54,20 @@ class RoutingStore:
     """The engine's routing store for one DP rank (the owner of its shared-memory segment).
 
     Args:
-        name: segment name (``rollout.shm.segment_name(instance_id, dp_rank)``).
+        name: segment name (``rollout.capture.shm.segment_name(instance_id, dp_rank)``).
         num_kv_slots: KV slots of the engine (num_kv_blocks * block_size), >= 1.
         num_moe_layers, top_k: the capture buffer's L and K, >= 1.
         max_num_tokens: the capture buffer's rows (the most tokens a step feeds), >= 1.
         device: the capture buffer's device; CUDA uses pinned staging and a side stream.
         dtype: the capture buffer's id dtype (torch.uint8, int16 or int32; None means int16,
             as for ``RoutedExpertsCapturer``).
-        lock_path: the lock file of ``rollout.shm.create``; None means
-            ``rollout.shm.default_lock_path()``.
+        lock_path: the lock file of ``rollout.capture.shm.create``; None means
+            ``rollout.capture.shm.default_lock_path()``.
 
     The segment is created zero-filled (rows of slots this store never wrote are zeros), after
     the segments of dead owners are reclaimed, and unlinked by ``close()``, a ``with`` block,
     garbage collection or interpreter exit in this process (not in a forked child), or by the
-    SIGTERM clean-up (``rollout.shm``).
+    SIGTERM clean-up (``rollout.capture.shm``).
 
     Raises:
         FileExistsError: a live store (in this process or another) owns the segment ``name``.

@@ -3,7 +3,7 @@
 
 Mode ``"replicas"``: every rank is a spawned process running its own ``LLMEngine`` (its own
 KV cache and prefix cache; with ``capture_routing`` its own capture buffer and shared-memory
-segment ``rollout.shm.segment_name(instance_id, rank)``), joined in a ``torch.distributed``
+segment ``rollout.capture.shm.segment_name(instance_id, rank)``), joined in a ``torch.distributed``
 group (gloo on CPU, NCCL on CUDA, one GPU per rank). Each rank routes its own tokens (the local
 case of DESIGN.md "Data parallelism and capture"), so a request's rows are exactly those a
 single-rank engine computes for it.
@@ -79,7 +79,7 @@ from typing import Any, NoReturn
 import torch
 from tqdm.auto import tqdm
 
-from rollout import shm
+from rollout.capture import shm
 from rollout.capture import ReaderSpec
 from rollout.config import EngineConfig
 from rollout.engine.data_parallel_rank import BadRequest, RankInfo, rank_main

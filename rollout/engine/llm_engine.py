@@ -66,7 +66,7 @@ from typing import NamedTuple
 
 import torch
 
-from rollout import shm
+from rollout.capture import shm
 from rollout.capture import ReaderSpec
 from rollout.config import EngineConfig, EngineState, check_int
 from rollout.engine.model_runner import ModelRunner
@@ -142,7 +142,7 @@ class LLMEngine:
     Args:
         config: the engine settings (``rollout.LLM``'s keyword arguments).
         instance_id: names this engine's shared-memory segments
-            (``rollout.shm.segment_name(instance_id, dp_rank)``); None draws a fresh one.
+            (``rollout.capture.shm.segment_name(instance_id, dp_rank)``); None draws a fresh one.
         dp_rank: this engine's data-parallel rank (its capturer's slice of a DP batch); with
             ``config.dp_attention`` also its rank in the default process group, which must be
             initialized with ``data_parallel_size`` ranks that build their engines at the same

@@ -27,7 +27,7 @@ CHILDREN = {
 SCRIPT = """
 import gc, os, signal, sys, time
 import numpy as np, torch
-from rollout import shm
+from rollout.capture import shm
 from rollout.capture import RoutedExpertsReader, RoutingStore
 
 GEN = torch.Generator().manual_seed(SEED)

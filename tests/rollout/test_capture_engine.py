@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 
 from rollout import LLM, RequestOutput, RoutingSpec, SamplingParams
 from rollout.capture import ReaderSpec, RoutedExpertsReader
-from rollout.shm import SEGMENT_PREFIX, segment_name
+from rollout.capture.shm import SEGMENT_PREFIX, segment_name
 from rollout.testing import FAMILIES, flashinfer_overrides, make_tiny_moe
 from routing_kernels import RoutingMethod
 

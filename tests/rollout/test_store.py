@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from rollout import shm
+from rollout.capture import shm
 from rollout.capture import (
     ReaderSpec,
     RoutedExpertsCapturer,
