@@ -1,57 +1,96 @@
-"""Routed-expert capture inside the engine: the device buffer, the shared-memory store and each
-request's rows (DESIGN.md conventions: a sequence of N tokens has rows 0 .. N-2, MoE layers
-only, compact id dtype).
+"""The engine's one handle on routed-expert capture: the interface ``RoutingCapture``, the
+recorder behind it (``RoutingRecorder``: the capturer's device buffer and the routing store) and
+capture off (``CaptureOff``). The story, hook by hook: ``rollout.capture``.
 
-Legend: N tokens of a sequence, s its ``routed_experts_start``, T tokens of a step, L MoE
-layers, K top_k.
-
-The recorder rides along the engine step without a stage of its own:
-
-- run: each MoE layer writes the step's ids into ``buffer[:T, layer]`` inside its routing kernel
-  (the buffer is a static input of the runner and its CUDA graphs); the runner's
-  ``after_forward`` hook files the previous step's rows into the store by KV slot (its copy is
-  done once that step's forward is: by then this step is queued behind it, so the device stays
-  busy) and starts the asynchronous copy of this step's rows to the host.
-- schedule and postprocess: the scheduler's ``on_preempt`` and ``on_finish`` hooks
-  (``save_rows``) copy the rows of a sequence that asked for them out of the store into
-  ``seq.saved_routing`` before its blocks are freed, from where the previous save ended up to
-  ``seq.num_computed_tokens``. So a preempted sequence keeps the rows of the forward that first
-  consumed each token (sampling time), never those of its recompute; a finished one saves the
-  rest, positions ``[.., N - 1)``, which every step up to the finishing one has fed.
-- outputs: ``rows(seq)`` concatenates the saved blocks: rows ``s .. N-2``, [N - 1 - s, L, K].
-
-Rows are read by KV slot, so a prefix-cache hit reads the rows of the forward that computed the
-cached block. A step feeds (and so writes rows into) only slots of blocks its sequences
-allocated afresh: a cached block is shared, never recomputed (a hit never covers the last
-prompt token, which is fed into a block of the sequence's own), and a reallocated block is
-written by its new owner's forward before anything reads it.
-
-The store holds one step's copy pending, whose rows reach the store at the next step's
-``after_forward`` (or a commit). The engine runs one batch ahead (``rollout.engine.llm_engine``):
-when batch N's tokens finish a sequence, batch N+1 is launched and its copy is the pending one,
-and it holds no row the finished sequence reads (it feeds at most the finished sequence's last
-token, whose row is not returned); all of batch N's rows were filed at N+1's ``after_forward``.
-So ``save_rows`` commits only when the pending batch feeds the sequence a position below the
-end it reads, which happens when the next schedule preempts a sequence of the batch in flight:
-it then waits for that batch's copy, and the saved rows are the sampling-time rows.
+Legend: N tokens of a sequence, s its ``routed_experts_start``, L MoE layers, K top_k.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
 import numpy as np
 import torch
 
-from rollout.capture import (
-    ReaderSpec,
-    RoutedExpertsCapturer,
-    RoutingStore,
-    compact_id_dtype,
-)
-from rollout.engine.scheduler import ScheduledBatch
-from rollout.engine.sequence import Sequence
-from rollout.outputs import RoutingSpec
+from rollout.capture.capturer import RoutedExpertsCapturer, compact_id_dtype
+from rollout.capture.reader import ReaderSpec
+from rollout.capture.store import RoutingStore
 
-__all__ = ["RoutingRecorder"]
+if TYPE_CHECKING:
+    from rollout.engine.scheduler import ScheduledBatch
+    from rollout.engine.sequence import Sequence
+    from rollout.outputs import RoutingSpec
+
+__all__ = ["CaptureOff", "RoutingCapture", "RoutingRecorder"]
+
+
+class RoutingCapture(Protocol):
+    """What the engine's parts ask of capture: the runner ``capturer`` (a static input its
+    model writes through; None: none) and ``after_forward``; the scheduler ``on_preempt`` and
+    ``on_finish``; the engine the rest."""
+
+    @property
+    def capturer(self) -> RoutedExpertsCapturer | None:
+        """The device buffer's owner the MoE layers write through, or None."""
+        ...
+
+    def open_store(self, *, name: str, num_kv_slots: int) -> None:
+        """Open the store of a row per KV slot (the cache is sized once the runner exists)."""
+        ...
+
+    def after_forward(self, batch: ScheduledBatch) -> None:
+        """After a step's forward is enqueued: start moving its rows towards the store."""
+        ...
+
+    def on_preempt(self, seq: Sequence) -> None:
+        """Before a preempted sequence's blocks are freed: keep the rows it needs."""
+        ...
+
+    def on_finish(self, seq: Sequence) -> None:
+        """Before a finished sequence's blocks are freed: set ``seq.routed_experts``."""
+        ...
+
+    def commit(self) -> None:
+        """File every row on its way into the store (waits for the step that computed them)."""
+        ...
+
+    def reader_spec(self) -> ReaderSpec | None:
+        """How a reader in another process attaches to the store, or None."""
+        ...
+
+    def close(self) -> None:
+        """Release the store (idempotent)."""
+        ...
+
+
+class CaptureOff:
+    """Capture off (``capture_routing=False``): holds nothing and does nothing. The model gets
+    no capturer, so capture costs it no allocation, kernel or per-layer work."""
+
+    __slots__ = ()
+
+    capturer = None
+
+    def open_store(self, *, name: str, num_kv_slots: int) -> None:
+        pass
+
+    def after_forward(self, batch: ScheduledBatch) -> None:
+        pass
+
+    def on_preempt(self, seq: Sequence) -> None:
+        pass
+
+    def on_finish(self, seq: Sequence) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def reader_spec(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 class RoutingRecorder:
@@ -93,11 +132,6 @@ class RoutingRecorder:
         self._pending_batch: ScheduledBatch | None = None
         self._pending_starts: dict[int, int] | None = None
 
-    @property
-    def buffer(self) -> torch.Tensor:
-        """The device capture buffer the MoE layers write ([max_num_tokens, L, K])."""
-        return self.capturer.buffer
-
     def open_store(self, *, name: str, num_kv_slots: int) -> None:
         """Create the shared-memory store ``name`` with a row per KV slot."""
         assert self.store is None, f"open_store: store {self.store.name!r} is open already"
@@ -107,10 +141,9 @@ class RoutingRecorder:
         """What a ``RoutedExpertsReader`` in another process needs to attach to the store."""
         return self._store().reader_spec()
 
-    # ------------------------------------------------------------------ engine hooks
-
     def after_forward(self, batch: ScheduledBatch) -> None:
-        """The runner's hook: start copying the step's rows ``buffer[:T]`` to the store.
+        """The runner's hook: file the previous step's rows, start copying this step's rows
+        ``buffer[:T]`` to the store.
 
         ``batch`` holds the real tokens only (a CUDA-graph replay's padding rows come after
         them and are not copied).
@@ -124,18 +157,55 @@ class RoutingRecorder:
         self._store().commit()
         self._pending_batch = self._pending_starts = None
 
-    def save_rows(self, seq: Sequence) -> None:
-        """The scheduler's ``on_preempt`` and ``on_finish`` hook: copy the rows of positions
-        ``[saved end, seq.num_computed_tokens)`` into ``seq.saved_routing`` while its blocks
-        are still held. Nothing for a sequence that did not ask, or that was aborted (it
-        gets no output)."""
-        if not seq.params.return_routed_experts or seq.finish_reason == "abort":
+    def on_preempt(self, seq: Sequence) -> None:
+        """The scheduler's hook before a preemption frees the blocks: copy the rows of positions
+        ``[saved end, seq.num_computed_tokens)`` into ``seq.saved_routing``. Nothing for a
+        sequence that did not ask."""
+        if not seq.params.return_routed_experts:
             return
         start, end = _saved_end(seq), seq.num_computed_tokens
         if end > start:
-            if self._pending_rows_needed(seq, end):
-                self.commit()
-            seq.saved_routing[start] = self._store().read(seq.slots(start, end))
+            seq.saved_routing[start] = self._read(seq, start, end)
+
+    def on_finish(self, seq: Sequence) -> None:
+        """The scheduler's hook before a finish frees the blocks: ``seq.routed_experts`` =
+        the rows ``s .. N-2`` [N - 1 - s, L, K] in the compact id dtype, the blocks saved at
+        preemptions first, then the rest read from the store straight into it. Nothing for a
+        sequence that did not ask, or that was aborted (it gets no output)."""
+        if not seq.params.return_routed_experts or seq.finish_reason == "abort":
+            return
+        first, last = seq.params.routed_experts_start, len(seq) - 1
+        spec = self._store().spec
+        rows = np.empty((last - first, spec.num_moe_layers, spec.top_k), dtype=spec.dtype)
+        saved = sorted(seq.saved_routing.items())
+        position = first
+        for start, block in saved:
+            assert start == position, f"{seq}: saved routing rows start at {start}, not {position}"
+            rows[start - first : start - first + len(block)] = block
+            position += len(block)
+        end = seq.num_computed_tokens
+        if end > position:
+            self._read(seq, position, end, out=rows[position - first : end - first])
+        assert max(position, end) == last, (
+            f"{seq}: saved routing rows {[(p, len(b)) for p, b in saved]} and the cache's up to "
+            f"{end}, expected positions [{first}, {last})"
+        )
+        seq.saved_routing.clear()
+        seq.routed_experts = rows
+
+    def close(self) -> None:
+        """Unlink the store's segment (idempotent)."""
+        if self.store is not None:
+            self.store.close()
+
+    def _read(
+        self, seq: Sequence, start: int, end: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The store's rows of ``seq``'s positions ``[start, end)``, after filing the pending
+        copy when it holds some of them."""
+        if self._pending_rows_needed(seq, end):
+            self.commit()
+        return self._store().read(seq.slots(start, end), out)
 
     def _pending_rows_needed(self, seq: Sequence, end: int) -> bool:
         """Whether the pending copy holds rows of ``seq`` below position ``end``: its batch has
@@ -149,28 +219,6 @@ class RoutingRecorder:
             self._pending_starts = {entry.seq.seq_id: entry.start for entry in batch.entries}
         start = self._pending_starts.get(seq.seq_id)
         return start is not None and start < end
-
-    def rows(self, seq: Sequence) -> np.ndarray:
-        """The rows ``s .. N-2`` of a sequence that finished (stop or length): [N - 1 - s, L,
-        K] in the compact id dtype."""
-        saved = sorted(seq.saved_routing.items())
-        spec = self._store().spec
-        rows = (
-            np.concatenate([block for _, block in saved])
-            if saved
-            else np.empty((0, spec.num_moe_layers, spec.top_k), dtype=spec.dtype)
-        )
-        start = seq.params.routed_experts_start
-        assert (not saved or saved[0][0] == start) and rows.shape[0] == len(seq) - 1 - start, (
-            f"{seq}: saved routing rows {[(p, len(b)) for p, b in saved]}, expected positions "
-            f"[{start}, {len(seq) - 1})"
-        )
-        return rows
-
-    def close(self) -> None:
-        """Unlink the store's segment (idempotent)."""
-        if self.store is not None:
-            self.store.close()
 
     def _store(self) -> RoutingStore:
         assert self.store is not None, "the routing store is not open yet (open_store)"

@@ -164,6 +164,20 @@ class NaiveDispatch:
         # Rows of the padded gather [N * M] that hold real tokens; None when none is padding.
         self._rows_X: torch.Tensor | None = None
 
+    @classmethod
+    def of_rank(
+        cls, config: EngineConfig, dp_rank: int, *, num_experts: int, device: torch.device
+    ) -> NaiveDispatch | None:
+        """The dispatch of data-parallel rank ``dp_rank`` under ``dp_attention``, else None."""
+        if not config.dp_attention:
+            return None
+        return cls(
+            num_experts=num_experts,
+            rank=dp_rank,
+            world_size=config.data_parallel_size,
+            device=device,
+        )
+
     def begin_step(self, num_tokens: int) -> DPMetadata:
         """Exchange this step's token counts with the other ranks (collective; reads them on
         the host) and return them as ``DPMetadata``."""
