@@ -70,7 +70,6 @@ from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from rollout.capture.recorder import CaptureOff
 from rollout.config import EngineConfig, EngineState
 from rollout.engine.block_manager import BlockManager
 from rollout.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -201,9 +200,10 @@ class Scheduler:
             ``block_size``, ``enable_prefix_caching``).
         state: run-time values, read once here (``num_kv_blocks``, ``max_model_len``,
             ``eos_token_ids``).
-        capture: routed-expert capture (``rollout.capture.RoutingCapture``; None: off), told
-            of a sequence about to be preempted (``on_preempt``) and of one that finishes
-            (``on_finish``, ``finish_reason`` set), each time before its blocks are freed.
+        capture: routed-expert capture (``rollout.capture.RoutingCapture``, ``CaptureOff()``
+            when off), told of a sequence about to be preempted (``on_preempt``) and of one
+            that finishes (``on_finish``, ``finish_reason`` set), each before its blocks are
+            freed.
 
     Attributes:
         block_manager: the KV-block pool (prefix-cache counters, ``reset_prefix_cache``).
@@ -217,7 +217,7 @@ class Scheduler:
         config: EngineConfig,
         state: EngineState,
         *,
-        capture: RoutingCapture | None = None,
+        capture: RoutingCapture,
     ) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
@@ -229,7 +229,7 @@ class Scheduler:
             config.block_size,
             enable_prefix_caching=config.enable_prefix_caching,
         )
-        self.capture = CaptureOff() if capture is None else capture
+        self.capture = capture
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
