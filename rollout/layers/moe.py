@@ -379,7 +379,7 @@ class SparseMoeBlock(nn.Module):
                     f"dispatch: expected a NaiveDispatch for a block holding experts "
                     f"[{local.start}, {local.stop}) of {self.routing.num_experts}, got None"
                 )
-            out_TK = None if capture is None else capture.layer_view(self.moe_index, len(x_TH))
+            out_TK = None if capture is None else capture.layer_view(self.moe_index, x_TH.shape[0])
             _, weights_TK, ids_TK = self.gate(x_TH, out_TK)
             return self.experts(x_TH, ids_TK, weights_TK)
         x_XH = dispatch.gather(x_TH)

@@ -25,8 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from rollout.capture import shm
-from rollout.capture import RoutedExpertsReader, RoutingStore
+from rollout.capture import RoutedExpertsReader, RoutingStore, shm
 from rollout.capture.shm.header import Header
 
 DEV_SHM = Path("/dev/shm")
