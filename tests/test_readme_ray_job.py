@@ -137,5 +137,6 @@ def test_readme_ray_job_block_runs_as_written(tmp_path: Path) -> None:
     assert summary["metrics"] == str(out_dir / "metrics.jsonl")
     assert [r["step"] for r in read_metrics(out_dir)] == [1, 2]
     assert summary["steps_run"] == 2 and summary["router_agreement"] == 1.0
+    assert summary["kl_k3_max"] >= summary["kl_k3"] >= 0.0
     assert summary["checkpoint"] == str(out_dir / "checkpoints" / "step_000002")
     assert (Path(summary["checkpoint"]) / "policy" / "config.json").is_file()

@@ -13,7 +13,7 @@ Backends:
 
 - ``TorchAttentionBackend``: any device, no CUDA graphs. Gathers each sequence's K/V from its
   block table and computes attention in float32 per sequence. The CPU path and the reference.
-- ``FlashInferAttentionBackend``: CUDA, fp16/bf16. ``BatchPrefillWithPagedKVCacheWrapper`` for
+- ``FlashInferAttentionBackend``: CUDA, fp16/bf16, head_dim 64, 128 or 256. ``BatchPrefillWithPagedKVCacheWrapper`` for
   prefill and mixed batches, ``BatchDecodeWithPagedKVCacheWrapper`` for decode batches, and one
   CUDA-graph decode wrapper per captured batch size over shared static index buffers
   (``plan(batch, cuda_graph=True)``). K/V are written by a Triton kernel (``kv_store``).
@@ -22,6 +22,7 @@ Backends:
 from __future__ import annotations
 
 import abc
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,11 @@ __all__ = [
     "make_attention_backend",
     "paged_kv_metadata",
 ]
+
+logger = logging.getLogger(__name__)
+
+# The head sizes FlashInfer 0.7's paged decode, prefill and state-merge kernels are built for.
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -403,10 +409,20 @@ def make_attention_backend(
     cuda_graph_max_batch_size: int = 0,
     max_blocks_per_seq: int = 0,
 ) -> AttentionBackend:
-    """FlashInfer on CUDA for fp16 / bf16 when flashinfer is installed, else the torch backend
-    (CPU, float32, or no flashinfer: then no CUDA graphs either)."""
+    """FlashInfer on CUDA for fp16 / bf16 and head sizes it has kernels for, when flashinfer is
+    installed; else the torch backend (CPU, float32, another head size, or no flashinfer: then
+    no CUDA graphs either)."""
     device = torch.device(device)
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        if spec.head_dim not in FLASHINFER_HEAD_DIMS:
+            # FlashInfer's decode and merge kernels are instantiated for these sizes only; any
+            # other fails at the first decode step, deep inside the library.
+            logger.info(
+                "attention: torch backend (FlashInfer has no kernels for head_dim %d; it has %s)",
+                spec.head_dim,
+                FLASHINFER_HEAD_DIMS,
+            )
+            return TorchAttentionBackend(spec, block_size=block_size)
         try:
             return FlashInferAttentionBackend(
                 spec,

@@ -198,7 +198,7 @@ def test_cuda_a_failed_decode_step_under_cuda_graphs(cuda_qwen3, rng, error):
     """bf16, CUDA graphs: the third step that replays a graph raises where it would replay,
     with the previous batch still in flight on the device."""
     prompts, params = _requests(rng)
-    cuda = dict(ENGINE, device="cuda")
+    cuda = dict(ENGINE, device="cuda", dtype="bfloat16", kv_cache_blocks=256)
     want = LLM(cuda_qwen3, **cuda).generate(prompts, params, use_tqdm=False)
     llm = LLM(cuda_qwen3, **cuda)
     runner = llm.engine.runner

@@ -169,7 +169,7 @@ def test_cuda_nan_in_a_decode_step_raises(tmp_path, rng):
     error names that request, and the good weights then give the clean outputs again."""
     path = make_tiny_moe("qwen3_moe", tmp_path / "qwen3", **flashinfer_overrides("qwen3_moe"))
     weights = load_file(os.path.join(path, "model.safetensors"))
-    llm = LLM(path, **dict(ENGINE, device="cuda"))
+    llm = LLM(path, **dict(ENGINE, device="cuda", dtype="bfloat16", kv_cache_blocks=256))
     assert llm.engine.runner.graph_sizes
     prompts = [_prompt(rng, 6), _prompt(rng, 10), _prompt(rng, 4)]
     params = [

@@ -1,22 +1,11 @@
-"""End to end on CPU through Ray: the tiny config for 2 steps, resume, and ``ray job submit``.
+"""End to end on CPU through Ray: the tiny config for 2 steps, resume, and the routing modes.
 
-The job-submission test starts its own head node with ``ray start --head --block`` on free
-ports in a short temporary folder, submits ``examples/train_grpo.py`` with the tiny config and
-tears the cluster down by terminating that ``ray start`` process (which stops exactly the
-processes of that cluster; ``ray stop`` would stop every Ray instance on the machine).
+``ray job submit`` of the same example is tests/test_readme_ray_job.py, which runs README.md's
+own block.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,107 +96,3 @@ def test_routing_modes_report_router_agreement(local_ray: None, tmp_path: Path) 
     # Step 1 of every mode samples from the same initial policy with the same seeds.
     assert seen["none"]["reward_mean"] == seen["r3"]["reward_mean"] == seen["r2"]["reward_mean"]
     assert seen["none"]["router_agreement_native"] == seen["r3"]["router_agreement_native"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_ray_job_submit_runs_the_example(tmp_path: Path) -> None:
-    if shutil.which("ray") is None:
-        pytest.skip("the ray CLI is not on PATH")
-    # Unix socket paths must stay under ~107 characters: a short folder, not tmp_path.
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-    dashboard = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    head = subprocess.Popen(
-        [
-            "ray",
-            "start",
-            "--head",
-            "--block",
-            "--num-cpus=2",
-            "--disable-usage-stats",
-            f"--temp-dir={temp_dir}",
-            f"--port={free_port()}",
-            "--include-dashboard=true",
-            f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        wait_for_jobs_api(address, env, head)
-        out_dir = tmp_path / "job"
-        result = subprocess.run(
-            [
-                "ray",
-                "job",
-                "submit",
-                f"--address={address}",
-                "--working-dir",
-                ".",
-                "--",
-                sys.executable,
-                "examples/train_grpo.py",
-                "--config",
-                "examples/configs/tiny_cpu.yaml",
-                "--set",
-                f"model={tmp_path / 'model'}",
-                "--set",
-                f"log.out_dir={out_dir}",
-                "--set",
-                "log.progress=false",
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        summaries = [
-            json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"out_dir"')
-        ]
-        assert summaries and summaries[-1]["steps_run"] == 2 and summaries[-1]["step"] == 2
-        assert summaries[-1]["kl_k3_max"] >= summaries[-1]["kl_k3"] >= 0.0
-        assert [r["step"] for r in read_metrics(out_dir)] == [1, 2]
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def wait_for_jobs_api(address: str, env: dict, head: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            pytest.fail(f"ray start exited with {head.returncode}")
-        probe = subprocess.run(
-            ["ray", "job", "list", f"--address={address}"],
-            env=env,
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
-        if probe.returncode == 0:
-            return
-        time.sleep(1)
-    pytest.fail(f"the Ray jobs API at {address} did not come up in 90 s")

@@ -679,6 +679,7 @@ def test_cuda_graphs_capture_the_rows_of_eager_steps(cuda_qwen3, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.whole_gpu
 def test_cuda_capture_with_a_memory_sized_cache(cuda_qwen3, rng):
     """KV sizing profiles a step before the store exists (the capture buffer counts in the
     profile; the hook is not run): generation then captures rows as usual."""

@@ -375,3 +375,19 @@ def test_cuda_update_weights_keeps_graphs_valid(cuda_family, rng):
     assert [o.token_ids for o in changed] != [o.token_ids for o in before]
     for b, a in zip(before, after):
         assert a.token_ids == b.token_ids and np.array_equal(a.logprobs, b.logprobs)
+
+
+@pytest.mark.gpu
+def test_cuda_head_size_without_flashinfer_kernels(tmp_path, rng):
+    """Head size 16 (the tiny default, which FlashInfer has no kernels for) runs on the torch
+    backend instead of failing at the first decode step, and still agrees with HF."""
+    path = make_tiny_moe("qwen3_moe", tmp_path / "qwen3")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    assert hf.config.head_dim == 16
+    prompts = _prompts(hf.config.vocab_size, rng)
+    with LLM(path, **GPU_ENGINE) as llm:
+        assert llm.stats.cuda_graph_sizes == ()
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs, strict=True):
+        diff = np.abs(out.logprobs - _hf_logprobs(hf, prompt, out.token_ids))
+        assert diff.mean() < 0.05 and diff.max() < 0.5

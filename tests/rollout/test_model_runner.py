@@ -189,6 +189,7 @@ def test_cuda_graph_replay_matches_eager_step(cuda_checkpoint_path, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.whole_gpu
 def test_cuda_kv_cache_sized_from_memory(cuda_checkpoint_path):
     utilization = 0.3
     probe = _CaptureProbe()
