@@ -59,7 +59,7 @@ class LLM:
         max_model_len: longest prompt + generation; None: the model's maximum.
         block_size: tokens per KV block.
         kv_cache_blocks: fix the number of KV blocks (else sized from memory: see
-            ``rollout.engine.model_runner``).
+            ``rollout.engine.kv_cache``).
         gpu_memory_utilization: fraction of GPU memory for weights, activations and KV cache.
         enable_prefix_caching: reuse the KV of prompt prefixes seen before.
         enforce_eager: no CUDA graphs.

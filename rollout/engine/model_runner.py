@@ -1,5 +1,7 @@
-"""The model runner: the model, its paged KV cache, the attention backend, the step inputs,
-CUDA graphs for decode, and the sampler.
+"""The model runner: runs the model over scheduled batches, prepare -> run -> sample. Its
+pieces have modules of their own: the step's static inputs (``rollout.engine.step_inputs``),
+the paged KV cache, sized from a memory profile on CUDA (``rollout.engine.kv_cache``), and the
+decode CUDA graphs (``rollout.engine.cuda_graphs``).
 
 Legend: T tokens fed in a step, B sequences in it, S sampling rows, M KV blocks per sequence
 (the block-table width), H hidden size, V vocabulary.
@@ -22,179 +24,56 @@ so the engine launches a step while the previous one still runs (``rollout.engin
 - ``sample_async(logits, inputs)`` draws the tokens on the device and starts their copy to the
   host: ``SampledTokens.tolist()`` waits for it. ``sample`` does both (tests and tools).
 
-Static inputs live in one place, ``StepBuffers``: the device tensors every step (eager or
-graph) reads, so a CUDA graph captured over views of them replays whatever ``prepare`` last
-wrote. The routed-expert capturer (its buffer [max_num_batched_tokens, L, K], or None) is one
-of them.
-
-KV cache size: ``kv_cache_blocks`` when given. Otherwise on CUDA a profiling step (a prefill
-of ``max_num_batched_tokens`` tokens, then sampling ``max_num_seqs`` rows with top-k, top-p and
-seeds, the costliest path) measures the peak memory; the cache gets
-``(total * gpu_memory_utilization - peak) // bytes_per_block`` blocks, where peak counts the
-peak of torch allocations plus memory used outside torch (CUDA context, other processes).
-CUDA graphs are captured after the cache and take memory beyond that budget (a few hundred MB:
-hence the default utilisation 0.85). On CPU the cache holds ``max_num_seqs`` sequences of
-``max_model_len`` tokens, capped at ``CPU_KV_CACHE_BYTES``.
+Static inputs live in one place, ``StepBuffers``, the routed-expert capturer (its buffer
+[max_num_batched_tokens, L, K], or None) among them: a CUDA graph replays whatever ``prepare``
+last wrote there.
 
 ``data_parallel_mode="dp_attention"`` (``dispatch``, a
 ``rollout.engine.expert_parallel.NaiveDispatch`` the runner sets on the model's MoE blocks):
 every forward is collective across the ranks.
 ``prepare`` exchanges the step's token counts first (``dispatch.begin_step``), a rank without
 work calls ``run_idle`` (a forward of one padding token, outputs discarded) whenever another
-rank steps, and everything runs eager (no CUDA graphs). The memory profile runs on every rank at
-once, so its MoE layers see the tokens of all ranks, as real steps do; the model holds only the
-rank's experts (``MoEParallelConfig``), so the weights it measures are the rank's share and the
-KV cache gets the memory of the experts it does not hold.
+rank steps, and everything runs eager (no CUDA graphs).
 
 Sleep (a trainer colocated on the GPU): ``sleep()`` frees the KV cache, the CUDA graphs and the
-attention backend's workspaces and empties the CUDA caching allocator; ``wake_up()`` allocates
-a zeroed cache of the same number of blocks, a fresh backend and captures the graphs again.
+attention backend's workspaces and empties the CUDA caching allocator; ``wake_up()`` rebuilds
+them, the cache with the same number of blocks.
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from rollout.capture import CaptureOff
 from rollout.config import EngineConfig
-from rollout.engine.scheduler import ScheduledBatch, ScheduledEntry
-from rollout.engine.sequence import Sequence as EngineSequence
+from rollout.engine.cuda_graphs import MAX_CUDA_GRAPH_SIZE, DecodeGraphs, cuda_graph_sizes
+from rollout.engine.kv_cache import PROFILE_SAMPLING, KVCache, reserved_bytes, return_memory
+from rollout.engine.scheduler import ScheduledBatch
+from rollout.engine.step_inputs import StepBuffers, StepInputs
 from rollout.forward_batch import ForwardBatch
 from rollout.layers.attention import (
     AttentionBackend,
     FlashInferAttentionBackend,
-    allocate_kv_cache,
-    kv_cache_bytes_per_block,
     make_attention_backend,
 )
 from rollout.layers.invariant_attention import InvariantAttentionBackend
 from rollout.layers.moe import SparseMoeBlock
 from rollout.loader import LoadedCheckpoint
-from rollout.sampler import SampledTokens, Sampler, SamplingInputs
-from rollout.sampling_params import SamplingParams
+from rollout.sampler import SampledTokens, Sampler
 
 if TYPE_CHECKING:
     from rollout.capture import RoutedExpertsCapturer, RoutingCapture
     from rollout.engine.expert_parallel import NaiveDispatch
 
-__all__ = [
-    "CPU_KV_CACHE_BYTES",
-    "MAX_CUDA_GRAPH_SIZE",
-    "ModelRunner",
-    "StepBuffers",
-    "StepInputs",
-    "cuda_graph_sizes",
-]
+__all__ = ["ModelRunner"]
 
 logger = logging.getLogger(__name__)
-
-CPU_KV_CACHE_BYTES = 1 << 30
-MAX_CUDA_GRAPH_SIZE = 512
-
-
-def cuda_graph_sizes(max_size: int) -> list[int]:
-    """Decode batch sizes that get a CUDA graph: 1, 2, 4, then multiples of 8, then
-    ``max_size`` (a batch runs in the smallest graph that holds it)."""
-    sizes = [s for s in (1, 2, 4) if s < max_size] + list(range(8, max_size, 8))
-    return [*sizes, max_size] if max_size >= 1 else []
-
-
-class StepBuffers:
-    """Every per-step input tensor in one place: device tensors (the static inputs of the CUDA
-    graphs) and, on CUDA, the pinned host buffers they are copied from.
-
-    On a CPU device the host buffers are the device tensors (no copy).
-
-    Args:
-        sizes: name -> (number of elements, dtype) of each flat buffer.
-        device: where the model runs.
-        capturer: the routed-expert capturer (its buffer written by the model, never staged),
-            or None.
-    """
-
-    def __init__(
-        self,
-        sizes: dict[str, tuple[int, torch.dtype]],
-        device: torch.device,
-        *,
-        capturer: RoutedExpertsCapturer | None = None,
-    ) -> None:
-        self.capturer = capturer
-        pinned = device.type == "cuda"
-        self.host = {
-            name: torch.zeros(n, dtype=dtype, pin_memory=pinned)
-            for name, (n, dtype) in sizes.items()
-        }
-        self.device = (
-            {name: torch.zeros(n, dtype=dtype, device=device) for name, (n, dtype) in sizes.items()}
-            if pinned
-            else self.host
-        )
-        self._arrays = {name: tensor.numpy() for name, tensor in self.host.items()}
-
-    def stage(
-        self, name: str, values: Sequence[int] | np.ndarray, size: int, pad: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``values`` then ``pad`` up to ``size`` elements of buffer ``name``; start the
-        copy to the device; return the (host, device) views of those elements."""
-        array = self._arrays[name]
-        count = len(values)
-        array[:count] = values
-        array[count:size] = pad
-        return self._copy(name, size)
-
-    def stage_table(
-        self, name: str, rows: Sequence[Sequence[int]], num_rows: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``rows`` as a ``[num_rows, width]`` table padded with -1 (width: the longest
-        row, at least 1) into buffer ``name``; return its (host, device) views."""
-        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        width = max(1, int(lengths.max(initial=0)))
-        table = self._arrays[name][: num_rows * width].reshape(num_rows, width)
-        table.fill(-1)
-        total = int(lengths.sum())
-        if total:
-            flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=table.dtype, count=total)
-            row_ids = np.repeat(np.arange(len(rows)), lengths)
-            starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-            table[row_ids, np.arange(total) - starts] = flat
-        host, device = self._copy(name, num_rows * width)
-        return host.view(num_rows, width), device.view(num_rows, width)
-
-    def _copy(self, name: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        host, device = self.host[name][:size], self.device[name][:size]
-        if device is not host:
-            device.copy_(host, non_blocking=True)
-        return host, device
-
-
-@dataclass(frozen=True, slots=True)
-class StepInputs:
-    """What ``prepare`` built for one step.
-
-    Attributes:
-        batch: the scheduled batch.
-        forward: the planned ``ForwardBatch`` (padded to ``graph_size`` rows for a replay).
-        logits_indices: [S] int64 device rows of the forward's output that sample.
-        sampling: the sampler's inputs for those rows.
-        graph_size: the CUDA-graph bucket this step replays, or None for an eager step.
-    """
-
-    batch: ScheduledBatch
-    forward: ForwardBatch
-    logits_indices: torch.Tensor
-    sampling: SamplingInputs
-    graph_size: int | None
 
 
 class ModelRunner:
@@ -212,9 +91,10 @@ class ModelRunner:
             here, before the memory profile), or None.
 
     Attributes:
-        model, kv_cache, backend, sampler, num_kv_blocks, max_blocks_per_seq,
-        graph_sizes (empty when no CUDA graphs are used), is_sleeping (``sleep`` released the
-        KV cache, graphs and backend: ``kv_cache`` and ``backend`` are None until ``wake_up``).
+        model, backend, sampler, num_kv_blocks, max_blocks_per_seq, kv (the ``KVCache``),
+        kv_cache (its tensor), graphs (the ``DecodeGraphs``), graph_sizes (their buckets, empty
+        when no CUDA graphs are used), is_sleeping (``sleep`` released the KV cache, graphs and
+        backend: ``kv_cache`` and ``backend`` are None until ``wake_up``).
     """
 
     def __init__(
@@ -281,28 +161,32 @@ class ModelRunner:
             self.device,
             capturer=self._check_capturer(self.capture.capturer),
         )
-        self.bytes_per_block = kv_cache_bytes_per_block(self.spec, config.block_size, self.dtype)
         # Step state, set before the memory profile (on CUDA it runs a step).
-        # Recorded after a step's input copies were enqueued: the pinned host buffers they
-        # read (ours and FlashInfer's plan workspace) are rewritten only once it completed.
-        self._staged: torch.cuda.Event | None = None
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.graph_sizes: list[int] = []
+        self.graphs = DecodeGraphs(self.device)
         self.is_sleeping = False
         # The buckets sleep released, recaptured by wake_up.
         self._slept_graph_sizes: list[int] = []
-        self.num_kv_blocks = self._num_kv_blocks()
-        self.kv_cache: torch.Tensor | None = None
-        self._allocate_kv_cache()
-        logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
-            self.num_kv_blocks,
-            config.block_size,
-            self.num_kv_blocks * config.block_size,
-            self.num_kv_blocks * self.bytes_per_block / 2**30,
+        self.kv = KVCache(
+            config,
+            self.model,
+            dtype=self.dtype,
+            device=self.device,
+            max_model_len=max_model_len,
+            profile_step=self._profile_step,
         )
+        self.num_kv_blocks = self.kv.num_blocks
         if use_graphs:
-            self._capture_cuda_graphs(cuda_graph_sizes(max_graph))
+            self._capture_graphs(cuda_graph_sizes(max_graph))
+
+    @property
+    def kv_cache(self) -> torch.Tensor | None:
+        """The KV cache tensor (None while asleep)."""
+        return self.kv.tensor
+
+    @property
+    def graph_sizes(self) -> list[int]:
+        """The decode batch sizes with a CUDA graph (empty: every step runs eager)."""
+        return self.graphs.sizes
 
     # ------------------------------------------------------------------ the step
 
@@ -313,10 +197,10 @@ class ModelRunner:
         stand for (required when it has any).
         """
         assert not self.is_sleeping, "prepare: the runner is asleep (wake_up first)"
-        self._wait_staging_reusable()
+        self.buffers.wait_reusable()
         if self.dispatch is not None:
             self.dispatch.begin_step(len(batch.input_ids))
-        graph_size = self._graph_size(batch)
+        graph_size = self.graphs.bucket(len(batch.entries)) if batch.is_decode else None
         sampling_seqs = [batch.entries[i].seq for i in batch.sample_indices]
         _, logits_indices = self.buffers.stage(
             "logits_indices", batch.logits_indices, len(batch.logits_indices), 0
@@ -331,7 +215,7 @@ class ModelRunner:
             is_decode=batch.is_decode,
             graph_size=graph_size,
         )
-        self._fill_placeholders(batch, forward.input_ids, previous)
+        self.buffers.fill_placeholders(batch, forward.input_ids, previous)
         inputs = StepInputs(
             batch=batch,
             forward=forward,
@@ -344,7 +228,7 @@ class ModelRunner:
             ),
             graph_size=graph_size,
         )
-        self._staging_enqueued()
+        self.buffers.mark_staged()
         return inputs
 
     @torch.no_grad()
@@ -373,7 +257,7 @@ class ModelRunner:
         sampled and no hook runs."""
         assert self.dispatch is not None, "run_idle: only a dp_attention rank steps without work"
         assert not self.is_sleeping, "run_idle: the runner is asleep (wake_up first)"
-        self._wait_staging_reusable()
+        self.buffers.wait_reusable()
         self.dispatch.begin_step(1)
         forward = self._forward_batch(
             input_ids=[0],
@@ -385,7 +269,7 @@ class ModelRunner:
             is_decode=True,
             graph_size=None,
         )
-        self._staging_enqueued()
+        self.buffers.mark_staged()
         self.model(forward)
 
     # ------------------------------------------------------------------ weights
@@ -415,17 +299,17 @@ class ModelRunner:
         if self.is_sleeping:
             return
         kv_bytes = 0 if self.kv_cache is None else self.kv_cache.nbytes
-        reserved = self._reserved_bytes()
+        reserved = reserved_bytes(self.device)
         self._slept_graph_sizes = self.graph_sizes
         self._release()
         self.is_sleeping = True
-        self._return_memory()
+        return_memory(self.device)
         logger.info(
             "asleep: released the KV cache (%.2f GiB), %d CUDA graphs and the attention backend; "
             "%.2f GiB returned to the device",
             kv_bytes / 2**30,
             len(self._slept_graph_sizes),
-            (reserved - self._reserved_bytes()) / 2**30,
+            (reserved - reserved_bytes(self.device)) / 2**30,
         )
 
     def wake_up(self) -> None:
@@ -443,12 +327,12 @@ class ModelRunner:
         start = time.perf_counter()
         try:
             self.backend = self._make_backend()
-            self._allocate_kv_cache()
+            self.kv.allocate()
             if self._slept_graph_sizes:
-                self._capture_cuda_graphs(self._slept_graph_sizes)
+                self._capture_graphs(self._slept_graph_sizes)
         except BaseException:
             self._release()
-            self._return_memory()
+            return_memory(self.device)
             raise
         self.is_sleeping = False
         logger.info(
@@ -464,88 +348,51 @@ class ModelRunner:
             return InvariantAttentionBackend(self.spec, block_size=self.config.block_size)
         return make_attention_backend(self.spec, **self._backend_kwargs)
 
-    def _fill_placeholders(
-        self,
-        batch: ScheduledBatch,
-        input_ids: torch.Tensor,
-        previous: SampledTokens | None,
-    ) -> None:
-        """Copy the previous step's sampled ids into the placeholder positions of the staged
-        ``input_ids`` (the static buffer a graph replays), on the device, before the forward."""
-        count = len(batch.placeholder_indices)
-        if count == 0:
-            return
-        assert previous is not None and max(batch.placeholder_rows) < previous.num_rows, (
-            f"prepare: {count} placeholders without their source rows "
-            f"(previous step: {None if previous is None else previous.num_rows} rows)"
-        )
-        _, index = self.buffers.stage(
-            "placeholders",
-            batch.placeholder_indices + batch.placeholder_rows,
-            2 * count,
-            0,
-        )
-        positions, rows = index.view(2, count)
-        input_ids.index_copy_(0, positions, previous.ids_S.index_select(0, rows))
-
-    def _wait_staging_reusable(self) -> None:
-        """Wait until the copies of the previous step's staged inputs have run (on CUDA the
-        device is then past them, on that step's forward: the wait is short)."""
-        if self._staged is not None:
-            self._staged.synchronize()
-
-    def _staging_enqueued(self) -> None:
-        """Mark the end of this step's input copies on the stream (``_wait_staging_reusable``)."""
-        if self.device.type == "cuda":
-            if self._staged is None:
-                self._staged = torch.cuda.Event()
-            self._staged.record(torch.cuda.current_stream(self.device))
-
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [T, H] of the step: the bucket's graph replay, or an eager forward."""
         if inputs.graph_size is None:
             return self.model(inputs.forward)
-        graph, hidden_TH = self._graphs[inputs.graph_size]
-        graph.replay()
-        return hidden_TH
+        return self.graphs.replay(inputs.graph_size)
 
     def _logits(self, hidden_TH: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         return self.model.compute_logits(hidden_TH[inputs.logits_indices]).float()
 
-    def _allocate_kv_cache(self) -> None:
-        """A zeroed cache of ``num_kv_blocks`` blocks, bound to the model's attention layers."""
-        self.kv_cache = allocate_kv_cache(
-            self.spec,
-            num_blocks=self.num_kv_blocks,
-            block_size=self.config.block_size,
-            dtype=self.dtype,
-            device=self.device,
+    @torch.no_grad()
+    def _profile_step(self, batch: ScheduledBatch) -> None:
+        """The costliest step, whose peak memory sizes the KV cache (``KVCache``): ``batch``'s
+        forward and sampling, then sampling ``max_num_seqs`` rows of ``PROFILE_SAMPLING``; the
+        sampler's generator is left as it was."""
+        generator_state = self.sampler.generator.get_state()
+        inputs = self.prepare(batch)
+        # Not run(): its hook files rows by slot, and these slots are the temporary cache's.
+        self.sample(self._logits(self._forward(inputs), inputs), inputs)
+        rows = self.config.max_num_seqs
+        logits_SV = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=self.device)
+        self.sampler(logits_SV, self.sampler.prepare([PROFILE_SAMPLING] * rows, [0] * rows))
+        self.sampler.generator.set_state(generator_state)
+
+    def _capture_graphs(self, sizes: list[int]) -> None:
+        """The decode CUDA graphs of ``sizes``, each over an all-padding batch of its size."""
+        self.graphs.capture(
+            self.model,
+            sizes,
+            lambda size: self._forward_batch(
+                input_ids=[],
+                positions=[],
+                slot_mapping=[],
+                query_start_loc=[0],
+                seq_lens=[],
+                block_tables=[],
+                is_decode=True,
+                graph_size=size,
+            ),
         )
-        self.model.bind_kv_cache(self.kv_cache)
 
     def _release(self) -> None:
         """Drop the CUDA graphs, the KV cache and the attention backend."""
-        for graph, _ in self._graphs.values():
-            graph.reset()
-        self._graphs.clear()
-        self.graph_sizes = []
-        self.kv_cache = None
-        self._unbind_kv_cache()
+        self.graphs.release()
+        self.kv.release()
         self.backend = None
-
-    def _return_memory(self) -> None:
-        """Hand the caching allocator's free blocks back to the device (on CUDA)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-
-    def _reserved_bytes(self) -> int:
-        return torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
-
-    def _unbind_kv_cache(self) -> None:
-        # The attention layers hold views of the cache: drop them so that its memory is freed.
-        for layer in self.model.model.layers:
-            layer.self_attn.attn.kv_cache = None
 
     def _check_capturer(
         self, capturer: RoutedExpertsCapturer | None
@@ -561,12 +408,6 @@ class ModelRunner:
                 f"got {shape} on {buffer.device}"
             )
         return capturer
-
-    def _graph_size(self, batch: ScheduledBatch) -> int | None:
-        if not batch.is_decode or not self.graph_sizes:
-            return None
-        i = bisect.bisect_left(self.graph_sizes, len(batch.entries))
-        return self.graph_sizes[i] if i < len(self.graph_sizes) else None
 
     def _forward_batch(
         self,
@@ -613,108 +454,3 @@ class ModelRunner:
         )
         forward.attn_state = self.backend.plan(forward, cuda_graph=graph_size is not None)
         return forward
-
-    @torch.no_grad()
-    def _capture_cuda_graphs(self, sizes: list[int]) -> None:
-        """One graph per decode bucket, largest first so that the smaller ones reuse its
-        memory pool; each bucket runs once eagerly first (torch.compile specialisations,
-        Triton autotuning) so that nothing compiles inside a capture."""
-        start = time.perf_counter()
-        pool = None
-        for size in reversed(sizes):
-            forward = self._forward_batch(
-                input_ids=[],
-                positions=[],
-                slot_mapping=[],
-                query_start_loc=[0],
-                seq_lens=[],
-                block_tables=[],
-                is_decode=True,
-                graph_size=size,
-            )
-            self.model(forward)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden_TH = self.model(forward)
-            pool = graph.pool()
-            self._graphs[size] = (graph, hidden_TH)
-        torch.cuda.synchronize(self.device)
-        self.graph_sizes = sizes
-        logger.info(
-            "captured %d CUDA graphs (decode batch sizes %d..%d) in %.1f s",
-            len(sizes),
-            sizes[0],
-            sizes[-1],
-            time.perf_counter() - start,
-        )
-
-    def _num_kv_blocks(self) -> int:
-        config = self.config
-        if config.kv_cache_blocks is not None:
-            return config.kv_cache_blocks
-        if self.device.type != "cuda":
-            wanted = config.max_num_seqs * self.max_blocks_per_seq
-            return max(1, min(wanted, CPU_KV_CACHE_BYTES // self.bytes_per_block))
-        peak = self._profile_peak_bytes()
-        total = torch.cuda.mem_get_info(self.device)[1]
-        budget = total * config.gpu_memory_utilization
-        blocks = int((budget - peak) // self.bytes_per_block)
-        logger.info(
-            "memory: %.2f GiB total, budget %.2f GiB, profiled peak %.2f GiB, KV block %.1f KiB",
-            total / 2**30,
-            budget / 2**30,
-            peak / 2**30,
-            self.bytes_per_block / 2**10,
-        )
-        if blocks < self.max_blocks_per_seq:
-            raise ValueError(
-                f"gpu_memory_utilization: expected room for at least {self.max_blocks_per_seq} "
-                f"KV blocks (one sequence of max_model_len {self.max_model_len}), got {blocks} at "
-                f"{config.gpu_memory_utilization} (peak use {peak / 2**30:.2f} GiB of "
-                f"{total / 2**30:.2f} GiB); raise it or lower max_model_len / "
-                "max_num_batched_tokens"
-            )
-        return blocks
-
-    @torch.no_grad()
-    def _profile_peak_bytes(self) -> int:
-        """Peak device memory of the costliest step, KV cache excluded (see the docstring)."""
-        config, device = self.config, self.device
-        seq_len = min(self.max_model_len, config.max_num_batched_tokens)
-        num_seqs = min(config.max_num_seqs, config.max_num_batched_tokens // seq_len)
-        params = SamplingParams(max_tokens=1, top_k=50, top_p=0.9, seed=0)
-        blocks_per_seq = math.ceil(seq_len / config.block_size)
-        entries = []
-        for i in range(num_seqs):
-            seq = EngineSequence(i, [0] * seq_len, params, block_size=config.block_size)
-            seq.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
-            entries.append(ScheduledEntry(seq, 0, seq_len, True))
-        temporary_kv = allocate_kv_cache(
-            self.spec,
-            num_blocks=num_seqs * blocks_per_seq,
-            block_size=config.block_size,
-            dtype=self.dtype,
-            device=device,
-        )
-        self.model.bind_kv_cache(temporary_kv)
-        generator_state = self.sampler.generator.get_state()
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        inputs = self.prepare(ScheduledBatch.build(entries))
-        # Not run(): its hook files rows by slot, and these slots are the temporary cache's.
-        self.sample(self._logits(self._forward(inputs), inputs), inputs)
-        rows = config.max_num_seqs
-        logits_SV = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=device)
-        self.sampler(logits_SV, self.sampler.prepare([params] * rows, [0] * rows))
-        torch.cuda.synchronize(device)
-        peak_torch = torch.cuda.max_memory_allocated(device) - temporary_kv.numel() * (
-            temporary_kv.element_size()
-        )
-        free, total = torch.cuda.mem_get_info(device)
-        outside_torch = (total - free) - torch.cuda.memory_reserved(device)
-        self.sampler.generator.set_state(generator_state)
-        self._unbind_kv_cache()
-        del inputs, logits_SV, temporary_kv
-        torch.cuda.empty_cache()
-        return peak_torch + outside_torch

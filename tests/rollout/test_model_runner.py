@@ -13,13 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from rollout.capture import CaptureOff, RoutedExpertsCapturer
 from rollout.config import EngineConfig, EngineState
-from rollout.engine.model_runner import (
-    CPU_KV_CACHE_BYTES,
-    ModelRunner,
-    StepBuffers,
-    cuda_graph_sizes,
-)
+from rollout.engine.cuda_graphs import cuda_graph_sizes
+from rollout.engine.kv_cache import CPU_KV_CACHE_BYTES
+from rollout.engine.model_runner import ModelRunner
 from rollout.engine.scheduler import Scheduler
+from rollout.engine.step_inputs import StepBuffers
 from rollout.layers.attention import kv_cache_bytes_per_block
 from rollout.loader import load_checkpoint
 from rollout.sampling_params import SamplingParams
@@ -206,7 +204,7 @@ def test_cuda_kv_cache_sized_from_memory(cuda_checkpoint_path):
     assert probe.seen == [], "the profiling step's slots are not the cache's: no after_forward"
     torch.cuda.empty_cache()  # cached free blocks are not in use
     free, total = torch.cuda.mem_get_info()
-    cache_bytes = runner.num_kv_blocks * runner.bytes_per_block
+    cache_bytes = runner.num_kv_blocks * runner.kv.bytes_per_block
     print(
         f"KV cache {cache_bytes / 2**30:.2f} GiB; in use {(total - free) / 2**30:.2f} GiB "
         f"of {total / 2**30:.0f} GiB"

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from rollout import LLM, RequestOutput, SamplingParams
 from rollout.capture import RoutedExpertsReader
-from rollout.engine import model_runner
+from rollout.engine import kv_cache
 from rollout.testing import flashinfer_overrides, make_tiny_moe
 
 # On the CPU (gloo ranks for the data-parallel test), also on a machine with a GPU.
@@ -179,7 +179,7 @@ def test_failed_wake_up_stays_asleep_and_can_be_retried(glm4, rng, monkeypatch):
             raise torch.OutOfMemoryError("no room for the KV cache")
 
         with monkeypatch.context() as patch:
-            patch.setattr(model_runner, "allocate_kv_cache", out_of_memory)
+            patch.setattr(kv_cache, "allocate_kv_cache", out_of_memory)
             with pytest.raises(torch.OutOfMemoryError, match="no room"):
                 llm.wake_up()
         assert llm.is_sleeping and runner.kv_cache is None and runner.backend is None
