@@ -18,14 +18,10 @@ FlashInfer wrappers read it directly. A KV *slot* is ``block * block_size + offs
 ``t`` of the step writes its key and value into slot ``slot_mapping[t]``, and ``-1`` marks a
 padding token whose K/V are never written.
 
-**Routing capture.** When ``routing_capture`` is set (a buffer ``[>= T, L, K]`` in the compact
-id dtype, owned by the capturer), MoE layer ``l`` (its index among MoE layers, not its decoder
-index) writes its top-k ids into ``routing_capture[:T, l]`` inside the routing kernel
-(``routing_kernels.route(..., capture_out=...)``): no extra launch, and the buffer is a static input
-of CUDA graphs. ``None`` means capture off: nothing is written and nothing is allocated.
-Under ``data_parallel_mode="dp_attention"`` the MoE layers route the tokens of all ranks, and
-``routing_capture[:T, l]`` still receives this rank's own T tokens' rows, picked from the routed
-batch by the capturer's DP rule (``rollout.layers.moe.NaiveDispatch``).
+**Routing capture.** ``capture`` is the step's ``rollout.capture.RoutedExpertsCapturer`` (its
+buffer a static input of CUDA graphs), through whose API MoE layer ``l`` writes its top-k ids
+into rows ``[:T]`` of layer ``l``; ``None`` means capture off: nothing is written and nothing is
+allocated. The story: ``rollout.capture``.
 """
 
 from __future__ import annotations
@@ -36,11 +32,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from rollout.capture import RoutedExpertsCapturer
     from rollout.layers.attention import AttentionBackend
 
 __all__ = ["ForwardBatch"]
-
-_CAPTURE_DTYPES = (torch.uint8, torch.int16, torch.int32)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -71,9 +66,8 @@ class ForwardBatch:
             ``attn_backend.forward``.
         attn_state: what ``attn_backend.plan(batch)`` returned (the backend's per-step state:
             FlashInfer wrappers, host lists of lengths); opaque to everyone else.
-        routing_capture: ``None`` (capture off) or a [>= T, L, K] device buffer in the compact
-            id dtype (uint8 up to 256 experts, int16 up to 32768, else int32) into whose
-            ``[:T, l]`` view MoE layer ``l`` writes its expert ids.
+        capture: ``None`` (capture off) or the capturer whose buffer [>= T, L, K] the MoE
+            layers write their expert ids into (``RoutedExpertsCapturer``).
     """
 
     input_ids: torch.Tensor
@@ -88,7 +82,7 @@ class ForwardBatch:
     is_decode: bool
     attn_backend: AttentionBackend | None = None
     attn_state: Any = None
-    routing_capture: torch.Tensor | None = None
+    capture: RoutedExpertsCapturer | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -138,19 +132,15 @@ class ForwardBatch:
                 )
         if self.is_decode and t != b:
             raise ValueError(f"is_decode: expected T == B for a decode batch, got T={t}, B={b}")
-        if self.routing_capture is not None:
-            cap = self.routing_capture
-            if cap.dim() != 3 or cap.shape[0] < t or cap.dtype not in _CAPTURE_DTYPES:
+        if self.capture is not None:
+            cap = self.capture
+            if cap.max_num_tokens < t:
                 raise ValueError(
-                    f"routing_capture: expected a [>= {t}, L, K] uint8, int16 or int32 tensor, "
-                    f"got shape {tuple(cap.shape)} dtype {cap.dtype}"
+                    f"capture: expected a capturer of >= {t} rows, got {cap.max_num_tokens}"
                 )
-            if num_moe_layers is not None and cap.shape[1] != num_moe_layers:
+            if num_moe_layers is not None and cap.num_moe_layers != num_moe_layers:
                 raise ValueError(
-                    f"routing_capture: expected {num_moe_layers} MoE layers on dim 1, "
-                    f"got {cap.shape[1]}"
+                    f"capture: expected {num_moe_layers} MoE layers, got {cap.num_moe_layers}"
                 )
-            if top_k is not None and cap.shape[2] != top_k:
-                raise ValueError(
-                    f"routing_capture: expected top_k {top_k} on dim 2, got {cap.shape[2]}"
-                )
+            if top_k is not None and cap.top_k != top_k:
+                raise ValueError(f"capture: expected top_k {top_k}, got {cap.top_k}")

@@ -66,7 +66,7 @@ class LLM:
         seed: seeds dummy weights and the sampling of requests without their own seed.
         load_format: ``"safetensors"`` or ``"dummy"`` (random weights from config.json).
         capture_routing: record each token's routed experts (a device buffer the routing
-            kernels write and a shared-memory store, ``rollout.engine.routing``), so that
+            kernels write and a shared-memory store, ``rollout.capture``), so that
             requests with ``SamplingParams(return_routed_experts=True)`` get them in
             ``RequestOutput.routed_experts``. Off: nothing of it is allocated.
         data_parallel_size: engine ranks. 1: the engine runs in this process. N > 1: N rank

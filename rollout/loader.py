@@ -9,12 +9,12 @@ parameter was written (``load_format="safetensors"``), or draws random weights o
 comes from ``tokenizer.json`` via ``tokenizers`` when the folder has one; end-of-sequence ids
 from ``generation_config.json``, else ``config.json``.
 
-Expert parallelism (``parallel.ep_size`` > 1, one model per rank): the model allocates only its
-rank's experts, and the loader reads only what the model holds: per-expert tensors of other
-ranks' experts are never read, and of a fused expert tensor only this rank's rows
-(``MoECausalLM.checkpoint_rows``, safetensors' lazy slices). Dummy weights are drawn per expert
-from a seed of its own, so a rank's experts are exactly those of a single-rank model of the
-same seed.
+Expert parallelism (``parallel``, a ``rollout.engine.expert_parallel.MoEParallelConfig``, one
+model per rank): the model allocates only its rank's experts, and the loader reads only what the
+model holds: per-expert tensors of other ranks' experts are never read, and of a fused expert
+tensor only this rank's rows (``MoECausalLM.checkpoint_rows``, safetensors' lazy slices). Dummy
+weights are drawn per expert from a seed of its own, so a rank's experts are exactly those of a
+single-rank model of the same seed.
 """
 
 from __future__ import annotations
@@ -27,16 +27,18 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tokenizers
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from rollout.layers.moe import MoEParallelConfig
 from rollout.models.decoder import MoECausalLM
 from rollout.models.registry import model_class
+
+if TYPE_CHECKING:
+    from rollout.engine.expert_parallel import MoEParallelConfig
 
 __all__ = [
     "LoadedCheckpoint",
@@ -236,8 +238,8 @@ def load_checkpoint(
             ``"bfloat16"``, ``"float16"`` or a torch dtype.
         device: default CUDA when available, else CPU.
         load_format: ``"safetensors"`` or ``"dummy"`` (random weights, ``seed``).
-        parallel: expert-parallel configuration: the experts the model holds (only those are
-            allocated and read) and shared-expert overlap.
+        parallel: the experts the model holds (only those are allocated and read); None:
+            every expert.
         deterministic: build the model with batch-invariant numerics (``MoECausalLM``).
 
     Raises:

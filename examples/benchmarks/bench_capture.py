@@ -9,9 +9,9 @@ finishing to its rows being in its output, and reader throughput.
    Target (issue 4): on / off >= 0.99 at every batch.
 2. Finish-to-rows latency, measured in the capture-on runs: for each request that finishes, the
    host time from its finishing step's sampled tokens being known to its ``RequestOutput``
-   holding its rows, i.e. the routing recorder's ``on_finish`` save (which gathers the rows of
-   its positions from the store, filing a pending step's copy first only when that step fed
-   one of them) plus building the output array.
+   holding its rows, i.e. the routing recorder's ``on_finish`` (which reads the rows of its
+   positions from the store straight into the output array, filing a pending step's copy first
+   only when that step fed one of them).
 3. Reader throughput: a routing store of 256 requests x 8192 KV slots (48 MoE layers, top-8,
    uint8 ids: 805 MB of shared memory) filled with random ids; a second process attaches a
    ``RoutedExpertsReader`` and pulls every request's rows by its slots (16-slot blocks in a
@@ -41,7 +41,7 @@ from bench_engine import INPUT_LEN, OUTPUT_LEN, qwen3_30b_a3b_config, run_engine
 from common import print_table
 
 from rollout import LLM
-from rollout.capture import RoutedExpertsReader, RoutingStore
+from rollout.capture import RoutedExpertsReader, RoutingRecorder, RoutingStore
 from rollout.engine.llm_engine import LLMEngine
 
 BATCHES = (1, 64, 256)
@@ -49,40 +49,24 @@ READER_REQUESTS, READER_TOKENS, BLOCK = 256, 8192, 16
 
 
 class FinishLatency:
-    """Times, per finishing request, the recorder's ``on_finish`` save plus the output's rows
-    (wraps the engine's bound methods; ``restore`` puts them back)."""
+    """Times, per finishing request, the recorder's ``on_finish`` (wraps the recorder's bound
+    method, which the scheduler calls; ``restore`` puts it back)."""
 
     def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+        self.recorder = engine.capture
+        assert isinstance(self.recorder, RoutingRecorder), "FinishLatency needs capture_routing"
         self.seconds: dict[int, float] = {}
-        recorder = engine.routing
-        assert recorder is not None, "FinishLatency needs an engine with capture_routing=True"
-        self._save_rows, self._rows = recorder.save_rows, recorder.rows
+        on_finish = self.recorder.on_finish
 
-        def save_rows(seq):
+        def timed(seq):
             start = time.perf_counter()
-            self._save_rows(seq)
-            if seq.finish_reason is not None:  # on_finish, not on_preempt
-                self.seconds[seq.seq_id] = self.seconds.get(seq.seq_id, 0.0) + (
-                    time.perf_counter() - start
-                )
+            on_finish(seq)
+            self.seconds[seq.seq_id] = time.perf_counter() - start
 
-        def rows(seq):
-            start = time.perf_counter()
-            out = self._rows(seq)
-            self.seconds[seq.seq_id] = self.seconds.get(seq.seq_id, 0.0) + (
-                time.perf_counter() - start
-            )
-            return out
-
-        recorder.save_rows, recorder.rows = save_rows, rows
-        # The scheduler holds the bound method it was given: point its hook at the wrapper.
-        engine.scheduler.on_finish = save_rows
+        self.recorder.on_finish = timed
 
     def restore(self) -> None:
-        recorder = self.engine.routing
-        recorder.save_rows, recorder.rows = self._save_rows, self._rows
-        self.engine.scheduler.on_finish = self._save_rows
+        del self.recorder.on_finish  # the class's method again
 
 
 def decode_runs(

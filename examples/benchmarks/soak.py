@@ -36,8 +36,8 @@ import torch
 from common import print_table
 from tqdm.auto import tqdm
 
-from rollout import LLM, SamplingParams, shm
-from rollout.capture import RoutedExpertsReader
+from rollout import LLM, SamplingParams
+from rollout.capture import RoutedExpertsReader, shm
 from rollout.testing import make_tiny_moe
 
 ROOT = Path(__file__).resolve().parents[2]

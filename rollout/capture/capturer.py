@@ -1,14 +1,13 @@
-"""Device capture of routed experts: the buffer the routing kernel writes, and the DP rule.
+"""Device capture of routed experts: the buffer the MoE layers write, and the DP row rule
+(holder 1 of the story in ``rollout.capture``).
 
 Legend: T tokens of the step (rows), L MoE layers, K top_k; ``buffer_TLK`` is
 [max_num_tokens, L, K].
 
-In the engine each MoE layer ``l`` routes its T tokens with
-``routing_kernels.route(..., capture_out=capturer.layer_view(l, T))``: the ids land in
-``buffer[:T, l]`` inside the routing kernel (no extra launch; the buffer is a static input of
-CUDA graphs). ``capture`` is the same write as a separate entry point (one copy) for callers
-that already hold the ids, and it implements DESIGN.md's data-parallel rule; ``rank_rows``
-exposes that rule so a fused caller can route just its own rows.
+Two ways in, the same rows: ``layer_view(l, T)`` is the ``capture_out`` of
+``routing_kernels.route`` (the ids land in ``buffer[:T, l]`` inside the routing kernel: no extra
+launch), and ``capture(l, topk_ids, dp)`` copies ids a caller already holds, keeping this
+rank's rows of a routed batch by DESIGN.md's data-parallel rule (``rank_rows``, its one home).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from rollout import shm
+from rollout.capture import shm
 
 __all__ = ["ReaderSpec", "RoutedExpertsReader", "gather_rows", "id_dtype_name"]
 
@@ -150,18 +150,30 @@ class RoutedExpertsReader:
             self.close()
 
 
-def gather_rows(rows_SLK: np.ndarray, slots: npt.ArrayLike) -> np.ndarray:
-    """``rows_SLK[slots]`` as a new array [R, L, K] after checking ``slots``.
+def gather_rows(
+    rows_SLK: np.ndarray, slots: npt.ArrayLike, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``rows_SLK[slots]`` [R, L, K] after checking ``slots``: into ``out`` when given (a
+    C-contiguous array of that shape and dtype), else a new array. Returns it.
 
     Raises:
         ValueError: ``slots`` not 1-D, not integers, or a value outside [0, S) (``-1``
-            included: a missing row is never filled in).
+            included: a missing row is never filled in); ``out`` of another shape or dtype, or
+            not C-contiguous.
     """
     slots_R = np.asarray(slots)
     if slots_R.ndim != 1:
         raise ValueError(f"slots: expected a 1-D sequence of KV slots, got shape {slots_R.shape}")
+    shape = (slots_R.size, *rows_SLK.shape[1:])
+    if out is None:
+        out = np.empty(shape, dtype=rows_SLK.dtype)
+    elif out.shape != shape or out.dtype != rows_SLK.dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out: expected a C-contiguous {rows_SLK.dtype} array of shape {shape}, got "
+            f"{out.dtype} {out.shape} (C-contiguous: {out.flags.c_contiguous})"
+        )
     if slots_R.size == 0:
-        return np.empty((0, *rows_SLK.shape[1:]), dtype=rows_SLK.dtype)
+        return out
     if slots_R.dtype.kind not in "iu":
         raise ValueError(f"slots: expected integers, got dtype {slots_R.dtype}")
     num_slots = rows_SLK.shape[0]
@@ -170,9 +182,11 @@ def gather_rows(rows_SLK: np.ndarray, slots: npt.ArrayLike) -> np.ndarray:
         raise ValueError(
             f"slots: expected values in [0, {num_slots}) (num_kv_slots), got min {low} max {high}"
         )
-    # np.take over [S, L*K] rows is about twice as fast as fancy indexing of [S, L, K].
+    # np.take over [S, L*K] rows is about twice as fast as fancy indexing of [S, L, K]; the
+    # slots are checked, and mode="raise" would buffer the result before copying it to out.
     flat_SX = rows_SLK.reshape(num_slots, -1)
-    return np.take(flat_SX, slots_R, axis=0).reshape(slots_R.size, *rows_SLK.shape[1:])
+    np.take(flat_SX, slots_R, axis=0, out=out.reshape(slots_R.size, -1), mode="clip")
+    return out
 
 
 def id_dtype_name(dtype: object) -> str:

@@ -1,28 +1,22 @@
-"""The host routing store of one DP rank: rows by KV slot in shared memory, fed asynchronously.
+"""The host routing store of one DP rank: rows by KV slot in shared memory, fed asynchronously
+(holders 2 and 3 of the story in ``rollout.capture``).
 
 Legend: T tokens of a step, S KV slots, L MoE layers, K top_k.
 
-``RoutingStore`` owns a shared-memory segment holding ``rows_SLK`` [S, L, K]: row ``s`` is the
-routing of the token whose K/V live in KV slot ``s``, so a request's rows are read back from its
-slots (prefix-cache hits included: a cached block's slots hold the rows of the step that
-computed it). Per engine step:
+``RoutingStore`` owns a shared-memory segment holding ``rows_SLK`` [S, L, K]. The contract of
+its three calls:
 
 1. ``after_forward(capture_buffer, T, slot_mapping)`` right after the forward is launched:
-   records an event on the compute stream and enqueues ``capture_buffer[:T]`` -> pinned host
-   staging on a side stream behind it; the compute stream then waits (on the device, not the
-   host) for that copy, so the next step cannot overwrite the buffer before it is read. No
-   host synchronization. On CPU the copy is a plain synchronous copy.
-2. ``commit()`` before the next step's ``after_forward`` (the staging buffer holds one step), and
-   before a read that needs the pending rows: waits for the copy's event (the end of that
-   step's forward on the device) and scatters the rows into the store by slot; ``-1`` slots
-   (padding) are skipped.
-3. ``read(slots)`` / ``RoutedExpertsReader.read(slots)``: a request's rows (a copy) as committed.
-   A pending copy's rows are in the staging buffer, not in the store, until ``commit()``: the
-   caller commits first when it needs them (``rollout.engine.routing`` does so only then, so
-   reading the rows of earlier steps never waits for the device).
+   enqueues ``capture_buffer[:T]`` -> pinned staging behind everything on the current stream,
+   on a side stream, and makes the current stream wait for that copy. No host synchronization.
+   On CPU the copy is a plain synchronous copy.
+2. ``commit()`` before the next ``after_forward`` (the staging buffer holds one step), and
+   before a read that needs the pending rows: waits for the copy and scatters the rows into the
+   store by slot; ``-1`` slots (padding) are skipped. A no-op without a pending copy.
+3. ``read(slots)`` / ``RoutedExpertsReader.read(slots)``: rows as committed (a pending copy's
+   rows are not in the store before ``commit()``).
 
-``commit()`` without a pending copy is a no-op. A second ``after_forward`` before ``commit()``
-raises RuntimeError.
+A second ``after_forward`` before ``commit()`` raises RuntimeError.
 """
 
 from __future__ import annotations
@@ -35,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from rollout import shm
+from rollout.capture import shm
 from rollout.capture.capturer import RoutedExpertsCapturer
 from rollout.capture.reader import ReaderSpec, gather_rows, id_dtype_name
 
@@ -54,20 +48,20 @@ class RoutingStore:
     """The engine's routing store for one DP rank (the owner of its shared-memory segment).
 
     Args:
-        name: segment name (``rollout.shm.segment_name(instance_id, dp_rank)``).
+        name: segment name (``rollout.capture.shm.segment_name(instance_id, dp_rank)``).
         num_kv_slots: KV slots of the engine (num_kv_blocks * block_size), >= 1.
         num_moe_layers, top_k: the capture buffer's L and K, >= 1.
         max_num_tokens: the capture buffer's rows (the most tokens a step feeds), >= 1.
         device: the capture buffer's device; CUDA uses pinned staging and a side stream.
         dtype: the capture buffer's id dtype (torch.uint8, int16 or int32; None means int16,
             as for ``RoutedExpertsCapturer``).
-        lock_path: the lock file of ``rollout.shm.create``; None means
-            ``rollout.shm.default_lock_path()``.
+        lock_path: the lock file of ``rollout.capture.shm.create``; None means
+            ``rollout.capture.shm.default_lock_path()``.
 
     The segment is created zero-filled (rows of slots this store never wrote are zeros), after
     the segments of dead owners are reclaimed, and unlinked by ``close()``, a ``with`` block,
     garbage collection or interpreter exit in this process (not in a forked child), or by the
-    SIGTERM clean-up (``rollout.shm``).
+    SIGTERM clean-up (``rollout.capture.shm``).
 
     Raises:
         FileExistsError: a live store (in this process or another) owns the segment ``name``.
@@ -232,16 +226,18 @@ class RoutingStore:
         self._pending = None
         return int(pending.slots.size)
 
-    def read(self, slots: npt.ArrayLike) -> np.ndarray:
-        """The rows [len(slots), L, K] stored at ``slots`` (a copy, in the given order), as
-        committed: the rows of a pending copy are not in the store before ``commit()``.
+    def read(self, slots: npt.ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows [len(slots), L, K] stored at ``slots`` (a copy, in the given order, into
+        ``out`` when given: ``gather_rows``), as committed: the rows of a pending copy are not
+        in the store before ``commit()``.
 
         Raises:
             RuntimeError: the store is closed.
-            ValueError: ``slots`` not 1-D integers in [0, num_kv_slots) (``-1`` included).
+            ValueError: ``slots`` not 1-D integers in [0, num_kv_slots) (``-1`` included), or
+                a bad ``out``.
         """
         self._check_open("read")
-        return gather_rows(self._rows_SLK, slots)
+        return gather_rows(self._rows_SLK, slots, out)
 
     def close(self) -> None:
         """Drop any pending copy, unmap and unlink the segment (idempotent)."""

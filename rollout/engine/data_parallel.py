@@ -3,24 +3,24 @@
 
 Mode ``"replicas"``: every rank is a spawned process running its own ``LLMEngine`` (its own
 KV cache and prefix cache; with ``capture_routing`` its own capture buffer and shared-memory
-segment ``rollout.shm.segment_name(instance_id, rank)``), joined in a ``torch.distributed``
-group (gloo on CPU, NCCL on CUDA, one GPU per rank). Each rank routes its own tokens (the local
-case of DESIGN.md "Data parallelism and capture"), so a request's rows are exactly those a
-single-rank engine computes for it.
+segment ``rollout.capture.shm.segment_name(instance_id, rank)``), joined in a
+``torch.distributed`` group (gloo on CPU, NCCL on CUDA, one GPU per rank). Each rank routes its
+own tokens (the local case of DESIGN.md "Data parallelism and capture"), so a request's rows
+are exactly those a single-rank engine computes for it.
 
 Mode ``"dp_attention"`` (the naive-dispatch case of DESIGN.md): each rank still runs its own
 scheduler, KV cache and attention on its own requests, but its MoE layers all-gather the tokens
 of all ranks, route them, compute this rank's 1/N slice of the experts and reduce-scatter the
-sum (``rollout.layers.moe.NaiveDispatch``); shared experts and everything outside the MoE blocks
+sum (``rollout.engine.expert_parallel``); shared experts and everything outside the MoE blocks
 stay on the rank's own tokens. A rank holds the weights of its slice of the experts only
-(loaded, allocated and updated: ``rollout.models.decoder`` under ``MoEParallelConfig``), so the
-experts' memory is split across the ranks. Each rank's capture buffer takes its own tokens' rows
-of the routed batch (the capturer's DP rule), so a request's rows are again those a single-rank
-engine computes for it. Every forward is collective, so the ranks step in lockstep: before each
-step they all-reduce "has work" (with "stop" and "failed"), and while any rank has work every
-rank forwards (one without work a padding token, ``ModelRunner.run_idle``). It runs eager (no
-CUDA graphs: the collectives change shape every step). ``num_experts`` must be a multiple of
-``data_parallel_size`` (checked before any rank starts).
+(loaded, allocated and updated), so the experts' memory is split across the ranks. Each rank's
+capture buffer takes its own tokens' rows of the routed batch (the capturer's DP rule), so a
+request's rows are again those a single-rank engine computes for it. Every forward is
+collective, so the ranks step in lockstep: before each step they all-reduce "has work" (with
+"stop" and "failed"), and while any rank has work every rank forwards (one without work a
+padding token, ``ModelRunner.run_idle``). It runs eager (no CUDA graphs: the collectives change
+shape every step). ``num_experts`` must be a multiple of ``data_parallel_size`` (checked before
+any rank starts).
 
 The front end talks to each rank over a pipe, one command at a time per rank, all ranks in
 parallel::
@@ -79,14 +79,13 @@ from typing import Any, NoReturn
 import torch
 from tqdm.auto import tqdm
 
-from rollout import shm
+from rollout.capture import shm
 from rollout.capture import ReaderSpec
 from rollout.config import EngineConfig
 from rollout.engine.data_parallel_rank import BadRequest, RankInfo, rank_main
 from rollout.engine.llm_engine import NonFiniteLogitsError, check_device
-from rollout.layers.moe import expert_slice
-from rollout.loader import load_hf_config, load_tokenizer
-from rollout.models.registry import model_class
+from rollout.engine.expert_parallel import check_expert_split
+from rollout.loader import load_tokenizer
 from rollout.outputs import EngineStats, RequestOutput
 from rollout.sampling_params import SamplingParams
 
@@ -136,7 +135,7 @@ class DataParallelEngine:
                 f"(rank r uses cuda:r), got {config.device!r}"
             )
         if config.dp_attention:
-            _check_expert_split(config)
+            check_expert_split(config)
         check_device(config.device, ranks=size)
         self.config = config
         self.instance_id = shm.new_instance_id() if instance_id is None else instance_id
@@ -554,11 +553,3 @@ def _stop_ranks(
     for conn in conns:
         conn.close()
     shutil.rmtree(rendezvous_dir, ignore_errors=True)
-
-
-def _check_expert_split(config: EngineConfig) -> None:
-    """Raise before any rank starts what every rank would: with dp_attention each rank computes
-    ``num_experts / data_parallel_size`` experts (``rollout.layers.moe.expert_slice``)."""
-    hf_config = load_hf_config(config.model)
-    routing = model_class(hf_config.architectures).args_from_config(hf_config).routing
-    expert_slice(routing.num_experts, 0, config.data_parallel_size)

@@ -12,8 +12,8 @@ hence the default utilisation 0.85). On CPU the cache holds ``max_num_seqs`` seq
 
 Under ``data_parallel_mode="dp_attention"`` the profile runs on every rank at once, so its MoE
 layers see the tokens of all ranks, as real steps do; the model holds only the rank's experts
-(``MoEParallelConfig``), so the weights it measures are the rank's share and the KV cache gets
-the memory of the experts it does not hold.
+(``rollout.engine.expert_parallel``), so the weights it measures are the rank's share and the KV
+cache gets the memory of the experts it does not hold.
 
 Sleep (a trainer colocated on the GPU): the runner releases the cache (``KVCache.release``)
 with the CUDA graphs and the attention backend, then ``return_memory`` empties the CUDA caching

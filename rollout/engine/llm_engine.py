@@ -38,23 +38,19 @@ logprob (``rollout.sampler``), decided on the device; it reaches the host with t
 step waits for anyway, and a marked row of an unfinished request raises
 ``NonFiniteLogitsError`` naming the request: never silent garbage tokens.
 
-Routed-expert capture (``capture_routing=True``, ``rollout.engine.routing``) rides along
-inside it without a stage of its own: its device buffer is a static input of the runner
-(``ModelRunner(routing_capture=...)``), the runner's ``after_forward`` hook enqueues the
-asynchronous copy of a step's rows into the shared-memory store, the scheduler's
-``on_preempt`` and ``on_finish`` hooks save a sequence's rows before its blocks are freed, and
-``_output`` attaches a finished request's rows to its ``RequestOutput``. With capture off none
-of it exists: no buffer, no hook, no segment.
+Routed-expert capture rides along inside the step without a stage of its own: the runner and
+the scheduler are handed the engine's one capture object (``self.capture``: a
+``RoutingRecorder`` with ``capture_routing=True``, else ``CaptureOff``), and a finished request's
+output takes the rows capture left on its sequence. The story: ``rollout.capture``.
 
 ``data_parallel_mode="dp_attention"`` (``config.dp_attention``): this engine is one rank of a
-``torch.distributed`` group; its model holds (loads, allocates) only this rank's slice of the
-experts (``MoEParallelConfig(ep_rank=dp_rank, ep_size=data_parallel_size)``) and its runner gets
-a ``rollout.layers.moe.NaiveDispatch``, so its MoE layers run over the tokens of all ranks and
-compute that slice. Every
-forward is then collective: the ranks build their engines together and step in lockstep, a rank
-without work running ``runner.run_idle()`` (``rollout.engine.data_parallel`` drives this). Such
-an engine steps synchronously: a pipelined step without a new batch would skip a collective
-forward, and each lockstep round waits for the device anyway.
+``torch.distributed`` group; its model holds only this rank's slice of the experts and its
+runner gets a ``NaiveDispatch`` (``rollout.engine.expert_parallel``), so its MoE layers run over
+the tokens of all ranks and compute that slice. Every forward is then collective: the ranks
+build their engines together and step in lockstep, a rank without work running
+``runner.run_idle()`` (``rollout.engine.data_parallel`` drives this). Such an engine steps
+synchronously: a pipelined step without a new batch would skip a collective forward, and each
+lockstep round waits for the device anyway.
 """
 
 from __future__ import annotations
@@ -66,14 +62,12 @@ from typing import NamedTuple
 
 import torch
 
-from rollout import shm
-from rollout.capture import ReaderSpec
+from rollout.capture import CaptureOff, ReaderSpec, RoutingCapture, RoutingRecorder, shm
 from rollout.config import EngineConfig, EngineState, check_int
+from rollout.engine.expert_parallel import MoEParallelConfig, NaiveDispatch
 from rollout.engine.model_runner import ModelRunner
-from rollout.engine.routing import RoutingRecorder
 from rollout.engine.scheduler import ScheduledBatch, Scheduler
 from rollout.engine.sequence import Sequence as EngineSequence
-from rollout.layers.moe import MoEParallelConfig, NaiveDispatch
 from rollout.loader import load_checkpoint
 from rollout.outputs import EngineStats, RequestOutput, RoutingSpec
 from rollout.sampler import SampledTokens
@@ -142,7 +136,7 @@ class LLMEngine:
     Args:
         config: the engine settings (``rollout.LLM``'s keyword arguments).
         instance_id: names this engine's shared-memory segments
-            (``rollout.shm.segment_name(instance_id, dp_rank)``); None draws a fresh one.
+            (``rollout.capture.shm.segment_name(instance_id, dp_rank)``); None draws a fresh one.
         dp_rank: this engine's data-parallel rank (its capturer's slice of a DP batch); with
             ``config.dp_attention`` also its rank in the default process group, which must be
             initialized with ``data_parallel_size`` ranks that build their engines at the same
@@ -154,8 +148,8 @@ class LLMEngine:
     Attributes:
         config, state (KV blocks, context length, eos ids), runner, scheduler,
         tokenizer (``tokenizers.Tokenizer`` or None), routing_spec, vocab_size, instance_id,
-        dp_rank, routing (the ``RoutingRecorder`` with ``capture_routing``, else None),
-        pipelined.
+        dp_rank, capture (``rollout.capture.RoutingCapture``: the ``RoutingRecorder`` with
+        ``capture_routing``, else ``CaptureOff``), pipelined.
     """
 
     def __init__(
@@ -188,11 +182,7 @@ class LLMEngine:
             device=config.device,
             load_format=config.load_format,
             seed=config.seed,
-            parallel=(
-                MoEParallelConfig(ep_rank=self.dp_rank, ep_size=config.data_parallel_size)
-                if config.dp_attention
-                else None
-            ),
+            parallel=MoEParallelConfig.of_rank(config, self.dp_rank),
             deterministic=config.deterministic,
         )
         model = checkpoint.model
@@ -201,7 +191,7 @@ class LLMEngine:
         self.routing_spec = RoutingSpec.from_model(model.moe_layers, model.routing_params)
         # The capture buffer exists before the runner: it is a static input of its CUDA graphs
         # and counts in its memory profile.
-        routing = (
+        self.capture: RoutingCapture = (
             RoutingRecorder(
                 self.routing_spec,
                 max_num_tokens=config.max_num_batched_tokens,
@@ -209,27 +199,21 @@ class LLMEngine:
                 dp_rank=self.dp_rank,
             )
             if config.capture_routing
-            else None
+            else CaptureOff()
         )
         self.runner = ModelRunner(
             config,
             checkpoint,
             max_model_len=max_model_len,
-            routing_capture=None if routing is None else routing.buffer,
-            after_forward=None if routing is None else routing.after_forward,
+            capture=self.capture,
             # Data-parallel ranks share the weights' seed but not the sampling stream:
             # otherwise the same unseeded prompt on two ranks would draw the same answer.
             sampler_seed=config.seed + self.dp_rank * _RANK_SEED_STRIDE,
-            dispatch=(
-                NaiveDispatch(
-                    num_experts=model.routing_params.num_experts,
-                    rank=self.dp_rank,
-                    world_size=config.data_parallel_size,
-                    device=checkpoint.device,
-                    capturer=None if routing is None else routing.capturer,
-                )
-                if config.dp_attention
-                else None
+            dispatch=NaiveDispatch.of_rank(
+                config,
+                self.dp_rank,
+                num_experts=model.routing_params.num_experts,
+                device=checkpoint.device,
             ),
         )
         self.state = EngineState(
@@ -237,17 +221,10 @@ class LLMEngine:
             max_model_len=max_model_len,
             eos_token_ids=checkpoint.eos_token_ids,
         )
-        if routing is not None:
-            routing.open_store(
-                name=segment, num_kv_slots=self.runner.num_kv_blocks * config.block_size
-            )
-        self.routing = routing
-        self.scheduler = Scheduler(
-            config,
-            self.state,
-            on_preempt=None if routing is None else routing.save_rows,
-            on_finish=None if routing is None else routing.save_rows,
+        self.capture.open_store(
+            name=segment, num_kv_slots=self.runner.num_kv_blocks * config.block_size
         )
+        self.scheduler = Scheduler(config, self.state, capture=self.capture)
         self.tokenizer = checkpoint.tokenizer
         self.vocab_size = model.args.vocab_size
         logger.info(
@@ -259,7 +236,7 @@ class LLMEngine:
             max_model_len,
             self.runner.num_kv_blocks,
             self.runner.graph_sizes or "off",
-            segment if routing is not None else "off",
+            segment if config.capture_routing else "off",
         )
 
     # ------------------------------------------------------------------ requests
@@ -277,7 +254,7 @@ class LLMEngine:
         self._check_awake("add_request")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
-        if params.return_routed_experts and self.routing is None:
+        if params.return_routed_experts and not self.config.capture_routing:
             raise ValueError(
                 "return_routed_experts: expected False on an engine built with "
                 "capture_routing=False (set capture_routing=True to record routed experts), "
@@ -330,8 +307,7 @@ class LLMEngine:
         store files its pending rows. What a failed step does before it raises."""
         self._in_flight = None
         self.scheduler.abort_all()
-        if self.routing is not None:
-            self.routing.commit()
+        self.capture.commit()
 
     def _launch(self, batch: ScheduledBatch) -> _InFlight:
         """Enqueue ``batch`` on the device without waiting for it: its inputs (placeholders
@@ -378,12 +354,7 @@ class LLMEngine:
 
     def _output(self, seq: EngineSequence) -> RequestOutput:
         text = None if self.tokenizer is None else self.tokenizer.decode(seq.generated_token_ids)
-        routed_experts = (
-            self.routing.rows(seq)
-            if self.routing is not None and seq.params.return_routed_experts
-            else None
-        )
-        return RequestOutput.from_sequence(seq, text=text, routed_experts=routed_experts)
+        return RequestOutput.from_sequence(seq, text=text, routed_experts=seq.routed_experts)
 
     # ------------------------------------------------------------------ weights, state
 
@@ -428,9 +399,8 @@ class LLMEngine:
         if self.is_sleeping:
             return
         self._drain()  # a batch of finished requests may still use the KV cache
-        if self.routing is not None:
-            # File the last step's rows now: the store is read by slot while we sleep.
-            self.routing.commit()
+        # File the last step's rows now: the store is read by slot while we sleep.
+        self.capture.commit()
         self.scheduler.block_manager.reset_prefix_cache()
         self.runner.sleep()
 
@@ -452,7 +422,7 @@ class LLMEngine:
     def routing_reader_spec(self) -> ReaderSpec | None:
         """How a ``rollout.capture.RoutedExpertsReader`` in another process on this node
         attaches to this engine's routing store; None without ``capture_routing``."""
-        return None if self.routing is None else self.routing.reader_spec()
+        return self.capture.reader_spec()
 
     @property
     def stats(self) -> EngineStats:
@@ -477,5 +447,4 @@ class LLMEngine:
             self._drain()  # the device finishes the last batch before its memory goes
         finally:
             self.runner.shutdown()
-            if self.routing is not None:
-                self.routing.close()
+            self.capture.close()

@@ -18,19 +18,19 @@ so the engine launches a step while the previous one still runs (``rollout.engin
   ``input_ids`` on the device (``batch.placeholder_indices`` / ``placeholder_rows``), before
   the forward on the same stream. The pinned buffers are rewritten only once the previous
   ``prepare``'s copies have run (an event: by then the device is on that step's forward).
-- ``run(inputs)`` runs the forward (eager, or the bucket's graph replay), then the
-  ``after_forward`` hook (routing capture files the previous step's rows and enqueues its
-  asynchronous device-to-host copy of ``routing_capture[:T]`` there, on its own stream), and
-  returns the float32 logits of the sampling rows only (``batch.logits_indices``).
+- ``run(inputs)`` runs the forward (eager, or the bucket's graph replay), then routed-expert
+  capture's ``after_forward`` (``rollout.capture``), and returns the float32 logits of the
+  sampling rows only (``batch.logits_indices``).
 - ``sample_async(logits, inputs)`` draws the tokens on the device and starts their copy to the
   host: ``SampledTokens.tolist()`` waits for it. ``sample`` does both (tests and tools).
 
-Static inputs live in one place, ``StepBuffers``, the routing capture buffer
-([max_num_batched_tokens, L, K], or None) among them: a CUDA graph replays whatever ``prepare``
+Static inputs live in one place, ``StepBuffers``, the routed-expert capturer (its buffer
+[max_num_batched_tokens, L, K], or None) among them: a CUDA graph replays whatever ``prepare``
 last wrote there.
 
-``data_parallel_mode="dp_attention"`` (``dispatch``, a ``rollout.layers.moe.NaiveDispatch`` the
-runner sets on the model's MoE blocks): every forward is collective across the ranks.
+``data_parallel_mode="dp_attention"`` (``dispatch``, a
+``rollout.engine.expert_parallel.NaiveDispatch`` the runner sets on the model's MoE blocks):
+every forward is collective across the ranks.
 ``prepare`` exchanges the step's token counts first (``dispatch.begin_step``), a rank without
 work calls ``run_idle`` (a forward of one padding token, outputs discarded) whenever another
 rank steps, and everything runs eager (no CUDA graphs).
@@ -45,10 +45,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from rollout.capture import CaptureOff
 from rollout.config import EngineConfig
 from rollout.engine.cuda_graphs import MAX_CUDA_GRAPH_SIZE, DecodeGraphs, cuda_graph_sizes
 from rollout.engine.kv_cache import PROFILE_SAMPLING, KVCache, reserved_bytes, return_memory
@@ -61,15 +63,17 @@ from rollout.layers.attention import (
     make_attention_backend,
 )
 from rollout.layers.invariant_attention import InvariantAttentionBackend
-from rollout.layers.moe import NaiveDispatch, SparseMoeBlock
+from rollout.layers.moe import SparseMoeBlock
 from rollout.loader import LoadedCheckpoint
 from rollout.sampler import SampledTokens, Sampler
+
+if TYPE_CHECKING:
+    from rollout.capture import RoutedExpertsCapturer, RoutingCapture
+    from rollout.engine.expert_parallel import NaiveDispatch
 
 __all__ = ["ModelRunner"]
 
 logger = logging.getLogger(__name__)
-
-_CAPTURE_DTYPES = (torch.uint8, torch.int16, torch.int32)
 
 
 class ModelRunner:
@@ -79,10 +83,10 @@ class ModelRunner:
         config: the engine settings.
         checkpoint: the loaded model (its dtype and device are the runner's).
         max_model_len: the resolved context length.
-        routing_capture: the capture buffer ``[>= max_num_batched_tokens, L, K]`` in a compact
-            id dtype on the model's device, or None (capture off: nothing is written).
-        after_forward: called with each step's batch right after its forward is enqueued, on
-            the current stream (not for the memory-profiling step); it must not synchronise.
+        capture: routed-expert capture (``rollout.capture.RoutingCapture``; None: off): its
+            ``capturer`` (buffer ``[>= max_num_batched_tokens, L, K]`` on the model's device)
+            is a static input, and its ``after_forward`` runs with each step's batch right after
+            the forward is enqueued, on the current stream (not for the memory-profiling step).
         dispatch: the ``NaiveDispatch`` of a ``dp_attention`` rank (set on every MoE block
             here, before the memory profile), or None.
 
@@ -99,8 +103,7 @@ class ModelRunner:
         checkpoint: LoadedCheckpoint,
         *,
         max_model_len: int,
-        routing_capture: torch.Tensor | None = None,
-        after_forward: Callable[[ScheduledBatch], None] | None = None,
+        capture: RoutingCapture | None = None,
         sampler_seed: int | None = None,
         dispatch: NaiveDispatch | None = None,
     ) -> None:
@@ -114,7 +117,7 @@ class ModelRunner:
         self.device = checkpoint.device
         self.max_model_len = max_model_len
         self.vocab_size = self.model.args.vocab_size
-        self.after_forward = after_forward
+        self.capture = CaptureOff() if capture is None else capture
         self.max_blocks_per_seq = math.ceil(max_model_len / config.block_size)
         # Naive dispatch changes the collectives' shapes every step: eager only.
         use_graphs = self.device.type == "cuda" and not config.enforce_eager and dispatch is None
@@ -156,7 +159,7 @@ class ModelRunner:
                 "placeholders": (2 * seqs, torch.int64),
             },
             self.device,
-            routing_capture=self._check_capture(routing_capture),
+            capturer=self._check_capturer(self.capture.capturer),
         )
         # Step state, set before the memory profile (on CUDA it runs a step).
         self.graphs = DecodeGraphs(self.device)
@@ -230,11 +233,10 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, inputs: StepInputs) -> torch.Tensor:
-        """The forward of one step, then the ``after_forward`` hook; float32 logits [S, V] of
+        """The forward of one step, then capture's ``after_forward``; float32 logits [S, V] of
         its sampling rows."""
         hidden_TH = self._forward(inputs)
-        if self.after_forward is not None:
-            self.after_forward(inputs.batch)
+        self.capture.after_forward(inputs.batch)
         return self._logits(hidden_TH, inputs)
 
     @torch.no_grad()
@@ -392,23 +394,20 @@ class ModelRunner:
         self.kv.release()
         self.backend = None
 
-    def _check_capture(self, buffer: torch.Tensor | None) -> torch.Tensor | None:
-        if buffer is None:
+    def _check_capturer(
+        self, capturer: RoutedExpertsCapturer | None
+    ) -> RoutedExpertsCapturer | None:
+        if capturer is None:
             return None
         layers, top_k = len(self.model.moe_layers), self.model.routing_params.top_k
-        if (
-            buffer.dim() != 3
-            or buffer.shape[0] < self.config.max_num_batched_tokens
-            or tuple(buffer.shape[1:]) != (layers, top_k)
-            or buffer.dtype not in _CAPTURE_DTYPES
-            or buffer.device != self.device
-        ):
+        buffer = capturer.buffer
+        rows, shape = self.config.max_num_batched_tokens, tuple(buffer.shape)
+        if shape[0] < rows or shape[1:] != (layers, top_k) or buffer.device != self.device:
             raise ValueError(
-                f"routing_capture: expected a [>= {self.config.max_num_batched_tokens}, {layers}, "
-                f"{top_k}] uint8/int16/int32 tensor on {self.device}, got "
-                f"{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}"
+                f"capturer: expected a buffer [>= {rows}, {layers}, {top_k}] on {self.device}, "
+                f"got {shape} on {buffer.device}"
             )
-        return buffer
+        return capturer
 
     def _forward_batch(
         self,
@@ -451,7 +450,7 @@ class ModelRunner:
             block_tables_cpu=tables_cpu,
             is_decode=is_decode,
             attn_backend=self.backend,
-            routing_capture=buf.routing_capture,
+            capture=buf.capturer,
         )
         forward.attn_state = self.backend.plan(forward, cuda_graph=graph_size is not None)
         return forward

@@ -9,8 +9,8 @@ Each ``schedule()`` builds one batch under ``max_num_batched_tokens`` tokens:
    first one whose chunk does not fit the free blocks stops admission.
 
 When a running sequence needs a block and none is free, the most recently arrived running
-sequence not yet in the batch is preempted: ``on_preempt(seq)`` runs while its block table
-and ``num_computed_tokens`` are intact (capture saves its routing rows there), then its
+sequence not yet in the batch is preempted: ``capture.on_preempt(seq)`` runs while its block
+table and ``num_computed_tokens`` are intact (capture saves its routing rows there), then its
 blocks are freed and it goes back to the front of the waiting queue with
 ``num_computed_tokens = 0``. Its generated tokens stay: they are re-fed like a prompt and
 still count towards ``max_tokens``. A request that could never fit in the cache is refused
@@ -47,7 +47,7 @@ the held blocks change a preemption; otherwise it is the same. A sequence of the
 batch may be preempted by the next schedule: its blocks are reused only by later batches,
 which the runner runs after batch N on the same device stream.
 
-Every finish (stop, length or ``abort``) first calls ``on_finish(seq)`` with
+Every finish (stop, length or ``abort``) first calls ``capture.on_finish(seq)`` with
 ``seq.finish_reason`` set, the placeholders dropped and the block table still intact (a
 sequence preempted while in flight finishes from the waiting queue, holding no blocks): after a
 stop or length finish, positions ``[0, len(seq) - 1)`` (all but the newest token) have their
@@ -65,15 +65,18 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from rollout.config import EngineConfig, EngineState
 from rollout.engine.block_manager import BlockManager
 from rollout.engine.sequence import FinishReason, Sequence, SequenceStatus
 from rollout.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from rollout.capture import RoutingCapture
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +200,10 @@ class Scheduler:
             ``block_size``, ``enable_prefix_caching``).
         state: run-time values, read once here (``num_kv_blocks``, ``max_model_len``,
             ``eos_token_ids``).
-        on_preempt: called with a sequence about to be preempted, before its blocks are freed.
-        on_finish: called with a sequence that finishes (``finish_reason`` set), before its
-            blocks are freed.
+        capture: routed-expert capture (``rollout.capture.RoutingCapture``, ``CaptureOff()``
+            when off), told of a sequence about to be preempted (``on_preempt``) and of one
+            that finishes (``on_finish``, ``finish_reason`` set), each before its blocks are
+            freed.
 
     Attributes:
         block_manager: the KV-block pool (prefix-cache counters, ``reset_prefix_cache``).
@@ -213,8 +217,7 @@ class Scheduler:
         config: EngineConfig,
         state: EngineState,
         *,
-        on_preempt: Callable[[Sequence], None] | None = None,
-        on_finish: Callable[[Sequence], None] | None = None,
+        capture: RoutingCapture,
     ) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
@@ -226,8 +229,7 @@ class Scheduler:
             config.block_size,
             enable_prefix_caching=config.enable_prefix_caching,
         )
-        self.on_preempt = on_preempt
-        self.on_finish = on_finish
+        self.capture = capture
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -280,8 +282,8 @@ class Scheduler:
     def abort_all(self) -> None:
         """Drop every unfinished sequence (finish reason "abort") and the batches scheduled or
         in flight, and empty the KV pool and the prefix cache (``BlockManager.reset``): the
-        state after a failed step, whatever transition it interrupted. ``on_finish`` is not
-        called (an aborted sequence has nothing to save).
+        state after a failed step, whatever transition it interrupted. ``capture.on_finish`` is
+        not called (an aborted sequence has nothing to save).
         """
         for seq in self._unfinished.values():
             seq.drop_placeholders()
@@ -488,8 +490,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        if self.on_preempt is not None:
-            self.on_preempt(seq)
+        self.capture.on_preempt(seq)
         self.block_manager.deallocate(seq)
         self.running.remove(seq)
         seq.num_computed_tokens = 0
@@ -504,8 +505,7 @@ class Scheduler:
         seq.drop_placeholders()
         seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq) - 1)
         seq.finish_reason = reason
-        if self.on_finish is not None:
-            self.on_finish(seq)
+        self.capture.on_finish(seq)
         if seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         else:

@@ -71,11 +71,12 @@ class Sequence:
         pending_rows: one per trailing placeholder token, oldest first: its row in the sampled
             tokens of the batch that samples it.
         status, finish_reason: see ``SequenceStatus``; ``finish_reason`` is None until the
-            sequence finishes (it is set just before the scheduler's ``on_finish`` hook runs).
+            sequence finishes (it is set just before the scheduler tells capture it finished).
         num_preemptions: how often the sequence was preempted.
-        saved_routing: rows kept across preemption by the engine's ``on_preempt`` hook: maps
-            the first position of a saved range to an engine-defined block of rows. The control
-            plane never reads it.
+        saved_routing: rows kept across preemption by routed-expert capture: maps the first
+            position of a saved range to a block of rows. The control plane never reads it.
+        routed_experts: the rows its output returns, set by capture when it finishes (None:
+            not asked for). The control plane never reads it.
     """
 
     __slots__ = (
@@ -90,6 +91,7 @@ class Sequence:
         "num_prompt_tokens",
         "params",
         "pending_rows",
+        "routed_experts",
         "saved_routing",
         "seq_id",
         "status",
@@ -129,6 +131,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
         self.saved_routing: dict[int, object] = {}
+        self.routed_experts: object | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ import torch
 from rollout.engine.scheduler import ScheduledBatch
 from rollout.forward_batch import ForwardBatch
 from rollout.sampler import SampledTokens, SamplingInputs
+
+if TYPE_CHECKING:
+    from rollout.capture import RoutedExpertsCapturer
 
 __all__ = ["StepBuffers", "StepInputs"]
 
@@ -35,7 +39,7 @@ class StepBuffers:
     Args:
         sizes: name -> (number of elements, dtype) of each flat buffer.
         device: where the model runs.
-        routing_capture: the routed-expert capture buffer (written by the model, never staged),
+        capturer: the routed-expert capturer (its buffer written by the model, never staged),
             or None.
     """
 
@@ -44,9 +48,9 @@ class StepBuffers:
         sizes: dict[str, tuple[int, torch.dtype]],
         device: torch.device,
         *,
-        routing_capture: torch.Tensor | None = None,
+        capturer: RoutedExpertsCapturer | None = None,
     ) -> None:
-        self.routing_capture = routing_capture
+        self.capturer = capturer
         pinned = device.type == "cuda"
         self.host = {
             name: torch.zeros(n, dtype=dtype, pin_memory=pinned)

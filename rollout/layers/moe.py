@@ -1,37 +1,25 @@
 """The sparse MoE block: router -> ``routing_kernels.route`` (ids captured in-kernel) -> fused
 experts, plus optional shared experts, overlapped on a side CUDA stream when that is right and
-useful; and ``NaiveDispatch``, the expert parallelism across data-parallel ranks that the engine
-attaches to the blocks from outside for ``data_parallel_mode="dp_attention"``.
+useful. The block is single-device; the engine applies expert parallelism from outside
+(``rollout.engine.expert_parallel``: the experts a block holds, its ``dispatch``).
 
 Legend: T tokens (of this rank), H hidden size, E experts, L experts held by this rank (E
-without expert parallelism), K top-k, I expert intermediate size; under ``NaiveDispatch``:
-N ranks, X tokens of all ranks (the routed batch), M the largest per-rank token count of the
-step.
+without expert parallelism), K top-k, I expert intermediate size, X tokens routed under a
+dispatch (all ranks').
 
 Expert weights use HF transformers v5's fused layout: ``gate_up_proj`` [L, 2I, H] (gate rows
 then up rows) and ``down_proj`` [L, H, I], for a contiguous range of the E experts (all of
-them unless expert parallelism splits them: ``MoEParallelConfig.ep_size``). The routing
-semantics are those of ``routing_kernels.RoutingMethod`` (DESIGN.md); each family maps its HF router
-onto one method.
+them unless expert parallelism splits them). The routing semantics are those of
+``routing_kernels.RoutingMethod`` (DESIGN.md); each family maps its HF router onto one method.
+
+Routed-expert capture: a block given the step's ``RoutedExpertsCapturer`` writes its ids through
+the capturer's API, its layer view as the routing kernel's ``capture_out``, or ``capture`` with
+the dispatch's ``DPMetadata`` (``rollout.capture`` tells the story).
 
 Shared-expert overlap: the shared experts read the same input as the routed experts and their
 outputs are summed, so they can run concurrently on a side stream (fork/join with CUDA events:
 capturable in CUDA graphs; the same kernels on the same data, so the result is identical).
-``shared_experts_overlap`` decides from the parallel configuration, as vLLM does after its
-PR 39222: off on CPU; off with expert-placement load balancing (EPLB) under an all-to-all
-backend other than allgather/reduce-scatter (a correctness hazard there); off with two-sided
-all-to-all kernels (no gain: they already overlap communication); on otherwise.
-
-Naive dispatch (DESIGN.md "Data parallelism and capture"): each rank runs attention on its own
-tokens; in every MoE layer the ranks all-gather the hidden states of all ranks' tokens (padded
-to the step's largest count M for the collective, then compacted to the X = sum(n) real ones in
-rank order), route all X tokens, compute the contribution of this rank's experts only (a
-contiguous 1/N slice, the only experts whose weights the rank holds: pairs of other experts
-carry ``routing_kernels.fused_moe.MASKED_ID`` and are skipped) and reduce-scatter the sum, so
-each rank gets the full routed output of its own tokens.
-Shared experts stay on the rank's own tokens. The capture buffer takes this rank's rows of the
-routed batch, chosen by the capturer's DP rule (``RoutedExpertsCapturer.rank_rows``). Shapes
-change every step and ``begin_step`` reads the counts on the host: eager only, no CUDA graphs.
+``shared_experts_overlap`` decides.
 """
 
 from __future__ import annotations
@@ -40,48 +28,29 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from rollout.capture.capturer import DPMetadata
 from rollout.layers.linear import Linear
 from rollout.layers.mlp import GatedMLP
 from routing_kernels import batch_invariant
-from routing_kernels.fused_moe import MASKED_ID, fused_experts, fused_experts_reference
+from routing_kernels.fused_moe import fused_experts, fused_experts_reference
 from routing_kernels.replay_weights import replay_topk
 from routing_kernels.route import route
 from routing_kernels.routing_method import RoutingMethod
 
 if TYPE_CHECKING:
-    from rollout.capture.capturer import RoutedExpertsCapturer
+    from rollout.capture import RoutedExpertsCapturer
+    from rollout.engine.expert_parallel import NaiveDispatch
 
 __all__ = [
-    "ALL2ALL_BACKENDS",
     "Experts",
-    "MoEParallelConfig",
-    "NaiveDispatch",
     "Router",
     "RoutingParams",
     "SparseMoeBlock",
-    "expert_slice",
     "shared_experts_overlap",
 ]
-
-# torch 2.13 renamed the tensor collectives (the old names warn there); older torch has only them.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-ALL2ALL_BACKENDS = (
-    "allgather_reducescatter",
-    "naive",
-    "pplx",
-    "deepep_high_throughput",
-    "deepep_low_latency",
-    "flashinfer_all2allv",
-)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -143,182 +112,18 @@ class RoutingParams:
             )
 
 
-@dataclass(kw_only=True, slots=True, frozen=True)
-class MoEParallelConfig:
-    """The expert-parallel configuration: which experts a model holds, and what decides
-    shared-expert overlap.
+def shared_experts_overlap(*, device: torch.device | str, deterministic: bool) -> bool:
+    """Whether a model on ``device`` runs its shared experts on a side stream, overlapped with
+    the routed experts: on CUDA unless ``deterministic`` (whose shared experts are added after
+    the routed ones on the main stream, in a fixed order).
 
-    Attributes:
-        ep_rank: this model's rank among the ``ep_size`` expert-parallel ranks; it holds the
-            weights of ``expert_slice(E, ep_rank, ep_size)`` only (the data-parallel rank under
-            ``data_parallel_mode="dp_attention"``).
-        ep_size: the number of expert-parallel ranks (1: the model holds every expert).
-        enable_eplb: expert-placement load balancing (redundant / moved experts) is on.
-        all2all_backend: the token dispatch/combine backend, one of ``ALL2ALL_BACKENDS``.
-        use_two_sided_all2all_kernels: dispatch/combine through two-sided all-to-all kernels
-            (FlashInfer's NVLink two-sided kernels), which overlap communication themselves.
+    vLLM (after its PR 39222) also turns overlap off under expert-placement load balancing with
+    an all-to-all backend other than all-gather/reduce-scatter, and under two-sided all-to-all
+    kernels. Neither exists here: ``data_parallel_mode="dp_attention"`` exchanges tokens by
+    all-gather/reduce-scatter (``rollout.engine.expert_parallel.NaiveDispatch``), with no load
+    balancing, and the other modes exchange none; so the placement never turns it off.
     """
-
-    ep_rank: int = 0
-    ep_size: int = 1
-    enable_eplb: bool = False
-    all2all_backend: str = "allgather_reducescatter"
-    use_two_sided_all2all_kernels: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("ep_rank", "ep_size"):
-            if type(getattr(self, name)) is not int:
-                raise TypeError(
-                    f"{name}: expected an int, got {type(getattr(self, name)).__name__}"
-                )
-        if self.ep_size < 1:
-            raise ValueError(f"ep_size: expected an int >= 1, got {self.ep_size}")
-        if not 0 <= self.ep_rank < self.ep_size:
-            raise ValueError(f"ep_rank: expected an int in [0, {self.ep_size}), got {self.ep_rank}")
-        if self.all2all_backend not in ALL2ALL_BACKENDS:
-            raise ValueError(
-                f"all2all_backend: expected one of {ALL2ALL_BACKENDS}, got {self.all2all_backend!r}"
-            )
-
-
-def shared_experts_overlap(*, device: torch.device | str, parallel: MoEParallelConfig) -> bool:
-    """Whether shared experts should run on a side stream, overlapped with the routed experts."""
-    if torch.device(device).type != "cuda":
-        return False
-    if parallel.enable_eplb and parallel.all2all_backend != "allgather_reducescatter":
-        return False
-    return not parallel.use_two_sided_all2all_kernels
-
-
-def expert_slice(num_experts: int, rank: int, world_size: int) -> range:
-    """The experts that rank ``rank`` of ``world_size`` computes under expert parallelism: the
-    contiguous slice ``[rank * E / N, (rank + 1) * E / N)``.
-
-    Raises:
-        ValueError: ``num_experts`` not a multiple of ``world_size`` (the message names
-            ``num_experts`` and ``data_parallel_size``), or ``rank`` not in ``[0, world_size)``.
-    """
-    if world_size < 1 or num_experts % world_size:
-        raise ValueError(
-            f"num_experts: expected a multiple of data_parallel_size={world_size} with "
-            f"data_parallel_mode='dp_attention' (each rank computes num_experts / "
-            f"data_parallel_size experts), got {num_experts}"
-        )
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank: expected an int in [0, {world_size}), got {rank}")
-    per_rank = num_experts // world_size
-    return range(rank * per_rank, (rank + 1) * per_rank)
-
-
-class NaiveDispatch:
-    """Expert parallelism over the data-parallel ranks by naive dispatch (module docstring),
-    set as ``SparseMoeBlock.dispatch`` on every MoE block of a rank's model.
-
-    Every rank calls ``begin_step(n_r)`` once per forward (a collective: it all-gathers the
-    token counts) and then runs a forward over its ``n_r`` tokens; the MoE blocks' ``gather``
-    and ``combine`` are collectives too, so every rank must run every forward (a rank without
-    work feeds a padding token). The collectives use the default ``torch.distributed`` process
-    group (gloo on CPU, NCCL on CUDA) on tensors on ``device``.
-
-    Args:
-        num_experts: E, a multiple of ``world_size``.
-        rank: this rank in the default process group.
-        world_size: N, the size of the default process group.
-        device: the model's device.
-        capturer: this rank's routed-expert capturer with capture on, else None; its
-            ``rank_rows`` rule picks the rows of the routed batch that the MoE layers capture.
-
-    Attributes:
-        rank, world_size, experts (this rank's ``expert_slice``), dp (the step's
-        ``DPMetadata``; None before the first step), capture_rows (``[start, stop)`` of the
-        routed batch that are this rank's, by the capturer's rule; None without a capturer).
-
-    Raises:
-        ValueError: E not a multiple of N, or no default process group of N ranks with this
-            rank.
-    """
-
-    def __init__(
-        self,
-        *,
-        num_experts: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        capturer: RoutedExpertsCapturer | None = None,
-    ) -> None:
-        self.experts = expert_slice(num_experts, rank, world_size)
-        group = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else None
-        if group != (rank, world_size):
-            raise ValueError(
-                f"data_parallel_size: expected rank {rank} of an initialized default process "
-                f"group of {world_size} ranks, got {'none' if group is None else group}"
-            )
-        self.rank = rank
-        self.world_size = world_size
-        self.device = torch.device(device)
-        self._capturer = capturer
-        # Global expert id -> index among this rank's experts, MASKED_ID for the others.
-        local_E = torch.full((num_experts,), MASKED_ID, dtype=torch.int32)
-        local_E[self.experts.start : self.experts.stop] = torch.arange(
-            len(self.experts), dtype=torch.int32
-        )
-        self._local_E = local_E.to(self.device)
-        self.dp: DPMetadata | None = None
-        self.capture_rows: tuple[int, int] | None = None
-        self._longest = 0
-        # Rows of the padded gather [N * M] that hold real tokens; None when none is padding.
-        self._rows_X: torch.Tensor | None = None
-
-    def begin_step(self, num_tokens: int) -> DPMetadata:
-        """Exchange this step's token counts with the other ranks (collective; reads them on
-        the host) and return them as ``DPMetadata``."""
-        mine = torch.tensor([num_tokens], dtype=torch.int64, device=self.device)
-        counts_N = torch.empty(self.world_size, dtype=torch.int64, device=self.device)
-        _all_gather(counts_N, mine)
-        counts = counts_N.tolist()
-        self.dp = DPMetadata(num_tokens_across_dp=counts)
-        longest = max(counts)
-        self._longest = longest
-        if all(count == longest for count in counts):
-            self._rows_X = None
-        else:
-            rows = np.concatenate([q * longest + np.arange(c) for q, c in enumerate(counts)])
-            self._rows_X = torch.from_numpy(rows).to(self.device)
-        if self._capturer is not None:
-            self.capture_rows = self._capturer.rank_rows(sum(counts), self.dp)
-        return self.dp
-
-    def gather(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """[X, H]: the step's tokens of every rank, in rank order (collective)."""
-        assert self.dp is not None, "begin_step must run before the forward"
-        assert x_TH.shape[0] == self.dp.num_tokens_across_dp[self.rank], (
-            f"rank {self.rank}: {x_TH.shape[0]} tokens, begin_step said {self.dp}"
-        )
-        padding = self._longest - x_TH.shape[0]
-        x_MH = (F.pad(x_TH, (0, 0, 0, padding)) if padding else x_TH).contiguous()
-        gathered_NMH = x_TH.new_empty((self.world_size * self._longest, x_TH.shape[1]))
-        _all_gather(gathered_NMH, x_MH)
-        return gathered_NMH if self._rows_X is None else gathered_NMH[self._rows_X]
-
-    def combine(self, partial_XH: torch.Tensor) -> torch.Tensor:
-        """[T, H]: the sum over the ranks of their partial outputs for this rank's tokens
-        (collective)."""
-        assert self.dp is not None, "begin_step must run before the forward"
-        padded_NMH = partial_XH
-        if self._rows_X is not None:
-            padded_NMH = partial_XH.new_zeros(
-                (self.world_size * self._longest, partial_XH.shape[1])
-            )
-            padded_NMH[self._rows_X] = partial_XH
-        out_MH = partial_XH.new_empty((self._longest, partial_XH.shape[1]))
-        _reduce_scatter(out_MH, padded_NMH.contiguous())
-        return out_MH[: self.dp.num_tokens_across_dp[self.rank]]
-
-    def local_ids(self, ids_XK: torch.Tensor) -> torch.Tensor:
-        """Expert ids as indices into this rank's slice of the experts; ``MASKED_ID`` for the
-        experts of other ranks."""
-        return self._local_E[ids_XK]
+    return torch.device(device).type == "cuda" and not deterministic
 
 
 class Router(nn.Module):
@@ -487,11 +292,12 @@ class SparseMoeBlock(nn.Module):
             ``shared_experts`` for GLM4-MoE), kept so parameter names match HF's.
         shared_gate: Qwen2-MoE's ``shared_expert_gate``: the shared output is scaled by
             ``sigmoid(x @ shared_expert_gate.T)``.
-        overlap: run the shared experts on a side CUDA stream (``shared_experts_overlap``).
         local_experts: the routed experts whose weights the block holds (``Experts.local``);
             None: all. A block holding a part needs the ``dispatch`` that computes that part.
 
     Attributes:
+        aux_stream: None (shared experts after the routed ones, on the current stream), or the
+            side CUDA stream the model sets to overlap them (``shared_experts_overlap``).
         dispatch: None (the block routes and computes its own tokens), or the ``NaiveDispatch``
             the engine sets for ``dp_attention``: the routed experts then run over the tokens of
             all ranks, this rank's expert slice only, and the shared experts over its own.
@@ -514,7 +320,6 @@ class SparseMoeBlock(nn.Module):
         shared_intermediate_size: int = 0,
         shared_name: str = "shared_experts",
         shared_gate: bool = False,
-        overlap: bool = False,
         local_experts: range | None = None,
     ) -> None:
         super().__init__()
@@ -532,7 +337,6 @@ class SparseMoeBlock(nn.Module):
                 "shared_gate: expected shared experts (shared_intermediate_size > 0), got none"
             )
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_gate else None
-        self._overlap = overlap and shared_intermediate_size > 0
         # Set by the model (one side stream shared by its MoE layers); events made on first use.
         self.aux_stream: torch.cuda.Stream | None = None
         self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
@@ -557,7 +361,7 @@ class SparseMoeBlock(nn.Module):
     @property
     def shared_experts_overlap(self) -> bool:
         """Whether the shared experts run on the side stream ``aux_stream``."""
-        return self._overlap
+        return self._shared_name is not None and self.aux_stream is not None
 
     def _shared(self, x_TH: torch.Tensor) -> torch.Tensor:
         out_TH = getattr(self, self._shared_name)(x_TH)
@@ -566,7 +370,7 @@ class SparseMoeBlock(nn.Module):
             out_TH = sigmoid(self.shared_expert_gate(x_TH)) * out_TH
         return out_TH
 
-    def _routed(self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None) -> torch.Tensor:
+    def _routed(self, x_TH: torch.Tensor, capture: RoutedExpertsCapturer | None) -> torch.Tensor:
         dispatch = self._dispatch
         if dispatch is None:
             if not self.experts.holds_all:
@@ -575,29 +379,27 @@ class SparseMoeBlock(nn.Module):
                     f"dispatch: expected a NaiveDispatch for a block holding experts "
                     f"[{local.start}, {local.stop}) of {self.routing.num_experts}, got None"
                 )
-            _, weights_TK, ids_TK = self.gate(x_TH, capture_TK)
+            out_TK = None if capture is None else capture.layer_view(self.moe_index, x_TH.shape[0])
+            _, weights_TK, ids_TK = self.gate(x_TH, out_TK)
             return self.experts(x_TH, ids_TK, weights_TK)
         x_XH = dispatch.gather(x_TH)
         _, weights_XK, ids_XK = self.gate(x_XH)
-        if capture_TK is not None:
-            assert dispatch.capture_rows is not None, "capture on, but the dispatch has no capturer"
-            start, stop = dispatch.capture_rows
-            capture_TK.copy_(ids_XK[start:stop])
+        if capture is not None:
+            capture.capture(self.moe_index, ids_XK, dispatch.dp)
         # The block holds exactly the dispatch's experts (the setter checks): local ids index them.
         partial_XH = self.experts(x_XH, dispatch.local_ids(ids_XK), weights_XK, masked=True)
         return dispatch.combine(partial_XH)
 
-    def forward(self, x_TH: torch.Tensor, capture_TK: torch.Tensor | None = None) -> torch.Tensor:
-        """MoE output [T, H]; the top-k ids of these T tokens are also written to ``capture_TK``
-        [T, K] when given (under ``dispatch``: this rank's rows of the routed batch)."""
+    def forward(
+        self, x_TH: torch.Tensor, capture: RoutedExpertsCapturer | None = None
+    ) -> torch.Tensor:
+        """MoE output [T, H]; with ``capture``, the top-k ids of these T tokens are also written
+        into its rows ``[:T]`` at this layer's ``moe_index`` (under ``dispatch``: this rank's rows
+        of the routed batch, by the capturer's DP rule)."""
         if self._shared_name is None:
-            return self._routed(x_TH, capture_TK)
-        if not (self._overlap and x_TH.is_cuda):
-            return self._routed(x_TH, capture_TK) + self._shared(x_TH)
+            return self._routed(x_TH, capture)
         if self.aux_stream is None:
-            raise ValueError(
-                "aux_stream: shared-expert overlap is on but no side stream was attached"
-            )
+            return self._routed(x_TH, capture) + self._shared(x_TH)
         if self._events is None:
             self._events = (torch.cuda.Event(), torch.cuda.Event())
         fork, join = self._events
@@ -607,6 +409,6 @@ class SparseMoeBlock(nn.Module):
             self.aux_stream.wait_event(fork)
             shared_TH = self._shared(x_TH)
             join.record(self.aux_stream)
-        routed_TH = self._routed(x_TH, capture_TK)
+        routed_TH = self._routed(x_TH, capture)
         main.wait_event(join)
         return routed_TH + shared_TH

@@ -8,44 +8,32 @@ All five families are pre-norm decoders: RMSNorm -> attention (fused q/k/v proje
 q/k RMSNorm, RoPE, paged attention) -> residual -> RMSNorm -> MLP (dense SwiGLU or sparse MoE)
 -> residual; final RMSNorm; LM head. A family file only maps its HF config onto
 ``DecoderArgs`` and, where its checkpoints use other names, maps its parameter names onto the
-canonical HF v5 names (``canonical_name``).
+canonical HF v5 names (``canonical_name``). Parameter names and weight loading:
+``rollout.models.weights``.
 
-Parameter names mirror HF v5's (``model.layers.3.mlp.experts.gate_up_proj``), except the fused
-projections: ``self_attn.qkv_proj`` (HF ``q_proj``, ``k_proj``, ``v_proj``) and ``gate_up_proj``
-of dense and shared MLPs (HF ``gate_proj``, ``up_proj``). ``load_weights`` takes HF names, both
-v5's fused expert tensors and the per-expert names ``save_pretrained`` writes
-(``mlp.experts.{j}.gate_proj.weight``), and copies them in place.
-
-Expert parallelism (``MoEParallelConfig.ep_size`` > 1, one model per rank): each MoE layer
-holds only the rank's contiguous slice of the experts (``expert_slice``), so the fused expert
-parameters are [L, ...] while their names stay HF's. ``load_weights`` still takes the tensors
-of every expert (a trainer's full state dict): it copies the rank's rows of a fused tensor
-[E, ...] and its experts' per-expert tensors, checks the shape of the others and skips them;
-``checkpoint_rows`` tells a loader which parts of a checkpoint's tensors to read at all.
+The model is single-device. Expert parallelism is applied from outside: built with a
+``rollout.engine.expert_parallel.MoEParallelConfig`` its MoE layers hold only that rank's slice
+of the experts, and the engine sets their ``dispatch``.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rollout.forward_batch import ForwardBatch
 from rollout.layers.attention import Attention, AttentionSpec
+from rollout.layers.embedding import Embedding
 from rollout.layers.linear import Linear
 from rollout.layers.mlp import GatedMLP
 from rollout.layers.moe import (
     Experts,
-    MoEParallelConfig,
     Router,
     RoutingParams,
     SparseMoeBlock,
-    expert_slice,
     shared_experts_overlap,
 )
 from rollout.layers.norm import RMSNorm
@@ -55,12 +43,15 @@ from rollout.layers.rotary import (
     rope_theta_from_parameters,
     rotate,
 )
+from rollout.models.weights import CheckpointWeights
+
+if TYPE_CHECKING:
+    from rollout.engine.expert_parallel import MoEParallelConfig
 
 __all__ = [
     "DecoderArgs",
     "MoECausalLM",
     "check_silu",
-    "decoder_layer_of",
     "head_dim_of",
 ]
 
@@ -186,24 +177,6 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-class Embedding(nn.Module):
-    """Token embedding [V, H], created uninitialised like every other weight here.
-
-    ``compute_dtype``: the activations' dtype when it is not the weight's (a policy keeping
-    float32 master weights for a bfloat16 forward, ``rollout.load_policy``); None: the
-    weight's. The rows are rounded to it, as an engine holding the weight in it has them.
-    """
-
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-        self.compute_dtype: torch.dtype | None = None
-
-    def forward(self, ids_T: torch.Tensor) -> torch.Tensor:
-        rows_TH = F.embedding(ids_T, self.weight)
-        return rows_TH if self.compute_dtype is None else rows_TH.to(self.compute_dtype)
-
-
 class SelfAttention(nn.Module):
     """q/k/v projection, optional q/k norm and clipping, RoPE, paged attention, out projection.
 
@@ -271,7 +244,6 @@ class DecoderLayer(nn.Module):
         args: DecoderArgs,
         layer_index: int,
         moe_index: int | None,
-        overlap: bool,
         local_experts: range,
     ) -> None:
         super().__init__()
@@ -290,7 +262,6 @@ class DecoderLayer(nn.Module):
                 shared_intermediate_size=args.shared_intermediate_size,
                 shared_name=args.shared_name,
                 shared_gate=args.shared_gate,
-                overlap=overlap,
                 local_experts=local_experts,
             )
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -315,24 +286,18 @@ class DecoderLayer(nn.Module):
         h_TH, residual_TH = self.post_attention_layernorm(attn_TH, residual_TH)
         if self.moe_index is None:
             return self.mlp(h_TH), residual_TH
-        capture_TK = None
-        if batch.routing_capture is not None:
-            capture_TK = batch.routing_capture[: h_TH.shape[0], self.moe_index]
-        return self.mlp(h_TH, capture_TK), residual_TH
+        return self.mlp(h_TH, batch.capture), residual_TH
 
 
 class DecoderModel(nn.Module):
     """Embedding, decoder layers, final norm and the rotary embedding (HF's ``model.``)."""
 
-    def __init__(self, args: DecoderArgs, overlap: bool, local_experts: range) -> None:
+    def __init__(self, args: DecoderArgs, local_experts: range) -> None:
         super().__init__()
         moe_index = {layer: i for i, layer in enumerate(args.moe_layers)}
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(
-            [
-                DecoderLayer(args, i, moe_index.get(i), overlap, local_experts)
-                for i in range(args.num_layers)
-            ]
+            [DecoderLayer(args, i, moe_index.get(i), local_experts) for i in range(args.num_layers)]
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
@@ -352,20 +317,8 @@ _NUMERICS_LAYERS = (
     RotaryEmbedding,
 )
 
-_EXPERT_NAME = re.compile(
-    r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$"
-)
-_SHARD_NAME = re.compile(r"^(?P<prefix>.+\.)(?P<shard>q|k|v|gate|up)_proj\.(?P<kind>weight|bias)$")
-_LAYER_NAME = re.compile(r"^model\.layers\.(?P<layer>\d+)\.")
 
-
-def decoder_layer_of(name: str) -> int | None:
-    """The decoder-layer index in an HF parameter name (``model.layers.{i}.``), else None."""
-    match = _LAYER_NAME.match(name)
-    return int(match["layer"]) if match else None
-
-
-class MoECausalLM(nn.Module):
+class MoECausalLM(CheckpointWeights, nn.Module):
     """A single-device MoE causal LM over a paged KV cache (subclassed once per family).
 
     Build it under the target dtype and device (``rollout.loader`` does): weights are created
@@ -373,10 +326,10 @@ class MoECausalLM(nn.Module):
 
     Args:
         config: the HF ``PretrainedConfig`` of the checkpoint.
-        device: where the model runs (decides shared-expert overlap, which needs CUDA).
-        parallel: the expert-parallel configuration (default: single device, every expert, no
-            EPLB); with ``ep_size`` > 1 the MoE layers hold the experts
-            ``expert_slice(E, ep_rank, ep_size)`` only (ValueError when E does not split).
+        device: where the model runs (with ``deterministic``, it decides shared-expert overlap:
+            ``shared_experts_overlap``).
+        parallel: the experts the MoE layers hold: ``parallel.local_experts(E)`` (ValueError
+            when E does not split); None: every expert.
         deterministic: batch-invariant numerics (``routing_kernels.batch_invariant``) in every
             layer: matmuls, norms, activations, RoPE, routing weights and experts compute each
             token's result independently of the other tokens of the step (with an
@@ -386,6 +339,8 @@ class MoECausalLM(nn.Module):
     Attributes:
         config, args, local_experts (the experts each MoE layer holds), model, lm_head,
         deterministic.
+
+    Weights: ``load_weights`` and ``checkpoint_rows`` (``rollout.models.weights``).
 
     Subclasses set ``architecture`` (the HF ``architectures`` entry) and implement
     ``args_from_config``; they override ``canonical_name`` when their checkpoints use other
@@ -405,20 +360,17 @@ class MoECausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.args = self.args_from_config(config)
-        parallel = parallel if parallel is not None else MoEParallelConfig()
-        self.local_experts = expert_slice(
-            self.args.routing.num_experts, parallel.ep_rank, parallel.ep_size
+        num_experts = self.args.routing.num_experts
+        self.local_experts = (
+            range(num_experts) if parallel is None else parallel.local_experts(num_experts)
         )
-        overlap = (
-            self.args.shared_intermediate_size > 0
-            and not deterministic
-            and shared_experts_overlap(device=device, parallel=parallel)
-        )
-        self.model = DecoderModel(self.args, overlap, self.local_experts)
+        self.model = DecoderModel(self.args, self.local_experts)
         self.lm_head = Linear(self.args.hidden_size, self.args.vocab_size)
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        if overlap:
+        if self.args.shared_intermediate_size and shared_experts_overlap(
+            device=device, deterministic=deterministic
+        ):
             aux_stream = torch.cuda.Stream(torch.device(device))
             for block in self._moe_blocks():
                 block.aux_stream = aux_stream
@@ -492,153 +444,3 @@ class MoECausalLM(nn.Module):
 
     def _moe_blocks(self) -> list[SparseMoeBlock]:
         return [layer.mlp for layer in self.model.layers if layer.moe_index is not None]
-
-    # ---- weights -------------------------------------------------------------------------
-
-    def _experts_param(self, name: str) -> Experts | None:
-        """The ``Experts`` module when ``name`` is one of its fused parameters, else None."""
-        module_name, _, leaf = name.rpartition(".")
-        if leaf not in ("gate_up_proj", "down_proj"):
-            return None
-        module = self.get_submodule(module_name)
-        return module if isinstance(module, Experts) else None
-
-    def _target(self, name: str, params: dict[str, nn.Parameter], *, selected: bool) -> _Target:
-        """Where the tensor of canonical HF name ``name`` goes (``selected``: a fused expert
-        tensor holds this model's experts only, as ``checkpoint_rows`` selects them)."""
-        if name in params:
-            shape = tuple(params[name].shape)
-            experts = self._experts_param(name)
-            if experts is None or experts.holds_all or selected:
-                return _Target(name, (), None, shape, None)
-            local = experts.local
-            rows = slice(local.start, local.stop)
-            return _Target(name, (), rows, (experts.num_experts, *shape[1:]), None)
-        match = _EXPERT_NAME.match(name)
-        if match:
-            prefix, expert, proj = match["prefix"], int(match["expert"]), match["proj"]
-            experts = self.get_submodule(prefix) if f"{prefix}.down_proj" in params else None
-            if isinstance(experts, Experts) and expert < experts.num_experts:
-                size = experts.intermediate_size
-                hidden = experts.down_proj.shape[1]
-                shape = (hidden, size) if proj == "down" else (size, hidden)
-                if expert not in experts.local:
-                    return _Target(None, (), None, shape, None)  # another rank's expert
-                j = expert - experts.local.start
-                if proj == "down":
-                    return _Target(f"{prefix}.down_proj", (j,), None, shape, (expert,))
-                rows = slice(0, size) if proj == "gate" else slice(size, 2 * size)
-                return _Target(f"{prefix}.gate_up_proj", (j, rows), None, shape, (expert, proj))
-        match = _SHARD_NAME.match(name)
-        if match:
-            fused = "qkv_proj" if match["shard"] in ("q", "k", "v") else "gate_up_proj"
-            target = f"{match['prefix']}{fused}.{match['kind']}"
-            if target in params:
-                module = self.get_submodule(f"{match['prefix']}{fused}")
-                start, end = module.shards[match["shard"]]
-                shape = (end - start, *params[target].shape[1:])
-                return _Target(target, (slice(start, end),), None, shape, match["shard"])
-        raise ValueError(f"weights: unknown parameter name {name!r} for {type(self).__name__}")
-
-    def _pieces(self, name: str) -> set:
-        """The pieces that make up parameter ``name`` (all must be written to load it)."""
-        module_name, _, leaf = name.rpartition(".")
-        module = self.get_submodule(module_name)
-        if isinstance(module, Linear) and len(module.shards) > 1:
-            return set(module.shards)
-        if isinstance(module, Experts) and leaf == "gate_up_proj":
-            return {(j, proj) for j in module.local for proj in ("gate", "up")}
-        if isinstance(module, Experts) and leaf == "down_proj":
-            return {(j,) for j in module.local}
-        return {None}
-
-    def checkpoint_rows(self, hf_names: Iterable[str]) -> dict[str, slice | None]:
-        """For each checkpoint tensor name, the part of it this model needs, so that a loader
-        reads no more: None for all of it; an empty slice for none (a tensor the family skips,
-        or under expert parallelism an expert of another rank); else the rows of the first
-        dimension to read (a fused expert tensor [E, ...]: this rank's experts). Give the parts
-        read to ``load_weights(..., selected=True)``.
-
-        Raises:
-            ValueError: an unknown name (as ``load_weights`` does).
-        """
-        params = dict(self.named_parameters(remove_duplicate=False))
-        rows: dict[str, slice | None] = {}
-        for hf_name in hf_names:
-            name = self.canonical_name(hf_name)
-            if name is None or name.endswith(".rotary_emb.inv_freq"):
-                rows[hf_name] = slice(0, 0)
-                continue
-            target = self._target(name, params, selected=False)
-            rows[hf_name] = slice(0, 0) if target.param is None else target.source_rows
-        return rows
-
-    @torch.no_grad()
-    def load_weights(
-        self,
-        named_tensors: Iterable[tuple[str, torch.Tensor]],
-        *,
-        selected: bool = False,
-    ) -> set[str]:
-        """Copy HF-named tensors into the parameters in place (``copy_``: dtype and device are
-        converted, storage never reallocated, so CUDA graphs stay valid).
-
-        Accepts HF v5 names (fused ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``down_proj``
-        [E, H, I]), the per-expert names checkpoints carry (``mlp.experts.{j}.gate_proj.weight``
-        [I, H], ``up_proj``, ``down_proj`` [H, I]) and the family's own checkpoint names. Under
-        expert parallelism a fused tensor still has all E experts (this rank's rows are
-        copied) and the per-expert tensors of other ranks' experts are checked and skipped.
-
-        Args:
-            named_tensors: (HF name, tensor) pairs, consumed one at a time.
-            selected: the tensors are the parts ``checkpoint_rows`` selected: fused expert
-                tensors hold this model's L experts only (what a loader reads).
-
-        Returns:
-            the names (as in ``named_parameters()``) of the parameters this call wrote
-            completely, for the loader's missing-weights check: under expert parallelism those
-            whose held part was written completely, so every rank reports the same names for
-            a full state dict.
-
-        Raises:
-            ValueError: an unknown name, or a tensor whose shape does not match its target,
-                naming it.
-        """
-        params = dict(self.named_parameters(remove_duplicate=False))
-        aliases = {n: n for n in params}
-        if self.args.tie_word_embeddings:
-            aliases["lm_head.weight"] = "model.embed_tokens.weight"
-        written: dict[str, set] = {}
-        for hf_name, tensor in named_tensors:
-            name = self.canonical_name(hf_name)
-            # Old checkpoints carry RoPE frequency buffers; they are recomputed, never loaded.
-            if name is None or name.endswith(".rotary_emb.inv_freq"):
-                continue
-            target = self._target(name, params, selected=selected)
-            if tuple(tensor.shape) != target.source_shape:
-                where = target.param or "an expert of another expert-parallel rank"
-                raise ValueError(
-                    f"weights: {hf_name!r} expected shape {target.source_shape} for {where}, "
-                    f"got {tuple(tensor.shape)}"
-                )
-            if target.param is None:
-                continue
-            param = params[target.param]
-            dst = param[target.index] if target.index else param
-            dst.copy_(tensor if target.source_rows is None else tensor[target.source_rows])
-            name = aliases[target.param]
-            pieces = written.setdefault(name, set())
-            pieces.update(self._pieces(name) if target.piece is None else {target.piece})
-        return {name for name, pieces in written.items() if pieces >= self._pieces(name)}
-
-
-class _Target(NamedTuple):
-    """Where one HF tensor goes: ``param[index] <- tensor[source_rows]`` after checking that the
-    tensor has ``source_shape``; ``param`` None: nothing (another rank's expert); ``piece``:
-    which piece of the parameter it writes (None: all of it)."""
-
-    param: str | None
-    index: tuple
-    source_rows: slice | None
-    source_shape: tuple[int, ...]
-    piece: Any

@@ -15,13 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from rollout.layers.moe import RoutingParams
-from rollout.models.decoder import (
-    DecoderArgs,
-    MoECausalLM,
-    check_silu,
-    decoder_layer_of,
-    head_dim_of,
-)
+from rollout.models.decoder import DecoderArgs, MoECausalLM, check_silu, head_dim_of
+from rollout.models.weights import decoder_layer_of
 from routing_kernels.routing_method import RoutingMethod
 
 __all__ = ["Glm4MoeForCausalLM"]

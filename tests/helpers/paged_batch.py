@@ -9,6 +9,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from rollout.capture import RoutedExpertsCapturer
 from rollout.forward_batch import ForwardBatch
 from rollout.layers.attention import AttentionBackend
 
@@ -26,8 +27,9 @@ class PagedBatchBuilder:
         backend: the attention backend that plans each batch.
         num_blocks: KV blocks available; ``block_size``: tokens per block.
         device: where the batch's device tensors go (host mirrors stay on the CPU).
-        capture: ``(num_moe_layers, top_k, dtype)`` to attach a fresh capture buffer to each
-            batch, filled with the dtype's largest value (an id no model has), or None.
+        capture: ``(num_moe_layers, top_k, dtype)`` to attach a fresh capturer to each batch
+            (a row per token), its buffer filled with the dtype's largest value (an id no model
+            has), or None.
         seed: shuffles the free list.
     """
 
@@ -106,11 +108,11 @@ class PagedBatchBuilder:
         query_start_loc = torch.tensor(starts, dtype=torch.int32)
         lens = torch.tensor(seq_lens, dtype=torch.int32)
         dev = self.device
-        capture_buffer = None
+        capturer = None
         if self.capture is not None:
             layers, top_k, dtype = self.capture
-            fill = torch.iinfo(dtype).max
-            capture_buffer = torch.full((len(ids), layers, top_k), fill, dtype=dtype, device=dev)
+            capturer = RoutedExpertsCapturer(len(ids), layers, top_k, device=dev, dtype=dtype)
+            capturer.buffer.fill_(torch.iinfo(dtype).max)
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
@@ -123,7 +125,7 @@ class PagedBatchBuilder:
             block_tables_cpu=tables,
             is_decode=is_decode,
             attn_backend=self.backend,
-            routing_capture=capture_buffer,
+            capture=capturer,
         )
         batch.attn_state = self.backend.plan(batch, cuda_graph=cuda_graph)
         return batch

@@ -98,7 +98,7 @@ def assert_nothing_left(llm: LLM, *, after_failure: bool = True) -> None:
     assert all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
     if after_failure:
         assert not any(bm.is_cached(b) for b in range(bm.num_blocks)), "half-written KV cached"
-    assert not engine.routing.store.has_pending
+    assert not engine.capture.store.has_pending
     # A fresh schedule finds nothing to do, and no batch of the failed call.
     assert scheduler.schedule() is None
 

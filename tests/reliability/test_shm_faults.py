@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from rollout import shm
-from rollout.capture import RoutedExpertsReader, RoutingStore
+from rollout.capture import RoutedExpertsReader, RoutingStore, shm
 
 
 @pytest.fixture

@@ -27,8 +27,7 @@ CHILDREN = {
 SCRIPT = """
 import gc, os, signal, sys, time
 import numpy as np, torch
-from rollout import shm
-from rollout.capture import RoutedExpertsReader, RoutingStore
+from rollout.capture import RoutedExpertsReader, RoutingStore, shm
 
 GEN = torch.Generator().manual_seed(SEED)
 for case, child in CHILDREN.items():

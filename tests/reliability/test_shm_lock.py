@@ -1,6 +1,6 @@
-"""The lock file of ``rollout.shm.create`` (issue 13 section 4): in a directory only this user can
-write, never opened through a symbolic link, and a lock held elsewhere raises after the timeout
-naming the file instead of hanging.
+"""The lock file of ``rollout.capture.shm.create`` (issue 13 section 4): in a directory only this
+user can write, never opened through a symbolic link, and a lock held elsewhere raises after the
+timeout naming the file instead of hanging.
 
 The temp directory and ``$XDG_RUNTIME_DIR`` are pointed at this test's own folders.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rollout import shm
+from rollout.capture import shm
 
 LOCK_FILE = "routing-replay-shm.lock"
 

@@ -25,9 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from rollout import shm
-from rollout.capture import RoutedExpertsReader, RoutingStore
-from rollout.shm.header import Header
+from rollout.capture import RoutedExpertsReader, RoutingStore, shm
+from rollout.capture.shm.header import Header
 
 DEV_SHM = Path("/dev/shm")
 

@@ -38,7 +38,7 @@ from replay.trainer.routing_transfer import (
 from replay.trainer.tasks import TINY_ADDITION_SPEC, make_addition_model
 from replay.trainer.workers import RolloutWorkers, WorkerDiedError
 from rollout.capture import RoutingStore
-from rollout.shm import new_instance_id, segment_name
+from rollout.capture.shm import new_instance_id, segment_name
 from routing_kernels import RoutingMethod
 
 ENGINE = {

@@ -18,6 +18,7 @@ routing is decisive, so batch composition does not flip a choice).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import multiprocessing
@@ -30,8 +31,14 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
 from rollout import LLM, RequestOutput, RoutingSpec, SamplingParams
-from rollout.capture import ReaderSpec, RoutedExpertsReader
-from rollout.shm import SEGMENT_PREFIX, segment_name
+from rollout.capture import (
+    CaptureOff,
+    ReaderSpec,
+    RoutedExpertsCapturer,
+    RoutedExpertsReader,
+    RoutingStore,
+)
+from rollout.capture.shm import SEGMENT_PREFIX, segment_name
 from rollout.testing import FAMILIES, flashinfer_overrides, make_tiny_moe
 from routing_kernels import RoutingMethod
 
@@ -249,7 +256,8 @@ def test_preemption_keeps_the_sampling_time_rows(glm4, rng, prefix_caching):
     num_experts = llm.routing_spec.num_experts
     fed_before_preemption: dict[int, int] = {}
     saves = corrupted = 0
-    save_rows, after_forward = engine.scheduler.on_preempt, engine.runner.after_forward
+    recorder = engine.capture
+    save_rows, after_forward = recorder.on_preempt, recorder.after_forward
 
     def on_preempt(seq):
         nonlocal saves
@@ -266,7 +274,7 @@ def test_preemption_keeps_the_sampling_time_rows(glm4, rng, prefix_caching):
 
     def corrupt_recompute(batch):
         nonlocal corrupted
-        buffer_TLK = engine.routing.buffer
+        buffer_TLK = recorder.capturer.buffer
         row = 0
         for entry in batch.entries:
             limit = fed_before_preemption.get(entry.seq.seq_id, 0)
@@ -277,8 +285,8 @@ def test_preemption_keeps_the_sampling_time_rows(glm4, rng, prefix_caching):
                 row += 1
         after_forward(batch)
 
-    engine.scheduler.on_preempt = on_preempt
-    engine.runner.after_forward = corrupt_recompute
+    recorder.on_preempt = on_preempt
+    recorder.after_forward = corrupt_recompute
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.stats.num_preemptions > 0 and saves > 0 and corrupted > 0, (
         saves,
@@ -296,23 +304,24 @@ def _run_recording_commits(glm4, prompts, params, kv_cache_blocks):
     batch was in flight whether saving its rows committed that batch's copy."""
     llm = _llm(glm4, kv_cache_blocks=kv_cache_blocks)
     engine = llm.engine
-    store = engine.routing.store
-    save_rows = engine.routing.save_rows
+    recorder = engine.capture
+    store = recorder.store
+    save_at_finish, save_at_preemption = recorder.on_finish, recorder.on_preempt
     committed_at_finish: dict[int, bool] = {}
     preempted_in_flight = []
 
     def on_finish(seq):
         pending = store.has_pending
-        save_rows(seq)
+        save_at_finish(seq)
         committed_at_finish[seq.seq_id] = pending and not store.has_pending
 
     def on_preempt(seq):
         pending = store.has_pending
-        save_rows(seq)
+        save_at_preemption(seq)
         if seq.pending_rows:  # its last batch is in flight: its rows there are pending
             preempted_in_flight.append(pending and not store.has_pending)
 
-    engine.scheduler.on_finish, engine.scheduler.on_preempt = on_finish, on_preempt
+    recorder.on_finish, recorder.on_preempt = on_finish, on_preempt
     ids = [engine.add_request(p, s) for p, s in zip(prompts, params)]
     outputs = {}
     while engine.has_unfinished():
@@ -409,7 +418,7 @@ def test_mixed_batches_aborts_and_reused_blocks(glm4, rng):
     engine = llm.engine
     ids = [engine.add_request(p, s) for p, s in zip(prompts[:5], params[:5])]
     aborted = {ids[2], ids[4]}
-    after_forward = engine.runner.after_forward
+    after_forward = engine.capture.after_forward
     steps = 0
 
     def abort_in_flight(batch):
@@ -419,7 +428,7 @@ def test_mixed_batches_aborts_and_reused_blocks(glm4, rng):
             assert seq.num_cached_tokens == 12, "expected a prefix shared with request 0"
             engine.abort_request(ids[2])
 
-    engine.runner.after_forward = abort_in_flight
+    engine.capture.after_forward = abort_in_flight
     outputs: dict[int, RequestOutput] = {}
     while engine.has_unfinished():
         if steps == 1:
@@ -454,11 +463,32 @@ def _own_segments() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
 
 
-def test_capture_off_creates_nothing_and_changes_no_output(qwen3, rng):
-    """Without ``capture_routing`` there is no recorder, buffer, hook or segment; the outputs
-    (tokens and logprobs, sampled and greedy) equal those of a capturing engine, whether its
-    requests ask for rows or not (prefix caching off: repeated prompts would otherwise be
-    computed in other chunks, which changes logprobs by rounding)."""
+def _count_capture_calls(monkeypatch) -> collections.Counter:
+    """Count every call of the capturer's write paths and the store's per-step methods."""
+    calls: collections.Counter = collections.Counter()
+    for cls, name in (
+        (RoutedExpertsCapturer, "layer_view"),
+        (RoutedExpertsCapturer, "capture"),
+        (RoutingStore, "after_forward"),
+        (RoutingStore, "read"),
+    ):
+
+        def counted(self, *args, _original=getattr(cls, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def test_capture_off_creates_nothing_and_changes_no_output(qwen3, rng, monkeypatch):
+    """Without ``capture_routing`` the engine's capture is ``CaptureOff``, which holds nothing:
+    no buffer, segment, store or capturer for the model, so no capture call at all while it
+    generates (counted); the outputs (tokens and logprobs, sampled and greedy) equal those of a
+    capturing engine, whether its requests ask for rows or not (prefix caching off: repeated
+    prompts would otherwise be computed in other chunks, which changes logprobs by
+    rounding)."""
+    calls = _count_capture_calls(monkeypatch)
     prompts = _prompts(rng, [5, 18, 9])
     sampled = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=5)
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
@@ -466,16 +496,19 @@ def test_capture_off_creates_nothing_and_changes_no_output(qwen3, rng):
     before = _own_segments()
     off = LLM(qwen3, **ENGINE, enable_prefix_caching=False)
     engine = off.engine
-    assert engine.routing is None and off.routing_reader_spec is None
-    assert engine.runner.buffers.routing_capture is None and engine.runner.after_forward is None
-    assert engine.scheduler.on_preempt is None and engine.scheduler.on_finish is None
+    assert isinstance(engine.capture, CaptureOff) and off.routing_reader_spec is None
+    assert not hasattr(engine.capture, "__dict__") and CaptureOff.__slots__ == ()
+    assert engine.runner.buffers.capturer is None and engine.capture.capturer is None
+    assert engine.runner.capture is engine.scheduler.capture is engine.capture
     assert not _own_segments() - before
     assert not os.path.exists(f"/dev/shm/{segment_name(engine.instance_id, 0)}")
     with _llm(qwen3, enable_prefix_caching=False) as on:
         name = on.routing_reader_spec.name
         assert _own_segments() - before == {name}
         for sampling in (sampled, greedy):
+            calls.clear()
             want = off.generate(prompts, sampling, use_tqdm=False)
+            assert not calls, f"capture off called capture: {dict(calls)}"
             asking = dataclasses.replace(sampling, return_routed_experts=True)
             for got in (
                 on.generate(prompts, sampling, use_tqdm=False),
@@ -485,6 +518,9 @@ def test_capture_off_creates_nothing_and_changes_no_output(qwen3, rng):
                     assert g.token_ids == w.token_ids
                     np.testing.assert_array_equal(g.logprobs, w.logprobs)
             assert all(out.routed_experts is None for out in want)
+            # The probe sees capture on: every MoE layer of every forward writes its view.
+            assert calls["layer_view"] > 0 and calls["after_forward"] > 0 and calls["read"] > 0
+            assert calls["layer_view"] % len(on.routing_spec.moe_layers) == 0
     assert name not in _own_segments(), "shutdown unlinks the segment"
     off.shutdown()
 
@@ -504,13 +540,13 @@ def test_reader_in_another_process_reads_a_finished_requests_rows(qwen3, rng):
     llm = _llm(qwen3)
     engine = llm.engine
     slots: dict[int, list[int]] = {}
-    save_rows = engine.scheduler.on_finish
+    save_rows = engine.capture.on_finish
 
     def on_finish(seq):
         slots[seq.seq_id] = seq.slots(0, len(seq) - 1)
         save_rows(seq)
 
-    engine.scheduler.on_finish = on_finish
+    engine.capture.on_finish = on_finish
     first = engine.add_request(_prompts(rng, [10])[0], dataclasses.replace(GREEDY, max_tokens=3))
     engine.add_request(_prompts(rng, [7])[0], GREEDY)
     finished = []
@@ -596,8 +632,8 @@ def _allocated_by_engine(path, *, capture: bool, prompts) -> tuple[int, int, int
     base = torch.cuda.memory_allocated()
     llm = LLM(path, **GPU_ENGINE, capture_routing=capture)
     built = torch.cuda.memory_allocated() - base
-    routing = llm.engine.routing
-    buffer_bytes = 0 if routing is None else routing.buffer.untyped_storage().nbytes()
+    capturer = llm.engine.capture.capturer
+    buffer_bytes = 0 if capturer is None else capturer.buffer.untyped_storage().nbytes()
     torch.cuda.reset_peak_memory_stats()
     sampling = dataclasses.replace(GREEDY, return_routed_experts=capture)
     llm.generate(prompts, sampling, use_tqdm=False)

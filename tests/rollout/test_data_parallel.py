@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from rollout import LLM, SamplingParams
 from rollout.engine.data_parallel import DataParallelEngine
-from rollout.shm import segment_name
+from rollout.capture.shm import segment_name
 from rollout.testing import make_tiny_moe
 
 ENGINE = {

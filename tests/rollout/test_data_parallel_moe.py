@@ -1,4 +1,5 @@
-"""Expert parallelism of the MoE block under ``dp_attention`` (``rollout.layers.moe``).
+"""Expert parallelism of the MoE block under ``dp_attention`` (``rollout.engine.expert_parallel``
+applied to ``rollout.layers.moe.SparseMoeBlock``).
 
 In one process: the fused experts over a slice of the experts (other experts' pairs masked with
 ``MASKED_ID``), summed over the slices, equal the unsharded experts, on the reference path and
@@ -11,12 +12,13 @@ validates its ranks.
 Across two gloo ranks (spawned processes): ``SparseMoeBlock`` holding the rank's half of the
 experts, with a ``NaiveDispatch``, gives each rank the unsharded block's output for its own
 tokens (uneven counts, a rank with none, equal counts), for a block without shared experts and
-two with them, and its capture buffer holds exactly what the capturer's DP rule takes from the
+two with them, and the capturer it writes through holds exactly what its DP rule takes from the
 routed batch of all ranks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import traceback
 
@@ -24,14 +26,9 @@ import pytest
 import torch
 
 from rollout.capture import DPMetadata, RoutedExpertsCapturer
-from rollout.layers.moe import (
-    Experts,
-    MoEParallelConfig,
-    NaiveDispatch,
-    RoutingParams,
-    SparseMoeBlock,
-    expert_slice,
-)
+from rollout.config import EngineConfig
+from rollout.engine.expert_parallel import MoEParallelConfig, NaiveDispatch, expert_slice
+from rollout.layers.moe import Experts, RoutingParams, SparseMoeBlock
 from routing_kernels.fused_moe import (
     MASKED_ID,
     fused_experts_reference,
@@ -158,7 +155,14 @@ def test_dispatch_needs_its_process_group():
 
 
 def test_parallel_config_checks_its_ranks():
-    assert MoEParallelConfig(ep_rank=3, ep_size=4).ep_rank == 3
+    assert MoEParallelConfig(ep_rank=3, ep_size=4).local_experts(16) == range(12, 16)
+    dp_attention = EngineConfig(
+        model="unused", data_parallel_size=2, data_parallel_mode="dp_attention"
+    )
+    assert MoEParallelConfig.of_rank(dp_attention, 1) == MoEParallelConfig(ep_rank=1, ep_size=2)
+    replicas = dataclasses.replace(dp_attention, data_parallel_mode="replicas")
+    assert MoEParallelConfig.of_rank(replicas, 1) is None
+    assert NaiveDispatch.of_rank(replicas, 1, num_experts=EXPERTS, device="cpu") is None
     with pytest.raises(ValueError, match=r"ep_rank: expected an int in \[0, 2\), got 2"):
         MoEParallelConfig(ep_rank=2, ep_size=2)
     with pytest.raises(ValueError, match="ep_size: expected an int >= 1, got 0"):
@@ -251,7 +255,6 @@ def _rank_worker(rank: int, world: int, init_method: str, conn) -> None:
                 rank=rank,
                 world_size=world,
                 device=torch.device("cpu"),
-                capturer=capturer,
             )
             for s, counts in enumerate(STEPS):
                 start = sum(counts[:rank])
@@ -259,7 +262,7 @@ def _rank_worker(rank: int, world: int, init_method: str, conn) -> None:
                 capturer.buffer.fill_(255)
                 assert block.dispatch.begin_step(counts[rank]).num_tokens_across_dp == tuple(counts)
                 with torch.no_grad():
-                    out_TH = block(x_TH, capturer.layer_view(1, counts[rank]))
+                    out_TH = block(x_TH, capturer)
                 # As numpy arrays: pickled by value (tensors would go as file descriptors that
                 # die with this process).
                 results[name, s] = (out_TH.numpy(), capturer.buffer.numpy().copy())

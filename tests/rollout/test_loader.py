@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM
 
 from rollout import loader
 from rollout.layers.attention import TorchAttentionBackend, allocate_kv_cache
-from rollout.layers.moe import MoEParallelConfig, Router
+from rollout.engine.expert_parallel import MoEParallelConfig
+from rollout.layers.moe import Router
 from rollout.loader import eos_token_ids, load_checkpoint, load_hf_config, resolve_dtype
 from rollout.models.registry import MODEL_CLASSES
 from rollout.testing import FAMILIES, make_tiny_moe

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rollout.capture import CaptureOff, RoutedExpertsCapturer
 from rollout.config import EngineConfig, EngineState
 from rollout.engine.cuda_graphs import cuda_graph_sizes
 from rollout.engine.kv_cache import CPU_KV_CACHE_BYTES
@@ -36,6 +37,18 @@ def cuda_checkpoint_path(tmp_path_factory):
     return make_tiny_moe("glm4_moe", tmp_path_factory.mktemp("glm4_cuda"), **overrides)
 
 
+class _CaptureProbe:
+    """The runner's side of routed-expert capture: a real capturer (or None) as the static
+    input, and the batches ``after_forward`` was called with."""
+
+    def __init__(self, capturer: RoutedExpertsCapturer | None = None) -> None:
+        self.capturer = capturer
+        self.seen = []
+
+    def after_forward(self, batch) -> None:
+        self.seen.append(batch)
+
+
 def _runner(path, device="cpu", dtype="float32", **overrides):
     settings = dict(
         model=str(path),
@@ -47,18 +60,17 @@ def _runner(path, device="cpu", dtype="float32", **overrides):
         kv_cache_blocks=64,
     )
     settings.update(overrides)
-    config = EngineConfig(**{k: v for k, v in settings.items() if k not in ("capture", "hook")})
+    config = EngineConfig(**{k: v for k, v in settings.items() if k != "capture"})
     checkpoint = load_checkpoint(path, device=device, dtype=dtype)
     max_len = config.resolve_max_model_len(checkpoint.hf_config.max_position_embeddings)
     runner = ModelRunner(
         config,
         checkpoint,
         max_model_len=max_len,
-        routing_capture=overrides.get("capture"),
-        after_forward=overrides.get("hook"),
+        capture=overrides.get("capture"),
     )
     state = EngineState(num_kv_blocks=runner.num_kv_blocks, max_model_len=max_len)
-    return runner, Scheduler(config, state)
+    return runner, Scheduler(config, state, capture=CaptureOff())
 
 
 def test_cuda_graph_sizes():
@@ -85,9 +97,12 @@ def test_prepare_and_run_follow_the_schedule(checkpoint_path, rng):
     checkpoint = load_checkpoint(checkpoint_path, device="cpu")
     routing = checkpoint.model.routing_params
     layers = len(checkpoint.model.moe_layers)
-    capture = torch.full((24, layers, routing.top_k), 255, dtype=torch.uint8)
-    seen = []
-    runner, scheduler = _runner(checkpoint_path, capture=capture, hook=seen.append)
+    probe = _CaptureProbe(
+        RoutedExpertsCapturer(24, layers, routing.top_k, device="cpu", dtype=torch.uint8)
+    )
+    capture, seen = probe.capturer.buffer, probe.seen
+    capture.fill_(255)
+    runner, scheduler = _runner(checkpoint_path, capture=probe)
     hf = AutoModelForCausalLM.from_pretrained(
         checkpoint_path, dtype=torch.float32, attn_implementation="eager"
     ).eval()
@@ -126,10 +141,10 @@ def test_prepare_and_run_follow_the_schedule(checkpoint_path, rng):
 
 
 def test_capture_buffer_is_checked(checkpoint_path):
-    with pytest.raises(ValueError, match="routing_capture: expected"):
-        _runner(checkpoint_path, capture=torch.zeros(8, 2, 4, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="routing_capture: expected"):
-        _runner(checkpoint_path, capture=torch.zeros(24, 2, 4, dtype=torch.float32))
+    for rows, layers, top_k in ((8, 2, 4), (24, 2, 5), (24, 3, 4)):
+        capturer = RoutedExpertsCapturer(rows, layers, top_k, device="cpu")
+        with pytest.raises(ValueError, match=r"capturer: expected a buffer \[>= 24, 2, 4\]"):
+            _runner(checkpoint_path, capture=_CaptureProbe(capturer))
 
 
 def test_cpu_kv_cache_size(checkpoint_path):
@@ -175,7 +190,7 @@ def test_cuda_graph_replay_matches_eager_step(cuda_checkpoint_path, rng):
 @pytest.mark.whole_gpu
 def test_cuda_kv_cache_sized_from_memory(cuda_checkpoint_path):
     utilization = 0.3
-    seen = []
+    probe = _CaptureProbe()
     runner, _ = _runner(
         cuda_checkpoint_path,
         device="cuda",
@@ -184,9 +199,9 @@ def test_cuda_kv_cache_sized_from_memory(cuda_checkpoint_path):
         gpu_memory_utilization=utilization,
         max_num_seqs=8,
         max_num_batched_tokens=512,
-        hook=seen.append,
+        capture=probe,
     )
-    assert seen == [], "the profiling step's slots are not the cache's: no after_forward"
+    assert probe.seen == [], "the profiling step's slots are not the cache's: no after_forward"
     torch.cuda.empty_cache()  # cached free blocks are not in use
     free, total = torch.cuda.mem_get_info()
     cache_bytes = runner.num_kv_blocks * runner.kv.bytes_per_block

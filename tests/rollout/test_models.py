@@ -3,7 +3,7 @@
 Each family's tiny checkpoint runs through the paged ``TorchAttentionBackend``: a batch of
 prompts of different lengths prefilled in one flat step, decode steps, and a prompt prefilled in
 two chunks next to another sequence (a mixed batch). Every logit row must match HF's forward
-over the same tokens within 1e-4, and the ids captured through ``routing_capture`` must equal
+over the same tokens within 1e-4, and the ids captured through the batch's capturer must equal
 HF's routers' top-k (forward hooks) on >= 99.5% of (token, layer) rows.
 Also: the registry, unsupported configurations, shared-expert overlap, and (gpu / triton) the
 FlashInfer backend, CUDA-graph decode and the Triton K/V store.
@@ -30,12 +30,7 @@ from rollout.layers.attention import (
     make_attention_backend,
 )
 from rollout.layers.kv_store import store_kv_reference, store_kv_triton
-from rollout.layers.moe import (
-    MoEParallelConfig,
-    RoutingParams,
-    SparseMoeBlock,
-    shared_experts_overlap,
-)
+from rollout.layers.moe import RoutingParams, SparseMoeBlock, shared_experts_overlap
 from rollout.loader import load_checkpoint, load_hf_config
 from rollout.models.registry import MODEL_CLASSES, model_class
 from rollout.testing import FAMILIES, make_tiny_moe
@@ -83,7 +78,7 @@ def _run(model, builder, chunks):
     batch = builder.step(chunks)
     with torch.no_grad():
         logits = model.compute_logits(model(batch))
-    return logits, batch.routing_capture
+    return logits, batch.capture.buffer
 
 
 def test_dense_layers_match_hf(family_setup):
@@ -162,7 +157,7 @@ def test_no_capture_buffer_means_no_capture(family_setup):
         TorchAttentionBackend(spec, block_size=BLOCK_SIZE), num_blocks=8, block_size=BLOCK_SIZE
     )
     batch = builder.step([(0, [1, 2, 3])])
-    assert batch.routing_capture is None
+    assert batch.capture is None
     with torch.no_grad():
         assert torch.isfinite(model(batch)).all()
 
@@ -239,29 +234,16 @@ def test_olmoe_clip_qkv_matches_hf(tmp_path, rng):
 
 
 @pytest.mark.parametrize(
-    ("device", "parallel", "expected"),
-    [
-        ("cpu", MoEParallelConfig(), False),
-        ("cuda", MoEParallelConfig(), True),
-        (
-            "cuda",
-            MoEParallelConfig(enable_eplb=True, all2all_backend="allgather_reducescatter"),
-            True,
-        ),
-        ("cuda", MoEParallelConfig(enable_eplb=True, all2all_backend="deepep_low_latency"), False),
-        ("cuda", MoEParallelConfig(enable_eplb=True, all2all_backend="naive"), False),
-        (
-            "cuda",
-            MoEParallelConfig(enable_eplb=False, all2all_backend="deepep_high_throughput"),
-            True,
-        ),
-        ("cuda", MoEParallelConfig(use_two_sided_all2all_kernels=True), False),
-        ("cpu", MoEParallelConfig(use_two_sided_all2all_kernels=True), False),
-    ],
+    ("device", "deterministic", "expected"),
+    [("cpu", False, False), ("cuda", False, True), ("cuda", True, False), ("cpu", True, False)],
 )
-def test_shared_experts_overlap_cases(device, parallel, expected):
-    overlap = shared_experts_overlap(device=device, parallel=parallel)
-    assert overlap is expected
+def test_shared_experts_overlap_cases(device, deterministic, expected):
+    """On CUDA unless deterministic: the expert placement (dp_attention's all-gather/
+    reduce-scatter) never turns it off."""
+    assert shared_experts_overlap(device=device, deterministic=deterministic) is expected
+
+
+def test_a_block_overlaps_shared_experts_on_its_side_stream():
     routing = RoutingParams(method=RoutingMethod.DEFAULT, top_k=2, num_experts=4)
     with_shared = SparseMoeBlock(
         hidden_size=8,
@@ -269,18 +251,21 @@ def test_shared_experts_overlap_cases(device, parallel, expected):
         routing=routing,
         moe_index=0,
         shared_intermediate_size=4,
-        overlap=overlap,
     )
     without_shared = SparseMoeBlock(
-        hidden_size=8, intermediate_size=4, routing=routing, moe_index=0, overlap=overlap
+        hidden_size=8, intermediate_size=4, routing=routing, moe_index=0
     )
-    assert with_shared.shared_experts_overlap is expected
-    assert without_shared.shared_experts_overlap is False
+    assert not with_shared.shared_experts_overlap and not without_shared.shared_experts_overlap
+    # The model attaches its side stream where the rule says so; the stream alone decides.
+    side_stream = object()  # stands for a torch.cuda.Stream, which needs a device
+    with_shared.aux_stream = without_shared.aux_stream = side_stream
+    assert with_shared.shared_experts_overlap and not without_shared.shared_experts_overlap
 
 
-def test_parallel_config_rejects_unknown_backend():
-    with pytest.raises(ValueError, match="all2all_backend"):
-        MoEParallelConfig(all2all_backend="carrier_pigeon")
+def test_cpu_models_do_not_overlap_shared_experts(family_setup):
+    _, _, model = family_setup
+    blocks = [layer.mlp for layer in model.model.layers if layer.moe_index is not None]
+    assert not any(block.shared_experts_overlap or block.aux_stream for block in blocks)
 
 
 @pytest.mark.gpu
@@ -288,12 +273,14 @@ def test_shared_expert_overlap_identical_on_cuda(tmp_path, rng):
     path = make_tiny_moe("qwen2_moe", tmp_path / "qwen2_moe")
     results = []
     tokens = torch.randint(0, 384, (2, 7), generator=rng).tolist()
-    for parallel in (MoEParallelConfig(), MoEParallelConfig(use_two_sided_all2all_kernels=True)):
-        model = load_checkpoint(path, device="cuda", dtype="bfloat16", parallel=parallel).model
-        blocks = [layer.mlp for layer in model.model.layers if layer.moe_index is not None]
-        assert all(b.shared_experts_overlap for b in blocks) == (
-            not parallel.use_two_sided_all2all_kernels
-        )
+    model = load_checkpoint(path, device="cuda", dtype="bfloat16").model
+    blocks = [layer.mlp for layer in model.model.layers if layer.moe_index is not None]
+    assert all(block.shared_experts_overlap for block in blocks)
+    for overlap in (True, False):
+        if not overlap:  # the same model with its shared experts on the main stream
+            for block in blocks:
+                block.aux_stream = None
+        assert all(block.shared_experts_overlap is overlap for block in blocks)
         spec = model.attention_spec
         model.bind_kv_cache(
             allocate_kv_cache(
@@ -456,7 +443,7 @@ def test_padded_decode_rows_do_not_disturb_real_rows(family_setup, rng):
         batch = builder.step([(i, [7 + i]) for i in range(3)], pad_to=pad_to)
         with torch.no_grad():
             logits = model.compute_logits(model(batch))
-        outputs.append((logits[:3], batch.routing_capture[:3], cache.clone()))
+        outputs.append((logits[:3], batch.capture.buffer[:3], cache.clone()))
         assert batch.num_seqs == (pad_to or 3)
     # Equal up to the rounding of GEMMs over a different number of rows.
     torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-5, rtol=1e-5)
@@ -517,12 +504,12 @@ def test_model_flashinfer_cuda_graph_decode(tmp_path, rng):
                 getattr(static, name).copy_(getattr(step, name))
             static.attn_state = step.attn_state  # plan() refilled the graph wrapper's buffers
             eager_hidden = model(static).clone()
-            eager_ids = static.routing_capture.clone()
-            static.routing_capture.fill_(255)
+            eager_ids = static.capture.buffer.clone()
+            static.capture.buffer.fill_(255)
             graph.replay()
             assert torch.equal(static_hidden, eager_hidden)
-            assert torch.equal(static.routing_capture, eager_ids)
-            assert int(static.routing_capture[:3].max()) < model.routing_params.num_experts
+            assert torch.equal(static.capture.buffer, eager_ids)
+            assert int(static.capture.buffer[:3].max()) < model.routing_params.num_experts
 
 
 def test_cpu_path_never_compiles(family_setup, monkeypatch):

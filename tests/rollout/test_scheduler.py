@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import itertools
 import random
+import types
 from pathlib import Path
 
 import pytest
@@ -124,7 +125,11 @@ def make_scheduler(
         enable_prefix_caching=prefix_caching,
     )
     state = EngineState(num_kv_blocks=num_blocks, max_model_len=max_model_len, eos_token_ids=(EOS,))
-    return Scheduler(config, state, on_preempt=on_preempt, on_finish=on_finish)
+    # The scheduler's side of routed-expert capture, as probes.
+    capture = types.SimpleNamespace(
+        on_preempt=on_preempt or (lambda seq: None), on_finish=on_finish or (lambda seq: None)
+    )
+    return Scheduler(config, state, capture=capture)
 
 
 def runner_for(scheduler: Scheduler) -> FakeRunner:

@@ -1,5 +1,5 @@
-"""rollout.shm: create, attach, the header, 0600, the lock, and who unlinks a segment (and who
-never). The fault cases (fork, orphans, SIGTERM, lock-file attacks, ENOSPC, a reader's death)
+"""rollout.capture.shm: create, attach, the header, 0600, the lock, and who unlinks a segment (and
+who never). The fault cases (fork, orphans, SIGTERM, lock-file attacks, ENOSPC, a reader's death)
 are in tests/reliability/test_shm_*.py.
 
 Processes that must exit on their own terms (normal exit, uncaught exception, ``os._exit``)
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rollout import shm
+from rollout.capture import shm
 
 REPO = Path(__file__).resolve().parents[2]
 # Names of this test process's segments all start so (new_instance_id embeds the pid).
@@ -148,7 +148,9 @@ def test_attach_refuses_a_file_without_our_header(name):
     os.ftruncate(fd, 8192)
     os.close(fd)
     try:
-        with pytest.raises(ValueError, match="expected a segment made by rollout.shm.create"):
+        with pytest.raises(
+            ValueError, match="expected a segment made by rollout.capture.shm.create"
+        ):
             shm.attach(name)
     finally:
         os.unlink(f"/dev/shm/{name}")
@@ -233,7 +235,7 @@ def test_owner_unlinks_at_interpreter_exit(ending, name, lock_path):
     _run(
         f"""
         import numpy as np
-        from rollout import shm
+        from rollout.capture import shm
         owner = shm.create({name!r}, (4096,), np.uint8, lock_path={lock_path!r})
         owner.array[0] = 1
         if {ending == "raise"}:
@@ -250,7 +252,7 @@ def test_attach_only_process_exit_does_not_unlink(name, lock_path):
         for ending in ("reader.close()", "pass", "import os; os._exit(3)"):
             _run(
                 f"""
-                from rollout import shm
+                from rollout.capture import shm
                 reader = shm.attach({name!r})
                 reader.array[0] += 1
                 {ending}
@@ -266,7 +268,7 @@ def test_dead_owner_leftover_is_replaced(name, lock_path):
         f"""
         import os
         import numpy as np
-        from rollout import shm
+        from rollout.capture import shm
         owner = shm.create({name!r}, (4096,), np.uint8, lock_path={lock_path!r})
         owner.array[:5] = list(b"crash")
         os._exit(1)

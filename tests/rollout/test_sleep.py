@@ -200,13 +200,13 @@ def test_routing_store_keeps_finished_rows_while_asleep(glm4, rng):
     with LLM(glm4, **ENGINE) as llm:
         engine = llm.engine
         slots: list[int] = []
-        save_rows = engine.scheduler.on_finish
+        save_rows = engine.capture.on_finish
 
         def on_finish(seq):
             slots.extend(seq.slots(0, len(seq) - 1))
             save_rows(seq)
 
-        engine.scheduler.on_finish = on_finish
+        engine.capture.on_finish = on_finish
         llm.generate([prompt], no_rows, use_tqdm=False)
         llm.sleep()
         with RoutedExpertsReader.from_spec(llm.routing_reader_spec) as reader:

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from rollout import shm
 from rollout.capture import (
     ReaderSpec,
     RoutedExpertsCapturer,
     RoutedExpertsReader,
     RoutingStore,
+    shm,
 )
 
 PREFIX = f"{shm.SEGMENT_PREFIX}-{os.getpid()}-"
@@ -97,6 +97,23 @@ def test_steps_scatter_by_slot_and_read_gathers(dtype, name, lock_path, rng):
         np.testing.assert_array_equal(got, np.stack([expected[s] for s in order]))
         got[:] = 0  # a copy: the store is untouched
         np.testing.assert_array_equal(store.read(order[:1]), expected[order[0]][None])
+
+
+def test_read_into_an_output_array(name, lock_path, rng):
+    """``read(slots, out)`` gathers into ``out`` (the engine reads a request's rows straight
+    into its output array); an ``out`` it cannot fill raises, naming it."""
+    with _store(name, lock_path) as store:
+        rows, slots = _random_step((16, 3, 2), torch.int16, 64, rng, padding=False)
+        store.after_forward(rows, 16, slots)
+        store.commit()
+        out = np.full((20, 3, 2), -1, dtype=np.int16)
+        assert store.read(slots[5:12], out=out[2:9]).base is out
+        np.testing.assert_array_equal(out[2:9], rows[5:12].numpy())
+        assert (out[:2] == -1).all() and (out[9:] == -1).all(), "wrote outside its rows"
+        assert store.read([], out=out[:0]).shape == (0, 3, 2)
+        for bad in (out[:6], out[:7].astype(np.int32), out[:7, :, :1], out[::2][:7]):
+            with pytest.raises(ValueError, match=r"out: expected a C-contiguous int16 array"):
+                store.read(slots[:7], out=bad)
 
 
 def test_after_forward_snapshots_the_buffer(name, lock_path, rng):

@@ -45,8 +45,8 @@ No ``multiprocessing.shared_memory`` and so no resource tracker: it would unlink
 the exit of any process that attached it (CPython 3.11 / 3.12).
 """
 
-from rollout.shm.lock import default_lock_path
-from rollout.shm.segment import (
+from rollout.capture.shm.lock import default_lock_path
+from rollout.capture.shm.segment import (
     DEFAULT_LOCK_TIMEOUT_S,
     SEGMENT_PREFIX,
     OwnedSegment,

@@ -1,5 +1,5 @@
-"""The lock file that serializes ``rollout.shm.create`` and its orphan sweep among one user's
-processes: in a directory only that user can write, opened without following a symbolic link,
+"""The lock file that serializes ``rollout.capture.shm.create`` and its orphan sweep among one
+user's processes: in a directory only that user can write, opened without following a symbolic link,
 locked with a timeout.
 
 Why not the temp directory itself: it is world-writable, so another user could create the file

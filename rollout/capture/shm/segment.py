@@ -1,5 +1,5 @@
 """Segments: create, attach, unlink, the orphan sweep and the SIGTERM clean-up (the rules are in
-``rollout.shm``'s docstring, which also exports the public names)."""
+``rollout.capture.shm``'s docstring, which also exports the public names)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from typing import Self
 
 import numpy as np
 
-from rollout.shm.header import HEADER_BYTES, Header, check_dtype, check_shape, read_header
-from rollout.shm.lock import default_lock_path, file_lock
+from rollout.capture.shm.header import HEADER_BYTES, Header, check_dtype, check_shape, read_header
+from rollout.capture.shm.lock import default_lock_path, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Segment:
     def __reduce__(self) -> object:
         raise TypeError(
             f"{type(self).__name__}: cannot be pickled; attach to {self.name!r} with "
-            "rollout.shm.attach in the other process"
+            "rollout.capture.shm.attach in the other process"
         )
 
 
@@ -201,8 +201,8 @@ def attach(name: str) -> Segment:
         header = read_header(fd)
         if header is None or size != HEADER_BYTES + header.nbytes:
             raise ValueError(
-                f"name: expected a segment made by rollout.shm.create, {_DEV_SHM}/{name} has "
-                f"{'no valid header' if header is None else 'another size than its header'} "
+                f"name: expected a segment made by rollout.capture.shm.create, {_DEV_SHM}/{name} "
+                f"has {'no valid header' if header is None else 'another size than its header'} "
                 f"({size} bytes)"
             )
         return Segment(name, fd, header)

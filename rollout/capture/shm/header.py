@@ -1,6 +1,6 @@
-"""The header at the start of every segment ``rollout.shm.create`` makes: what marks a file in
-``/dev/shm`` as one of ours, the pid of the process that created it, and its array's shape and
-dtype (a reader checks them: a store of another shape with the same byte size is refused).
+"""The header at the start of every segment ``rollout.capture.shm.create`` makes: what marks a
+file in ``/dev/shm`` as one of ours, the pid of the process that created it, and its array's
+shape and dtype (a reader checks them: a store of another shape with the same byte size is refused).
 
 Layout (little-endian, in the first ``HEADER_BYTES`` = 4096 bytes, so the array that follows
 is page-aligned): 8 magic bytes (format version included), the owner's pid (int64), the
